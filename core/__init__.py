@@ -1,0 +1,2 @@
+"""tunedeck core: project files, models, datasets, training, chat. No Textual here."""
+__version__ = "0.1.0"

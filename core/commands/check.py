@@ -1,0 +1,119 @@
+"""`tunedeck check PROJECT.toml [--set key=value ...] [--json]`: validate a project.
+
+Checks the schema, finds the model, reads the dataset, and prints the resolved settings
+("auto" made concrete for this machine). Exit 0 when the project can train, 2 when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..cli import add_set_option
+from ..errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a project and print its resolved settings", description=__doc__)
+    p.add_argument("project", help="project file")
+    add_set_option(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def collect(project_path: str, overrides: list[str]) -> dict[str, Any]:
+    """Everything `check` reports, as a dict; raises UserError on the first problem."""
+    from ..datafile import dataset_problem, load_messages
+    from ..models import describe, resolve_source
+    from ..project import Project
+    from ..resolve import resolve
+
+    project = Project.load(project_path)
+    project.apply_overrides(overrides)
+    ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
+    model = describe(ref)
+    if model.error:
+        raise UserError(f"model {ref.display}: {model.error}")
+    ds_value = project["dataset.path"]
+    if not ds_value:
+        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
+                        "(e.g. --set dataset.path=data.jsonl)")
+    ds_path = project.resolve_path(ds_value)
+    opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
+                system_prompt=project["dataset.system_prompt"])
+    rows, summary = load_messages(ds_path, **opts)
+    problem = dataset_problem(summary)
+    if problem:
+        raise UserError(problem)
+    eval_info: dict[str, Any] = {"ratio": 0.0}
+    split = project["dataset.eval_split"]
+    if isinstance(split, str):
+        eval_path = project.resolve_path(split)
+        _, eval_summary = load_messages(eval_path, **opts)
+        problem = dataset_problem(eval_summary, key="dataset.eval_split")
+        if problem:
+            raise UserError(problem)
+        eval_info = {"path": str(eval_path), "rows": eval_summary.good}
+    else:
+        eval_info = {"ratio": split, "rows": int(round(summary.good * split))}
+    resolved = resolve(project)
+    sources = {f"{s}.{k}": project.source_of(f"{s}.{k}") for s, vals in project.as_dict().items()
+               if isinstance(vals, dict) for k in vals}
+    return {
+        "project": str(project.path),
+        "name": project.name,
+        "model": {"source": project["model.source"], "kind": ref.kind, "path": str(ref.path),
+                  "architecture": model.architecture, "params": model.params, "dtype": model.dtype,
+                  "chat_template": model.chat_template, "note": model.note},
+        "dataset": {"path": str(ds_path), "format": summary.format, "rows": summary.rows,
+                    "usable": summary.good, "skipped": [{"row": e.row, "reason": e.reason} for e in summary.skipped],
+                    "eval": eval_info},
+        "resolved": resolved.as_dict(),
+        "settings": project.as_dict(),
+        "sources": sources,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    report = collect(args.project, args.overrides)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    m, d, r = report["model"], report["dataset"], report["resolved"]
+    console.print(f"[bold]{report['name']}[/]  {report['project']}")
+    params = f"{m['params'] / 1e6:,.1f}M params" if m["params"] else "params unknown"
+    console.print(f"model    {m['source']}: {m['architecture']}, {params}, {m['dtype']}"
+                  + (f" ({m['note']})" if m["note"] else ""))
+    console.print(f"dataset  {d['path']}: {d['format']}, {d['usable']} rows"
+                  + (f", {len(d['skipped'])} skipped" if d["skipped"] else ""))
+    for e in d["skipped"][:5]:
+        console.print(f"         [yellow]row {e['row']}: {e['reason']}[/]")
+    if len(d["skipped"]) > 5:
+        console.print(f"         [yellow]... and {len(d['skipped']) - 5} more[/]")
+    table = Table(title="resolved settings", show_header=True, header_style="bold")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("from")
+    auto = {"training.precision": r["precision"], "training.gradient_checkpointing": r["gradient_checkpointing"],
+            "quantization.compute_dtype": r["compute_dtype"]}
+    overridden = {o.partition("=")[0].strip() for o in args.overrides}
+    for section, values in report["settings"].items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            origin = "--set" if full in overridden else report["sources"][full]
+            shown = json.dumps(value) if not isinstance(value, str) else value
+            if full in auto and value == "auto":
+                shown = f"auto -> {auto[full]}"
+            table.add_row(full, shown, origin)
+    console.print(table)
+    console.print(f"device   {r['hardware']}; effective batch {r['effective_batch']}")
+    console.print("[green]ok[/]: the project is valid")
+    return 0

@@ -1,0 +1,43 @@
+"""`tunedeck new PROJECT.toml [--model SRC] [--dataset PATH]`: write a starter project."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("new", help="write a starter project file", description=__doc__)
+    p.add_argument("project", help="path of the project file to create (e.g. myrun.toml)")
+    p.add_argument("--model", default="default", metavar="SRC",
+                   help='"default" (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a repo id')
+    p.add_argument("--dataset", default="", metavar="PATH", help="training data file")
+    p.add_argument("--name", default=None, help="project name (default: the file name)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..project import Project
+
+    path = Path(args.project)
+    if path.suffix != ".toml":
+        raise UserError(f"{path}: project files end in .toml (e.g. {path.with_suffix('.toml').name})")
+    if path.exists() and not args.force:
+        raise UserError(f"{path}: already exists; pick another name or pass --force")
+    folder = path.resolve().parent
+    dataset = args.dataset
+    if dataset:
+        ds = Path(dataset).resolve()
+        if not ds.exists():
+            raise UserError(f"--dataset {dataset}: no such file")
+        dataset = os.path.relpath(ds, folder)
+    model = args.model
+    if model != "default" and Path(model).exists():
+        model = os.path.relpath(Path(model).resolve(), folder)
+    project = Project.new(args.name or path.stem, source=model, dataset=dataset, path=path)
+    project.save()
+    print(f"wrote {path}; next: tunedeck check {path}")
+    return 0

@@ -1,0 +1,253 @@
+"""Project files: ``project.toml`` read, validated, edited and saved.
+
+The file is kept as a tomlkit document so that comments, key order and formatting
+survive an edit: loading then saving gives the same bytes. Values are validated into
+plain typed values by :mod:`tunedeck.core.schema`; every error is one line naming the
+key path, the value and what was expected. Saving is atomic (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from .errors import ProjectError, UserError
+from .schema import FIELDS, SECTIONS, check_value, field_for, toml_repr, validate_tree
+
+
+class Project:
+    """A project file and its validated values.
+
+    ``values[section][key]`` holds every setting with defaults filled in (top-level
+    keys under section ``""``). Edit with :meth:`set`, which validates first and leaves
+    the project unchanged on error.
+    """
+
+    def __init__(self, doc: tomlkit.TOMLDocument, path: Path | None = None) -> None:
+        self.doc = doc
+        self.path = path.resolve() if path is not None else None
+        self.values = validate_tree(doc.unwrap(), self._label())
+        self.dirty = False
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Project:
+        path = Path(path)
+        if path.is_dir():
+            candidate = path / "project.toml"
+            if not candidate.is_file():
+                raise UserError(f"{path}: is a folder without project.toml; give the path of a project file")
+            path = candidate
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such project file; create one with `tunedeck new {path}`") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot read the project file ({_reason(exc)})") from None
+        return cls.from_text(text, path)
+
+    @classmethod
+    def from_text(cls, text: str, path: Path | None = None) -> Project:
+        label = str(path) if path else "project"
+        try:
+            # tomllib gives the precise line/column message for syntax errors
+            tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{label}: not valid TOML: {exc}") from None
+        try:
+            doc = tomlkit.parse(text)
+        except TOMLKitError as exc:  # pragma: no cover - tomllib catches these first
+            raise UserError(f"{label}: not valid TOML: {exc}") from None
+        return cls(doc, path)
+
+    @classmethod
+    def new(
+        cls,
+        name: str,
+        *,
+        source: str = "default",
+        dataset: str = "",
+        path: Path | None = None,
+    ) -> Project:
+        """A starter project with every section written out."""
+        doc = tomlkit.document()
+        doc.add("schema", 1)
+        doc.add("name", name)
+        for section in SECTIONS:
+            table = tomlkit.table()
+            for fld in FIELDS:
+                if fld.section == section:
+                    if fld.kind == "mapping" and not fld.default:
+                        continue
+                    table.add(fld.name, fld.default)
+            doc.add(tomlkit.nl())
+            doc.add(section, table)
+        doc["model"]["source"] = source  # type: ignore[index]
+        doc["dataset"]["path"] = dataset  # type: ignore[index]
+        return cls(doc, path)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _label(self) -> str | None:
+        return str(self.path) if self.path else None
+
+    @property
+    def name(self) -> str:
+        return self.values[""]["name"] or (self.path.stem if self.path else "project")
+
+    @property
+    def root(self) -> Path:
+        """The folder relative paths are resolved against."""
+        return self.path.parent if self.path else Path.cwd()
+
+    def get(self, key: str) -> Any:
+        fld = field_for(key)
+        return self.values[fld.section][fld.name]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    def source_of(self, key: str) -> str:
+        """"project" when the file sets ``key``, else "default"."""
+        fld = field_for(key)
+        container: Any = self.doc if not fld.section else self.doc.get(fld.section, {})
+        return "project" if fld.name in container else "default"
+
+    def resolve_path(self, value: str | os.PathLike[str]) -> Path:
+        """A path from the project file, made absolute against the file's folder."""
+        p = Path(os.path.expanduser(str(value)))
+        return Path(os.path.normpath(p if p.is_absolute() else (self.root / p)))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every value (defaults included) as nested plain dicts, in schema order."""
+        out: dict[str, Any] = dict(self.values[""])
+        for section in SECTIONS:
+            out[section] = dict(self.values[section])
+        return out
+
+    def text(self) -> str:
+        return tomlkit.dumps(self.doc)
+
+    # -- editing -------------------------------------------------------------------
+
+    def set(self, key: str, value: Any) -> None:
+        """Set one key (validated); the file keeps its order, comments and layout."""
+        fld = field_for(key)
+        value = check_value(fld, value, self._label())
+        new_doc = tomlkit.parse(tomlkit.dumps(self.doc))
+        container: Any = new_doc
+        if fld.section:
+            if fld.section not in new_doc:
+                new_doc.add(tomlkit.nl())
+                new_doc.add(fld.section, tomlkit.table())
+            container = new_doc[fld.section]
+        if fld.name in container and _same(container[fld.name], value):
+            return
+        container[fld.name] = value
+        values = validate_tree(new_doc.unwrap(), self._label())
+        self.doc, self.values, self.dirty = new_doc, values, True
+
+    def unset(self, key: str) -> None:
+        """Remove a key from the file so its default applies."""
+        fld = field_for(key)
+        container: Any = self.doc if not fld.section else self.doc.get(fld.section)
+        if container is None or fld.name not in container:
+            return
+        new_doc = tomlkit.parse(tomlkit.dumps(self.doc))
+        target: Any = new_doc if not fld.section else new_doc[fld.section]
+        del target[fld.name]
+        values = validate_tree(new_doc.unwrap(), self._label())
+        self.doc, self.values, self.dirty = new_doc, values, True
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        """Apply ``key.path=value`` overrides (``--set``); values are read as TOML."""
+        for item in overrides:
+            key, value = parse_override(item)
+            self.set(key, value)
+
+    def overrides_from(self, saved: Project) -> list[str]:
+        """``key=value`` strings that turn ``saved`` into this project (for --set)."""
+        out = []
+        for fld in FIELDS:
+            mine = self.values[fld.section][fld.name]
+            theirs = saved.values[fld.section][fld.name]
+            if mine != theirs:
+                out.append(f"{fld.key}={toml_repr(mine)}")
+        return out
+
+    # -- saving --------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        target = Path(path).resolve() if path is not None else self.path
+        if target is None:
+            raise UserError("the project has no file yet; save it with a path")
+        atomic_write_text(target, self.text())
+        self.path, self.dirty = target, False
+        return target
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``lora.r=8`` -> ("lora.r", 8); a bare word is a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set lora.r=8")
+    field_for(key)  # unknown key -> did-you-mean
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if raw.startswith(("[", "{", '"', "'")):
+            raise UserError(f"--set {key}: {raw} is not a valid TOML value") from None
+        value = raw
+    return key, value
+
+
+def _same(item: Any, value: Any) -> bool:
+    unwrap = getattr(item, "unwrap", None)
+    current = unwrap() if unwrap else item
+    return type(current) is type(value) and current == value
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write here ({_reason(exc)})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass

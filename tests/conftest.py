@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated user config, the real default model, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_data"
+
+# nothing in the tests reaches a model hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_config(tmp_path_factory, monkeypatch):
+    """Each test gets its own user config dir (theme, recent projects, model dirs)."""
+    monkeypatch.setenv("TUNEDECK_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct, converted once to the user cache."""
+    from tunedeck.core.models import ensure_default_model
+
+    return ensure_default_model()
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny random causal LM with the default model's tokenizer and chat template, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert arch == "llama"
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer llama (hidden 64) that trains in seconds on the CPU."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """Write rows (dicts, or raw strings for bad lines) to a JSONL file in tmp_path."""
+
+    def write(rows, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        with open(path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+        return path
+
+    return write
