@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("new", "check", "models")
+COMMANDS = ("new", "check", "models", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

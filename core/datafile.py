@@ -321,6 +321,8 @@ def load_messages(
     """Every usable row as (row number, messages), and a summary with the skipped rows."""
     columns = columns or {}
     raw = list(read_rows(path, limit))
+    if fmt == "auto" and not raw:
+        fmt = "empty"
     if fmt == "auto":
         sample = [r for _, r in raw[:200] if isinstance(r, dict)]
         detected = detect_format(sample, columns)

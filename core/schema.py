@@ -302,8 +302,45 @@ def _check_range(fld: Field, value: float, source: str | None) -> None:
         raise _bad(fld, value, source)
 
 
+# names users copy from transformers / peft / trl / bitsandbytes code, and ours
+ALIASES: dict[str, str] = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target": "target_modules",
+    "targets": "target_modules",
+    "lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup": "warmup_ratio",
+    "load_in_4bit": "mode",
+    "load_in_8bit": "mode",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "torch_dtype": "precision",
+    "dtype": "precision",
+    "bf16": "precision",
+    "fp16": "precision",
+    "optimizer": "optim",
+    "completion_only_loss": "loss_on",
+    "assistant_only_loss": "loss_on",
+    "output_dir": "runs_dir",
+    "model_name_or_path": "source",
+    "model_name": "source",
+    "data_path": "path",
+}
+
+
 def unknown_key(name: str, known: list[str], where: str, source: str | None) -> ProjectError:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    alias = ALIASES.get(name.lower())
+    close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(known)}"
     key = f"{where}.{name}" if where else name
     return ProjectError(key, f"unknown key{hint}", source)
