@@ -285,3 +285,11 @@ def test_sample_demo_project_is_valid():
     project = Project.load(demo)
     assert project["model.source"] == "default"
     assert project.resolve_path(project["dataset.path"]).is_file()
+
+
+def test_the_readme_project_example_is_a_valid_project():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    project = Project.from_text(block)
+    for fld in FIELDS:  # the example shows every key
+        assert project.source_of(fld.key) == "project", fld.key
