@@ -1,0 +1,265 @@
+"""Training events: what a trainer reports, one flat JSON object per line.
+
+Every event has ``type``, ``time`` (Unix seconds) and ``step`` (the optimizer step it
+belongs to), plus fields by type:
+
+=============  ================================================================================
+run_started    config (the project's settings), resolved ("auto" made concrete), versions,
+               device, trainable_params, total_params, train_rows, eval_rows, max_steps,
+               resumed_from ({checkpoint, step} or null), run_dir, pid
+step           loss, learning_rate, grad_norm, tokens (non-pad tokens seen so far, over all
+               processes), tokens_per_s (non-pad tokens per second since the previous step
+               event), epoch, eta_s, max_steps, plus trl's mean_token_accuracy and entropy
+eval           eval_loss (and any other eval_* metric)
+checkpoint     path, step
+system         gpu_memory_used, gpu_memory_total, gpu_utilization (NVML, null when not
+               available), torch_peak_memory (bytes, null on a CPU), rss (this process,
+               bytes), ram_used, ram_total (bytes)
+warning        message
+finished       adapter, run_dir, checkpoints, final_loss, train_loss, runtime_s, tokens and
+               tokens_per_s (this session's), stopped
+failed         reason (one line), traceback (null for user errors), user_error, and for a
+               trainer that vanished: died = true, exit_code
+=============  ================================================================================
+
+:class:`EventLog` appends events to ``runs/<name>/events.jsonl`` (line-buffered, flushed
+per event, so the file is readable while a run is going); :func:`read_events` and
+:class:`EventReader` read it back, skipping a half-written last line.
+
+Light on purpose: no torch here (the UI process imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RUN_STARTED = "run_started"
+STEP = "step"
+EVAL = "eval"
+CHECKPOINT = "checkpoint"
+SYSTEM = "system"
+WARNING = "warning"
+FINISHED = "finished"
+FAILED = "failed"
+TYPES = (RUN_STARTED, STEP, EVAL, CHECKPOINT, SYSTEM, WARNING, FINISHED, FAILED)
+#: events that end a run (the last event of a trainer process)
+FINAL = (FINISHED, FAILED)
+
+EVENTS_FILE = "events.jsonl"
+
+LIBRARIES = ("tunedeck", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+
+
+def event(type: str, step: int = 0, **fields: Any) -> dict[str, Any]:
+    """A new event: ``{"type", "time", "step", **fields}`` with non-finite floats as null."""
+    if type not in TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    out: dict[str, Any] = {"type": type, "time": time.time(), "step": int(step)}
+    for key, value in fields.items():
+        out[key] = _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: NaN/inf become null (JSON has neither), paths become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def is_final(ev: dict[str, Any]) -> bool:
+    return ev.get("type") in FINAL
+
+
+class EventLog:
+    """Appends events to a JSONL file, one line each, flushed as written. Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()
+
+    def write(self, ev: dict[str, Any]) -> None:
+        line = json.dumps(ev, ensure_ascii=False, default=str)
+        with self._lock:
+            if self._fh.closed:
+                return
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def append_event(path: str | os.PathLike[str], ev: dict[str, Any]) -> None:
+    """Append one event to a file (for a writer that is not the trainer, e.g. the watchdog)."""
+    with EventLog(path) as log:
+        log.write(ev)
+
+
+def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every complete event in a file; [] when the file does not exist."""
+    return EventReader(path).read_new()
+
+
+class EventReader:
+    """Reads the events appended to a file since the last call (to follow a run's file)."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0) -> None:
+        self.path = Path(path)
+        self._offset = offset  # bytes already read
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        out: list[dict[str, Any]] = []
+        consumed = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # a line still being written
+            consumed += len(line)
+            try:
+                ev = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a torn line (e.g. a full disk): skip it, keep the rest
+            if isinstance(ev, dict) and "type" in ev:
+                out.append(ev)
+        self._offset += consumed
+        return out
+
+
+# -- what the machine says ----------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a run depends on (read from metadata, nothing imported)."""
+    out: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    import platform
+
+    out["python"] = platform.python_version()
+    return out
+
+
+class _Nvml:
+    """NVML, initialised on first use; every query may answer None ("not available")."""
+
+    def __init__(self) -> None:
+        self._lib: Any = None
+        self._tried = False
+
+    def _init(self) -> Any:
+        if not self._tried:
+            self._tried = True
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._lib = pynvml
+            except Exception:  # no driver or no library: a CPU machine
+                self._lib = None
+        return self._lib
+
+    def gpu(self, index: int) -> dict[str, int | None]:
+        out: dict[str, int | None] = {"gpu_memory_used": None, "gpu_memory_total": None, "gpu_utilization": None}
+        nv = self._init()
+        if nv is None:
+            return out
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+        except Exception:
+            return out
+        try:
+            mem = nv.nvmlDeviceGetMemoryInfo(handle)
+            out["gpu_memory_used"], out["gpu_memory_total"] = int(mem.used), int(mem.total)
+        except Exception:
+            pass
+        try:
+            out["gpu_utilization"] = int(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            pass
+        return out
+
+
+_NVML = _Nvml()
+
+
+def _physical_gpu_index(index: int) -> int:
+    """The NVML index of CUDA device ``index`` (CUDA_VISIBLE_DEVICES renumbers devices)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return index
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    try:
+        return int(ids[index])
+    except (IndexError, ValueError):
+        return index
+
+
+def _meminfo() -> tuple[int | None, int | None]:
+    """(used, total) system RAM in bytes from /proc/meminfo; (None, None) elsewhere."""
+    try:
+        fields: dict[str, int] = {}
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
+        total = fields["MemTotal"]
+        return total - fields.get("MemAvailable", fields.get("MemFree", 0)), total
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
+
+
+def _rss() -> int | None:
+    """Resident memory of this process in bytes."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, in KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def system_fields(gpu_index: int | None = None, torch_peak_memory: int | None = None) -> dict[str, Any]:
+    """The fields of a ``system`` event. ``gpu_index`` is the CUDA device index (None on a CPU);
+    ``torch_peak_memory`` comes from the caller, which is the one that has torch."""
+    if gpu_index is None:
+        gpu = {"gpu_memory_used": None, "gpu_memory_total": None, "gpu_utilization": None}
+    else:
+        gpu = _NVML.gpu(_physical_gpu_index(gpu_index))
+    used, total = _meminfo()
+    return {**gpu, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used, "ram_total": total}

@@ -1,0 +1,130 @@
+"""Events on disk and run status, without training (fast; no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunedeck.core.events import EventLog, EventReader, event, read_events, system_fields
+from tunedeck.core.launcher import death_reason
+from tunedeck.core.runs import list_runs, run_info, write_pid_file
+
+
+def test_events_are_flat_json_lines_with_type_time_and_step(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with EventLog(path) as log:
+        log.write(event("step", 3, loss=float("nan"), grad_norm=float("inf"), learning_rate=1e-4, path=tmp_path))
+        # readable while the file is still open: each event is flushed as written
+        assert read_events(path)[0]["step"] == 3
+    ev = read_events(path)[0]
+    assert ev["type"] == "step" and isinstance(ev["time"], float)
+    assert ev["loss"] is None and ev["grad_norm"] is None  # JSON has no NaN
+    assert ev["path"] == str(tmp_path)
+    with pytest.raises(ValueError):
+        event("progress", 1)
+
+
+def test_a_reader_follows_a_file_and_skips_a_half_written_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    reader = EventReader(path)
+    assert reader.read_new() == []  # no file yet
+    with EventLog(path) as log:
+        log.write(event("run_started", 0))
+        assert [e["type"] for e in reader.read_new()] == ["run_started"]
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write('{"type": "step", "step": 1')  # the writer is mid-line
+        assert reader.read_new() == []
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(', "time": 1.0}\n')
+        assert [e["step"] for e in reader.read_new()] == [1]
+
+
+def test_system_fields_say_not_available_without_a_gpu():
+    fields = system_fields(None, None)
+    assert fields["gpu_memory_used"] is None and fields["gpu_utilization"] is None
+    assert fields["rss"] > 0 and fields["ram_total"] >= fields["ram_used"] > 0
+
+
+def write_run(folder, events, pid: int | None = None):
+    folder.mkdir(parents=True)
+    with EventLog(folder / "events.jsonl") as log:
+        for ev in events:
+            log.write(ev)
+    if pid is not None:
+        write_pid_file(folder, pid)
+    return folder
+
+
+def ev(kind, step, t, **fields):
+    return {"type": kind, "step": step, "time": t, **fields}
+
+
+def test_status_steps_loss_and_duration_of_runs(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "a-finished", [
+        ev("run_started", 0, 100.0, max_steps=4), ev("step", 2, 110.0, loss=2.0),
+        ev("finished", 2, 120.0, stopped=True, final_loss=1.5),
+        ev("run_started", 2, 200.0, max_steps=4, resumed_from={"step": 2}), ev("step", 4, 205.0, loss=1.0),
+        ev("eval", 4, 206.0, eval_loss=1.2), ev("finished", 4, 210.0, stopped=False, final_loss=1.0),
+    ])
+    write_run(runs / "b-failed", [ev("failed", 0, 300.0, reason="dataset.path: x has no rows", user_error=True)])
+    write_run(runs / "c-running", [ev("run_started", 0, 400.0, max_steps=10), ev("step", 1, 401.0, loss=3.0)],
+              pid=os.getpid())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_run(runs / "d-died", [ev("run_started", 0, 500.0, max_steps=10), ev("step", 3, 530.0, loss=2.5)],
+              pid=dead.pid)
+    (runs / "not-a-run").mkdir()
+
+    infos = {i.name: i for i in list_runs(runs)}
+    assert list(infos) == ["b-failed", "a-finished", "c-running", "d-died"]  # by first start
+    a = infos["a-finished"]
+    assert (a.status, a.step, a.max_steps, a.final_loss, a.eval_loss, a.note) == ("finished", 4, 4, 1.0, 1.2, "")
+    assert a.duration_s == pytest.approx(30.0)  # two sessions: 20 s + 10 s
+    assert infos["b-failed"].status == "failed" and "has no rows" in infos["b-failed"].note
+    assert infos["c-running"].status == "running" and infos["c-running"].step == 1
+    d = infos["d-died"]
+    assert d.status == "died" and d.step == 3 and d.duration_s == pytest.approx(30.0)
+
+
+def test_a_watchdog_death_record_reads_as_died(tmp_path):
+    folder = write_run(tmp_path / "r", [ev("run_started", 0, 1.0), ev("step", 5, 2.0, loss=1.0),
+                                        ev("failed", 5, 3.0, died=True, exit_code=-9, reason="killed")])
+    assert run_info(folder).status == "died"
+
+
+def test_death_reasons_name_the_signal_or_the_exit_code(tmp_path):
+    assert "killed by SIGKILL (exit code -9)" in death_reason(-9, tmp_path) and "out-of-memory" in death_reason(
+        -9, tmp_path)
+    assert "killed by SIGSEGV" in death_reason(-11, tmp_path)
+    assert "exited with code 3" in death_reason(3, tmp_path) and "trainer.log" in death_reason(3, tmp_path)
+
+
+def test_cli_runs_lists_a_folder(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs / "x", [ev("run_started", 0, 1.0, max_steps=2), ev("step", 2, 2.0, loss=0.5),
+                           ev("finished", 2, 3.0, final_loss=0.5)])
+    out = subprocess.run([sys.executable, "-m", "tunedeck.core", "runs", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (info,) = json.loads(out.stdout)
+    assert info["name"] == "x" and info["status"] == "finished" and info["final_loss"] == 0.5
+    table = subprocess.run([sys.executable, "-m", "tunedeck.core", "runs", str(runs)], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
+    assert table.returncode == 0 and "finished" in table.stdout and "2/2" in table.stdout
+    missing = subprocess.run([sys.executable, "-m", "tunedeck.core", "runs", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no such project file or runs folder" in missing.stderr
+
+
+def test_the_parent_side_imports_no_torch():
+    code = ("import sys; import tunedeck.core.launcher, tunedeck.core.runs, tunedeck.core.events, "
+            "tunedeck.core.render, tunedeck.core.commands.train, tunedeck.core.commands.runs; "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
