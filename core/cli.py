@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("new", "check", "models", "demo")
+COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

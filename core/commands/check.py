@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("project", help="project file")
     add_set_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--params", action="store_true",
+                   help="also count the trainable parameters, as peft will (builds the model on the meta device)")
 
 
-def collect(project_path: str, overrides: list[str]) -> dict[str, Any]:
+def collect(project_path: str, overrides: list[str], params: bool = False) -> dict[str, Any]:
     """Everything `check` reports, as a dict; raises UserError on the first problem."""
     from ..datafile import dataset_problem, load_messages
     from ..models import describe, resolve_source
@@ -60,7 +62,7 @@ def collect(project_path: str, overrides: list[str]) -> dict[str, Any]:
     resolved = resolve(project)
     sources = {f"{s}.{k}": project.source_of(f"{s}.{k}") for s, vals in project.as_dict().items()
                if isinstance(vals, dict) for k in vals}
-    return {
+    report: dict[str, Any] = {
         "project": str(project.path),
         "name": project.name,
         "model": {"source": project["model.source"], "kind": ref.kind, "path": str(ref.path),
@@ -73,10 +75,15 @@ def collect(project_path: str, overrides: list[str]) -> dict[str, Any]:
         "settings": project.as_dict(),
         "sources": sources,
     }
+    if params:
+        from ..inspect import project_counts
+
+        report.update(project_counts(project))
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
-    report = collect(args.project, args.overrides)
+    report = collect(args.project, args.overrides, params=args.params)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
@@ -115,5 +122,8 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(full, shown, origin)
     console.print(table)
     console.print(f"device   {r['hardware']}; effective batch {r['effective_batch']}")
+    if "trainable_params" in report:
+        console.print(f"lora     {report['trainable_params']:,} trainable of {report['total_params']:,} params "
+                      f"in {report['target_layers']} layers")
     console.print("[green]ok[/]: the project is valid")
     return 0
