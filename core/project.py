@@ -139,18 +139,28 @@ class Project:
 
     def set(self, key: str, value: Any) -> None:
         """Set one key (validated); the file keeps its order, comments and layout."""
-        fld = field_for(key)
-        value = check_value(fld, value, self._label())
+        self.set_many([(key, value)])
+
+    def set_many(self, items: list[tuple[str, Any]]) -> None:
+        """Set several keys at once; rules between keys are checked on the result only,
+        so the order of the edits does not matter. On error nothing changes."""
         new_doc = tomlkit.parse(tomlkit.dumps(self.doc))
-        container: Any = new_doc
-        if fld.section:
-            if fld.section not in new_doc:
-                new_doc.add(tomlkit.nl())
-                new_doc.add(fld.section, tomlkit.table())
-            container = new_doc[fld.section]
-        if fld.name in container and _same(container[fld.name], value):
+        changed = False
+        for key, value in items:
+            fld = field_for(key)
+            value = check_value(fld, value, self._label())
+            container: Any = new_doc
+            if fld.section:
+                if fld.section not in new_doc:
+                    new_doc.add(tomlkit.nl())
+                    new_doc.add(fld.section, tomlkit.table())
+                container = new_doc[fld.section]
+            if fld.name in container and _same(container[fld.name], value):
+                continue
+            container[fld.name] = value
+            changed = True
+        if not changed:
             return
-        container[fld.name] = value
         values = validate_tree(new_doc.unwrap(), self._label())
         self.doc, self.values, self.dirty = new_doc, values, True
 
@@ -168,9 +178,7 @@ class Project:
 
     def apply_overrides(self, overrides: list[str]) -> None:
         """Apply ``key.path=value`` overrides (``--set``); values are read as TOML."""
-        for item in overrides:
-            key, value = parse_override(item)
-            self.set(key, value)
+        self.set_many([parse_override(item) for item in overrides])
 
     def overrides_from(self, saved: Project) -> list[str]:
         """``key=value`` strings that turn ``saved`` into this project (for --set)."""

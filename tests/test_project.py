@@ -293,3 +293,17 @@ def test_the_readme_project_example_is_a_valid_project():
     project = Project.from_text(block)
     for fld in FIELDS:  # the example shows every key
         assert project.source_of(fld.key) == "project", fld.key
+
+
+def test_overrides_are_checked_together_so_their_order_does_not_matter():
+    project = Project.new("x")
+    project.apply_overrides(["dataset.eval_split=0.1", "training.eval_steps=5"])
+    for order in (["dataset.eval_split=0", "training.eval_steps=0"],
+                  ["training.eval_steps=0", "dataset.eval_split=0"]):
+        p = Project.new("x")
+        p.apply_overrides(["dataset.eval_split=0.1", "training.eval_steps=5"])
+        p.apply_overrides(order)
+        assert (p["dataset.eval_split"], p["training.eval_steps"]) == (0.0, 0)
+    with pytest.raises(ProjectError, match="eval set"):
+        project.apply_overrides(["dataset.eval_split=0"])
+    assert project["dataset.eval_split"] == 0.1
