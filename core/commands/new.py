@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..project import Project
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,25 +23,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
 
-def run(args: argparse.Namespace) -> int:
+def create(path: Path, *, model: str = "default", dataset: str = "", name: str | None = None,
+           force: bool = False) -> Project:
+    """Write a starter project at ``path`` (model and dataset paths made relative to it)."""
     from ..project import Project
 
-    path = Path(args.project)
+    path = Path(path)
     if path.suffix != ".toml":
         raise UserError(f"{path}: project files end in .toml (e.g. {path.with_suffix('.toml').name})")
-    if path.exists() and not args.force:
+    if path.exists() and not force:
         raise UserError(f"{path}: already exists; pick another name or pass --force")
     folder = path.resolve().parent
-    dataset = args.dataset
     if dataset:
         ds = Path(dataset).resolve()
         if not ds.exists():
             raise UserError(f"--dataset {dataset}: no such file")
         dataset = os.path.relpath(ds, folder)
-    model = args.model
     if model != "default" and Path(model).exists():
         model = os.path.relpath(Path(model).resolve(), folder)
-    project = Project.new(args.name or path.stem, source=model, dataset=dataset, path=path)
+    project = Project.new(name or path.stem, source=model, dataset=dataset, path=path)
     project.save()
+    return project
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.project)
+    create(path, model=args.model, dataset=args.dataset, name=args.name, force=args.force)
     print(f"wrote {path}; next: tunedeck check {path}")
     return 0

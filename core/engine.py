@@ -1,0 +1,430 @@
+"""The engine: a long-lived helper process for the work that needs torch.
+
+The UI process never imports torch, transformers, peft, trl, datasets, bitsandbytes or
+accelerate (peft alone takes seconds to import). Anything that needs them is a request to
+the engine, a process started with the multiprocessing *spawn* context on first need and
+kept for the session.
+
+Protocol: the client sends ``{"id": int, "op": str, "args": dict}`` down a request pipe;
+the engine answers each with ``{"id": int, "ok": True, "result": dict}`` or
+``{"id": int, "ok": False, "error": "one line"}`` up a reply pipe (``None`` asks it to
+exit). Requests are served one at a time, in order. Results are plain dicts (JSON-able),
+so reading them never imports torch in the client.
+
+:class:`EngineClient` is thread-safe: Textual thread workers call :meth:`EngineClient.call`
+concurrently and each gets its own reply, matched by id. A reader thread waits on the
+reply pipe with a timeout; the pipe reads end-of-file the moment the engine is gone (OOM
+killer, segfault), and every request still waiting on it gets an error reply instead of
+a hang. The next request starts a fresh engine. The engine, in turn, exits when the
+client's end closes, so it never outlives the UI.
+
+Ops: ``ping``; ``inspect`` (a model's layers as LoRA sees them, built on the meta device by
+:mod:`tunedeck.core.inspect`); ``lora_summary`` (what a project's [lora] settings, or a pick
+of layers, train: the parameters peft will report, the adapter's size, the estimated peak
+memory, and why training would refuse). The engine keeps one Inspection per model, so after
+the first request about a model each one costs a count (about a millisecond), not a build.
+The functions behind the ops are importable and run in-process too (tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .paths import cache_dir
+
+# how often blocking waits wake up to look at cancellation and the engine's health
+POLL_S = 0.1
+
+
+class EngineError(UserError):
+    """An engine request that failed; the message is one line."""
+
+
+# -- the client (UI process) ----------------------------------------------------------
+
+
+@dataclass
+class _Link:
+    """One engine process and the two pipes to it."""
+
+    process: Any
+    requests: Any  # Connection: the client sends requests here
+    replies: Any  # Connection: the client reads replies here
+    stop: threading.Event = field(default_factory=threading.Event)
+    reader: threading.Thread | None = None
+
+
+class EngineClient:
+    """Talks to one engine process; starts it on the first request.
+
+    Usable from several threads at once. Use as a context manager, or call :meth:`close`,
+    so the process and the reader thread end with the caller.
+    """
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.log_path = log_path or cache_dir() / "logs" / "engine.log"
+        self._lock = threading.Lock()  # guards _link, _pending, _closed
+        self._send_lock = threading.Lock()  # one writer at a time on the request pipe
+        self._ids = itertools.count(1)
+        # request id -> (its reply box, the engine it went to)
+        self._pending: dict[int, tuple[queue.SimpleQueue[dict[str, Any]], _Link]] = {}
+        self._link: _Link | None = None
+        self._closed = False
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether an engine process is up now."""
+        link = self._link
+        return link is not None and link.process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        link = self._link
+        return link.process.pid if link is not None else None
+
+    def call(
+        self,
+        op: str,
+        *,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Send one request and wait for its reply; returns the result dict.
+
+        Raises :class:`EngineError` (one line) when the engine answers with an error, dies,
+        is closed, takes longer than ``timeout`` seconds, or ``cancel`` is set.
+        """
+        request_id, box = self._send(op, args)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    reply = box.get(timeout=POLL_S)
+                except queue.Empty:
+                    if cancel is not None and cancel.is_set():
+                        raise EngineError(f"engine request {op!r} cancelled") from None
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise EngineError(f"the engine did not answer {op!r} within {timeout:g} s") from None
+                    continue
+                if reply.get("ok"):
+                    return reply["result"]
+                raise EngineError(str(reply.get("error") or "the engine failed without a reason"))
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the engine (politely, then by force) and its reader thread; fail waiting calls."""
+        with self._lock:
+            self._closed = True
+            link, self._link = self._link, None
+            self._fail_pending(None, "the engine was closed")
+        if link is not None:
+            self._shut(link, timeout)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _send(self, op: str, args: dict[str, Any]) -> tuple[int, queue.SimpleQueue[dict[str, Any]]]:
+        with self._lock:
+            if self._closed:
+                raise EngineError("the engine was closed")
+            link = self._ensure_started()
+            request_id = next(self._ids)
+            box: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+            self._pending[request_id] = (box, link)
+        try:
+            with self._send_lock:
+                link.requests.send({"id": request_id, "op": op, "args": args})
+        except (OSError, ValueError):  # the engine is gone (its reader reports it too)
+            box.put({"id": request_id, "ok": False, "error": _death_message(link.process, self.log_path)})
+        return request_id, box
+
+    def _ensure_started(self) -> _Link:
+        """The running engine, started if there is none (called with the lock held)."""
+        link = self._link
+        if link is not None and link.process.is_alive():
+            return link
+        if link is not None:  # it died: answer what it still owed, retire it
+            self._fail_pending(link, _death_message(link.process, self.log_path))
+            link.stop.set()
+            link.requests.close()
+            link.replies.close()
+        ctx = mp.get_context("spawn")
+        requests_out, requests_in = ctx.Pipe(duplex=False)  # (receive end, send end)
+        replies_out, replies_in = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=serve, args=(requests_out, replies_in, str(self.log_path)),
+                              name="tunedeck-engine", daemon=True)
+        try:
+            process.start()
+        except (OSError, RuntimeError) as exc:
+            for conn in (requests_out, requests_in, replies_out, replies_in):
+                conn.close()
+            raise EngineError(f"cannot start the engine process ({_first_line(exc)})") from None
+        # keep only our ends: the reply pipe then reads EOF the moment the engine is gone
+        requests_out.close()
+        replies_in.close()
+        link = _Link(process, requests_in, replies_out)
+        link.reader = threading.Thread(target=self._read, args=(link,), name="tunedeck-engine-reader", daemon=True)
+        link.reader.start()
+        self._link = link
+        return link
+
+    def _read(self, link: _Link) -> None:
+        """Route replies to their callers; report the engine's death to whoever still waits."""
+        while not link.stop.is_set():
+            try:
+                if not link.replies.poll(POLL_S * 2):
+                    continue
+                reply = link.replies.recv()
+            except (EOFError, OSError):  # the engine closed its end: it exited or died
+                break
+            with self._lock:
+                entry = self._pending.get(reply.get("id"))
+            if entry is not None:
+                entry[0].put(reply)
+        if not link.stop.is_set():
+            link.process.join(1.0)  # let the exit code settle
+            with self._lock:
+                self._fail_pending(link, _death_message(link.process, self.log_path))
+
+    def _fail_pending(self, link: _Link | None, message: str) -> None:
+        """Answer every request sent to ``link`` (all when None) with an error (lock held)."""
+        for request_id, (box, target) in list(self._pending.items()):
+            if link is None or target is link:
+                box.put({"id": request_id, "ok": False, "error": message})
+
+    def _shut(self, link: _Link, timeout: float) -> None:
+        link.stop.set()
+        try:
+            with self._send_lock:
+                link.requests.send(None)
+        except (OSError, ValueError):
+            pass
+        link.process.join(timeout)
+        if link.process.is_alive():
+            link.process.terminate()
+            link.process.join(1.0)
+        if link.process.is_alive():  # pragma: no cover - SIGTERM ignored
+            link.process.kill()
+            link.process.join(1.0)
+        link.requests.close()
+        link.replies.close()
+        if link.reader is not None and link.reader is not threading.current_thread():
+            link.reader.join(1.0)
+
+
+def _death_message(process: Any, log_path: Path) -> str:
+    code = process.exitcode
+    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return f"the engine process stopped unexpectedly ({how}); it restarts on the next request (log: {log_path})"
+
+
+# -- the engine process ------------------------------------------------------------
+
+
+def serve(requests: Any, replies: Any, log_path: str) -> None:
+    """The engine's main loop: answer requests in order until told to stop or the client is gone."""
+    _redirect_output(Path(log_path))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctrl-c belongs to the UI / CLI
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    while True:
+        try:
+            request = requests.recv()
+        except (EOFError, OSError):  # the client closed its end or exited
+            return
+        if request is None:
+            return
+        try:
+            replies.send(handle(request, log_path))
+        except (OSError, ValueError):
+            return
+
+
+def handle(request: dict[str, Any], log_path: str = "") -> dict[str, Any]:
+    """Run one request; every failure becomes a one-line error reply."""
+    request_id, name = request.get("id"), request.get("op")
+    op = OPS.get(str(name))
+    if op is None:
+        return {"id": request_id, "ok": False, "error": f"unknown engine request {name!r}"}
+    try:
+        return {"id": request_id, "ok": True, "result": op(**request.get("args", {}))}
+    except UserError as exc:
+        return {"id": request_id, "ok": False, "error": exc.message}
+    except Exception as exc:  # a bug or a library failure: one line here, the traceback in the log
+        traceback.print_exc()
+        where = f" (traceback in {log_path})" if log_path else ""
+        return {"id": request_id, "ok": False, "error": f"{name}: {exc.__class__.__name__}: {_first_line(exc)}{where}"}
+
+
+def _redirect_output(log_path: Path) -> None:
+    """Send the engine's stdout/stderr (library warnings, progress bars) to its log file,
+    never to the terminal the UI draws on."""
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else exc.__class__.__name__
+
+
+# -- the inspector, with one Inspection kept per model ----------------------------------
+
+INSPECTIONS_KEPT = 4
+"""Inspections kept in the engine (least recently used goes first); a 70B one is ~1 MB."""
+
+_inspections: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
+_inspections_lock = threading.Lock()
+
+
+def inspection(source: str, root: str | None = None, *, trust_remote_code: bool = False) -> Any:
+    """The :class:`~tunedeck.core.inspect.Inspection` of ``source`` (relative to ``root``).
+
+    Built once per (source, root, trust_remote_code) and kept, so every later request about
+    the same model (each toggle of the Modules screen) costs a count, not a build.
+    """
+    from .inspect import inspect_model
+
+    key = (source, root or "", trust_remote_code)
+    with _inspections_lock:
+        if key in _inspections:
+            _inspections.move_to_end(key)
+            return _inspections[key]
+    ins = inspect_model(source, root=Path(root) if root else None, trust_remote_code=trust_remote_code)
+    with _inspections_lock:
+        _inspections[key] = ins
+        while len(_inspections) > INSPECTIONS_KEPT:
+            _inspections.popitem(last=False)
+    return ins
+
+
+def project_inspection(project: Any) -> Any:
+    """The kept :class:`~tunedeck.core.inspect.Inspection` of a project's model."""
+    return inspection(project["model.source"], str(project.root), trust_remote_code=project["model.trust_remote_code"])
+
+
+def lora_summary(project: Any, *, layers: list[str] | None = None, hardware: Any = None) -> dict[str, Any]:
+    """What the project's [lora] settings train, and the estimated peak memory.
+
+    ``layers`` (names of the inspection's layers) replaces ``lora.target_modules`` with the
+    targets that select exactly them (:func:`~tunedeck.core.inspect.targets_for`: a suffix
+    list for whole groups, a regex for a partial pick); ``targets`` in the reply is what to
+    write to the project. Counts are :func:`~tunedeck.core.inspect.count_trainable`'s, equal
+    to what peft reports after wrapping. Settings training would refuse (targets matching
+    nothing, the output layer) are in ``errors``, one line each, not raised; a model that
+    cannot be inspected raises UserError. ``hardware`` (a :class:`~tunedeck.core.hardware.Hardware`,
+    default: this machine) decides "auto" precision and the device of the memory estimate.
+    """
+    from .inspect import _PRECISION_OF_DTYPE, estimate, project_choice, targets_for
+    from .resolve import resolve
+
+    ins = project_inspection(project)
+    choice = project_choice(project, ins, None if layers is None else targets_for(ins, layers))
+    mode = project["quantization.mode"]
+    memory, memory_error, base_bytes = None, "", 4 if mode != "none" else 2
+    try:
+        resolved = resolve(project, hardware)
+    except UserError as exc:  # e.g. fp16 on a CPU: the settings screen marks the key
+        memory_error = exc.message
+    else:
+        precision = _PRECISION_OF_DTYPE[resolved.compute_dtype] if mode != "none" else resolved.precision
+        base_bytes = 4 if mode != "none" or precision == "fp32" else 2
+        memory = estimate(ins, choice, mode=mode, precision=precision, batch_size=project["training.batch_size"],
+                          max_length=project["dataset.max_length"],
+                          gradient_checkpointing=resolved.gradient_checkpointing, device=resolved.device,
+                          double_quant=project["quantization.double_quant"],
+                          dropout=project["lora.dropout"]).as_dict()
+    group_of = {layer.name: layer.group for layer in ins.layers}
+    adapted: dict[str, int] = {}
+    for name in choice.layers:
+        adapted[group_of[name]] = adapted.get(group_of[name], 0) + 1
+    attention = ins.presets["attention"]
+    return {
+        "model": ins.source,
+        "architecture": ins.architecture,
+        "targets": choice.targets,
+        "layers": list(choice.layers),
+        "adapted": adapted,
+        "adapted_layers": len(choice.layers),
+        "trainable_params": choice.trainable_params,
+        "total_params": choice.total_params,
+        "percent": choice.percent,
+        "adapter_bytes": choice.adapter_bytes(base_bytes),
+        "errors": [f"lora.{e}" if e.startswith("target_modules") else e for e in choice.errors],
+        "warnings": list(choice.warnings),
+        "notes": list(ins.notes),
+        "attention_targets": targets_for(ins, attention) if attention else None,
+        "memory": memory,
+        "memory_error": memory_error,
+    }
+
+
+def hardware_arg(hardware: Any) -> dict[str, Any] | None:
+    """A :class:`~tunedeck.core.hardware.Hardware` as a request argument (plain data)."""
+    return None if hardware is None else asdict(hardware)
+
+
+def _hardware(arg: dict[str, Any] | None) -> Any:
+    if arg is None:
+        return None
+    from .hardware import Gpu, Hardware
+
+    gpus = tuple(Gpu(g["index"], g["name"], g["memory_total"], tuple(g["compute_capability"])) for g in arg["gpus"])
+    return Hardware(gpus=gpus, cpu_count=arg["cpu_count"], ram_total=arg["ram_total"])
+
+
+# -- ops: what a request may ask ------------------------------------------------------
+
+
+def op_ping() -> dict[str, Any]:
+    return {"pid": os.getpid()}
+
+
+def op_inspect(source: str, root: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The model's layers as LoRA sees them: ``Inspection.as_dict()`` (groups, layers, presets...)."""
+    return inspection(source, root, trust_remote_code=trust_remote_code).as_dict()
+
+
+def op_lora_summary(project_text: str, project_path: str | None = None, layers: list[str] | None = None,
+                    hardware: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``project_text``: the project as the user sees it (unsaved edits included)."""
+    from .project import Project
+
+    project = Project.from_text(project_text, Path(project_path) if project_path else None)
+    return lora_summary(project, layers=layers, hardware=_hardware(hardware))
+
+
+OPS: dict[str, Callable[..., dict[str, Any]]] = {
+    "ping": op_ping,
+    "inspect": op_inspect,
+    "lora_summary": op_lora_summary,
+}

@@ -1,0 +1,484 @@
+"""The app driven with Pilot: navigation, editing, validation, presets, saving, quitting."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.binding import Binding
+from textual.command import CommandList
+from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle, write_project
+
+from tunedeck.core import cli
+from tunedeck.core.paths import load_user_config, save_user_config
+from tunedeck.core.project import Project
+from tunedeck.tui import app as app_module
+from tunedeck.tui.app import TunedeckApp
+from tunedeck.tui.commands import TunedeckCommands
+from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen, PresetScreen
+from tunedeck.tui.widgets.facts import Facts, NotBuilt
+from tunedeck.tui.widgets.field_editor import FieldEditor
+from tunedeck.tui.widgets.settings_list import SettingsList
+from tunedeck.tui.widgets.summary import SettingsSummary
+
+SIZE = (100, 30)
+
+
+@pytest.fixture
+def project_path(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return write_project(tmp_path)
+
+
+def make_app(path: Path | None, engine: Any = None) -> TunedeckApp:
+    return TunedeckApp(Project.load(path) if path else None, engine=engine or SilentEngine(), hardware=CPU)
+
+
+def view(app: TunedeckApp, key: str):
+    return app.screen.query_one(SettingsList)._views[key]
+
+
+async def edit(pilot, key: str, *keys: str) -> None:
+    """Open ``key`` in the editor, replace its text with ``keys``."""
+    await pilot.app.screen.edit_field(key)
+    await pilot.pause()
+    await pilot.press(*keys)
+    await pilot.pause()
+
+
+async def test_opens_a_project_on_the_settings_screen(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.current_mode == "settings"
+        assert (app.title, app.sub_title) == ("demo", "demo.toml")
+        assert isinstance(app.focused, SettingsList)
+        assert app.focused.highlighted_key == "model.source"
+        assert view(app, "training.precision").source == "default, auto -> fp32"
+        assert view(app, "lora.r").source == "project"
+        assert view(app, "dataset.path").problem == ""
+        assert app.screen.query_one(SettingsSummary).command == "tunedeck train demo.toml"
+        assert load_user_config()["recent_projects"] == [str(project_path)]
+
+
+async def test_number_keys_and_tabs_switch_screens(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        for key, mode in zip("123564", ("models", "modules", "dataset", "train", "chat", "settings")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.current_mode == mode
+        await pilot.click("ModeTabs", offset=(4, 0))  # " 1 Models "
+        await pilot.pause()
+        assert app.current_mode == "models"
+        await pilot.click("ModeTabs", offset=(26, 0))  # " 3 Dataset "
+        assert app.current_mode == "dataset"
+
+
+async def test_without_a_project_the_start_screen_offers_recent_and_new(project_path):
+    save_user_config({"recent_projects": [str(project_path), "/nowhere/gone.toml"]})
+    app = make_app(None)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.current_mode == "start"
+        await pilot.press("4")  # screens need a project
+        assert app.current_mode == "start"
+        options = app.screen.query_one("#recent").options
+        assert [str(o.prompt) for o in options] == ["demo.toml", "/nowhere/gone.toml  [dim](missing)[/dim]"]
+        await pilot.press("down", "enter")  # the missing one: one line, still here
+        await pilot.pause()
+        assert app.current_mode == "start"
+        assert any("no such project file" in n.message for n in app._notifications)
+        await pilot.press("up", "enter")
+        await pilot.pause()
+        assert app.current_mode == "settings"
+        assert app.session.path == project_path
+
+
+async def test_editing_a_value_marks_it_and_the_title(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "lora.r", "8")
+        assert app.session.project["lora.r"] == 8
+        assert view(app, "lora.r").source == "edited"
+        assert app.title == "demo *"
+        assert app.screen.query_one(SettingsSummary).command == "tunedeck train demo.toml --set lora.r=8"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.focused, SettingsList)
+        assert app.focused.highlighted_key == "lora.r"
+        assert project_path.read_text() == PROJECT_TOML  # not saved yet
+
+
+async def test_the_keyboard_alone_reaches_and_edits_a_field(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*["down"] * 8, "enter")  # model.source ... lora.r (headings are skipped)
+        await pilot.pause()
+        assert app.screen.query_one(FieldEditor).key == "lora.r"
+        await pilot.press("6", "4", "enter", "ctrl+s")
+        await pilot.pause()
+        assert "r = 64" in project_path.read_text()
+
+
+async def test_invalid_input_is_marked_with_the_reason_and_not_saved(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "lora.r", "0")
+        row = view(app, "lora.r")
+        assert (row.value, row.severity) == ("0", "error")
+        assert row.problem == "0 is not valid: expected an integer >= 1 and <= 4096"
+        editor = app.screen.query_one(FieldEditor)
+        assert "expected an integer >= 1" in str(editor.query_one("#editor-note").render())
+        assert app.screen.query_one(SettingsSummary).invalid == ("lora.r",)
+        await pilot.press("enter")  # keep the invalid text, move on
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert project_path.read_text() == PROJECT_TOML
+        assert any("not saved: lora.r is invalid" in n.message for n in app._notifications)
+        await edit(pilot, "lora.r", "1", "2")
+        await pilot.press("enter", "ctrl+s")
+        await pilot.pause()
+        assert "r = 12" in project_path.read_text()
+        assert app.title == "demo"
+
+
+async def test_a_rule_between_keys_and_escape_puts_a_value_back(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "training.eval_steps", "5")
+        assert view(app, "training.eval_steps").problem.startswith("5 asks for evaluation but there is no eval set")
+        await pilot.press("enter")
+        await edit(pilot, "dataset.eval_split", "0", ".", "1")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not app.session.invalid
+        assert app.session.project["training.eval_steps"] == 5
+        await edit(pilot, "lora.alpha", "9", "9")
+        assert app.session.project["lora.alpha"] == 99
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.session.project["lora.alpha"] == 32
+        assert view(app, "lora.alpha").source == "project"
+
+
+async def test_choices_switches_and_defaults(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "quantization.mode", "down", "down", "enter")  # none -> 8bit -> 4bit
+        assert app.session.project["quantization.mode"] == "4bit"
+        assert app.screen.query_one(FieldEditor).key is None
+        await pilot.app.screen.edit_field("lora.use_dora")  # a switch flips at once
+        await pilot.pause()
+        assert app.session.project["lora.use_dora"] is True
+        app.screen.query_one(SettingsList).highlight("lora.alpha")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert app.session.project.source_of("lora.alpha") == "default"
+        assert view(app, "lora.alpha").source == "default"  # the same value (32), no longer in the file
+        assert app.session.project["lora.alpha"] == 32
+        assert app.title == "demo *"  # saving would change the file
+
+
+async def test_presets_are_applied_as_visible_edits(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        assert isinstance(app.screen, PresetScreen)
+        await pilot.press("down", "down", "enter")  # QLoRA 4-bit nf4
+        await pilot.pause()
+        project = app.session.project
+        assert (project["quantization.mode"], project["quantization.quant_type"]) == ("4bit", "nf4")
+        assert view(app, "quantization.mode").edited
+        assert any(n.title == "Preset applied" for n in app._notifications)
+        await app.apply_preset("Quick test run (max_steps 10)")
+        assert project["training.max_steps"] == 10
+        assert "--set training.max_steps=10" in app.screen.query_one(SettingsSummary).command
+
+
+async def test_the_summary_counts_with_the_engine_and_presets_use_its_layer_names(project_path):
+    app = make_app(project_path, InProcessEngine())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        summary = app.screen.query_one(SettingsSummary)
+        assert not summary.pending and not summary.error
+        # r (in + out) per layer: q, o 32->32; k, v 32->16; gate, up 32->64, down 64->32; two blocks
+        assert summary.result["trainable_params"] == 2 * 16 * (2 * 64 + 2 * 48 + 3 * 96)
+        await edit(pilot, "lora.target_modules", "n", "o", "p", "e")
+        await settle(pilot)
+        [error] = summary.result["errors"]  # what the trainer would refuse, in one line
+        assert error.startswith('lora.target_modules ["nope"] matches no layer of this model; its layers: ')
+        assert error in str(summary.render())
+        await pilot.press("escape")
+        await settle(pilot)
+        assert not summary.result["errors"] and summary.result["trainable_params"] > 0
+        await app.apply_preset("LoRA, attention only")
+        await settle(pilot)
+        assert app.session.project["lora.target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        assert summary.result["adapted"] == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
+
+
+async def test_save_keeps_the_file_order_and_comments(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "training.learning_rate", "1", "e", "-", "4")
+        await pilot.press("enter", "ctrl+s")
+        await pilot.pause()
+    assert project_path.read_text() == PROJECT_TOML.replace("learning_rate = 0.0002", "learning_rate = 0.0001")
+    assert not list(project_path.parent.glob(".demo.toml.*"))  # no temp file left behind
+
+
+async def test_quit_asks_when_there_are_unsaved_changes(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "lora.r", "8")
+        await pilot.press("enter", "ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.is_running and app.current_mode == "settings"
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.click("#answer-discard")
+        await pilot.pause()
+    assert app.return_code == 0
+    assert project_path.read_text() == PROJECT_TOML
+
+
+async def test_save_and_quit(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "lora.r", "8")
+        await pilot.press("enter", "ctrl+q")
+        await pilot.pause()
+        await pilot.press("enter")  # "Save and quit" has the focus
+        await pilot.pause()
+    assert "r = 8" in project_path.read_text()
+
+
+async def test_quit_without_changes_does_not_ask(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert not app.is_running
+
+
+async def test_keys_lists_every_binding_with_its_id(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, KeysScreen)
+        ids = {row.binding_id for row in app.screen.rows}
+        assert {"project.save", "project.open", "app.quit", "app.keys", "app.command_palette", "screen.models",
+                "screen.chat", "settings.presets", "settings.reset_field", "settings.edit"} <= ids
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert not isinstance(app.screen, KeysScreen)
+
+
+def test_every_binding_of_the_app_has_an_id():
+    from tunedeck.tui import screens, widgets
+
+    classes: list[type] = [TunedeckApp]
+    for package in (screens, widgets):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            classes += [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+                        if obj.__module__ == module.__name__]
+    bindings = [(cls.__name__, b) for cls in classes for b in cls.__dict__.get("BINDINGS", [])]
+    assert len(bindings) > 15
+    assert [(name, b.key) for name, b in bindings if not (isinstance(b, Binding) and b.id)] == []
+
+
+async def test_keys_can_be_remapped_by_binding_id(project_path):
+    save_user_config({"keymap": {"screen.train": "f5"}})
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        assert app.current_mode == "train"
+
+
+async def test_the_palette_lists_the_app_commands_and_runs_them(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        names = [name for name, _, _ in TunedeckCommands(app.screen).commands()]
+        for expected in ("Open project…", "New project…", "Save project", "Screen: Train", "Start training",
+                         "Preset: QLoRA 4-bit nf4", "Theme: tunedeck-light", "Keys"):
+            assert expected in names
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Screen: Train")
+        results = app.screen.query_one(CommandList)
+        for _ in range(100):  # the palette searches in the background
+            if results.option_count and "Screen: Train" in str(results.get_option_at_index(0).prompt):
+                break
+            await pilot.pause(0.05)
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert app.current_mode == "train"
+
+
+async def test_theme_choice_is_remembered(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.theme == "tunedeck-dark"
+        app.set_theme("tunedeck-high-contrast")
+        await settle(pilot)
+    assert load_user_config()["theme"] == "tunedeck-high-contrast"
+    again = make_app(project_path)
+    async with again.run_test(size=SIZE):
+        assert again.theme == "tunedeck-high-contrast"
+
+
+async def test_open_dialog_reports_a_broken_file_in_one_line(project_path):
+    broken = project_path.parent / "broken.toml"
+    broken.write_text("[lora\nr = 8\n")
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, OpenProjectScreen)
+        await pilot.press(*"broken.toml", "enter")
+        await pilot.pause()
+        problem = str(app.screen.query_one(".dialog-problem").render())
+        assert problem.startswith("broken.toml: not valid TOML") and "\n" not in problem
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.session.path == project_path
+
+
+async def test_open_asks_first_when_there_are_changes_then_opens(project_path, tmp_path):
+    other = write_project(tmp_path / "other")
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "lora.r", "8")
+        await pilot.press("enter", "ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceScreen)
+        await pilot.click("#answer-discard")
+        await pilot.pause()
+        await pilot.press(*"other/demo.toml", "enter")
+        await pilot.pause()
+        assert app.session.path == other
+        assert app.session.project["lora.r"] == 16 and not app.session.dirty
+        assert load_user_config()["recent_projects"][0] == str(other)
+
+
+async def test_new_project_dialog_writes_a_starter_file(project_path):
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert isinstance(app.screen, NewProjectScreen)
+        await pilot.press(*"fresh.toml", "tab", "tab", *"data.jsonl", "enter")
+        await pilot.pause()
+        assert app.session.path == project_path.parent / "fresh.toml"
+        assert app.session.project["dataset.path"] == "data.jsonl"
+        assert (project_path.parent / "fresh.toml").is_file()
+
+
+def test_a_broken_project_from_the_shell_is_one_line_and_exit_2(tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[lora]\nr = -1\n")
+    assert cli.main([str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tunedeck: error: {broken}: lora.r: -1 is not valid: expected an integer >= 1 and <= 4096\n"
+    assert cli.main([str(tmp_path / "missing.toml")]) == 2
+    assert "no such project file" in capsys.readouterr().err
+
+
+async def test_placeholders_show_real_facts(project_path):
+    app = make_app(project_path, InProcessEngine())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("3")
+        await settle(pilot)
+        notice = str(app.screen.query_one(NotBuilt).render())
+        assert notice.startswith("Not built yet: rows rendered") and "issue" not in notice
+        rows = dict(app.screen.query_one("#data-facts", Facts).rows)
+        assert (rows["rows"], rows["usable"], rows["skipped"]) == ("13", "12", "1")
+        assert rows["row 13"] == "no assistant answer to train on"
+        for key in "56":
+            await pilot.press(key)
+            await settle(pilot)
+            assert "issue" not in str(app.screen.query_one(NotBuilt).render())
+
+
+class FakeRun:
+    """A RunHandle stand-in that replays events."""
+
+    def __init__(self, run_dir: Path, events: list[dict[str, Any]]) -> None:
+        self.name, self.run_dir, self.status = "demo-1", run_dir, "starting"
+        self._events, self.stopped, self._ended = list(events), False, False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def events(self, timeout: float = 0.2) -> list[dict[str, Any]]:
+        if not self._events:
+            self._ended = True
+            return []
+        ev = self._events.pop(0)
+        self.status = {"run_started": "running", "finished": "finished", "failed": "failed"}.get(ev["type"],
+                                                                                                 self.status)
+        return [ev]
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_training_from_the_palette_follows_the_run(project_path, monkeypatch):
+    started: list[tuple[str, tuple[str, ...]]] = []
+    run = FakeRun(project_path.parent / "runs" / "demo-1", [
+        {"type": "run_started", "step": 0, "max_steps": 3},
+        {"type": "step", "step": 1, "loss": 2.5, "max_steps": 3},
+        {"type": "step", "step": 2, "loss": 1.25, "max_steps": 3},
+        {"type": "finished", "step": 3},
+    ])
+
+    def start_run(path: str, overrides: tuple[str, ...]) -> FakeRun:
+        started.append((path, overrides))
+        return run
+
+    import tunedeck.core.launcher as launcher
+
+    monkeypatch.setattr(launcher, "start_run", start_run)
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await edit(pilot, "training.max_steps", "3")
+        await pilot.press("enter")
+        app.action_start_training()
+        await settle(pilot)
+        assert started == [(str(project_path), ("training.max_steps=3",))]
+        assert app.run_state.status == "finished" and app.run_state.loss == 1.25
+        assert any("demo-1 finished" in n.message for n in app._notifications)
+        await pilot.press("5")
+        await settle(pilot)
+        rows = dict(app.screen.query_one("#run-facts", Facts).rows)
+        assert (rows["status"], rows["step"], rows["loss"]) == ("finished", "3 / 3", "1.2500")
+
+
+def test_run_app_refuses_a_bad_file_before_taking_the_terminal(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora]\nrank = 8\n")
+    with pytest.raises(Exception, match='lora.rank: unknown key; did you mean "r"'):
+        app_module.run_app(str(bad))
+
+
+async def test_paths_complete_from_the_folder(project_path):
+    from tunedeck.tui.screens.dialogs import PathSuggester
+
+    (project_path.parent / "runs").mkdir()
+    suggest = PathSuggester(".toml").get_suggestion
+    assert await suggest("dem") == "demo.toml"
+    assert await suggest("ru") == "runs/"
+    assert await suggest("zzz") is None
+    assert await PathSuggester().get_suggestion("data") == "data.jsonl"

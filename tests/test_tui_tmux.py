@@ -1,0 +1,94 @@
+"""The app in a real terminal, the way a user over SSH sees it: tmux, keys, the screen's text."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tui_helpers import write_project
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+
+TUNEDECK = str(Path(sys.executable).with_name("tunedeck"))
+
+
+class Tmux:
+    """One detached 100x30 tmux session on a private server."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
+                              text=True).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "app")
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "app", *keys)
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never showed; the screen:\n{self.screen()}")
+
+    def alive(self) -> bool:
+        return subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "app"],
+                              capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    session = Tmux(f"tunedeck-test-{os.getpid()}")
+    yield session
+    subprocess.run(["tmux", "-L", session.socket, "kill-server"], capture_output=True)
+
+
+def test_start_switch_edit_save_quit(tmp_path, tmux):
+    project = write_project(tmp_path)
+    env = {"TUNEDECK_CONFIG_DIR": str(tmp_path / "config"), "TUNEDECK_CACHE_DIR": str(tmp_path / "cache"),
+           "TERM": "xterm-256color"}
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    tmux.run("new-session", "-d", "-s", "app", "-x", "100", "-y", "30", "-c", str(tmp_path), *env_args,
+             f"env -u COLUMNS -u LINES {TUNEDECK} demo.toml")  # the pane's own size, not the caller's
+    screen = tmux.wait_for("4 Settings")
+    assert "─" * 100 in screen  # drawn at 100 columns (the summary's top border)
+    assert "demo — demo.toml" in screen and "target_modules" not in screen  # top of the list
+    tmux.keys("1")
+    tmux.wait_for("(● the project's)")
+    tmux.wait_for("LlamaForCausalLM (llama)")  # the model's config, read in a worker
+    tmux.keys("2")
+    tmux.wait_for("LlamaForCausalLM: 16 layers LoRA can wrap", timeout=120)  # the engine process started
+    tmux.wait_for("16,384 trainable")
+    tmux.keys("3")
+    tmux.wait_for("messages (detected)")
+    tmux.keys("4")
+    tmux.wait_for("4 Settings")
+    tmux.keys(*["Down"] * 8, "Enter")  # model.source ... lora.r
+    tmux.wait_for("lora.r  enter keeps")
+    tmux.keys("0")
+    tmux.wait_for("0 is not valid: expected an integer >= 1 and <= 4096")
+    tmux.keys("BSpace")  # alone: Textual may run a burst's backspace after the next character
+    tmux.wait_for('"" is not valid')
+    tmux.keys("8", "Enter")
+    screen = tmux.wait_for("--set lora.r=8")
+    assert "demo * — demo.toml" in screen
+    tmux.keys("C-s")
+    tmux.wait_for("saved demo.toml")
+    tmux.keys("C-q")
+    deadline = time.monotonic() + 15
+    while tmux.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not tmux.alive()
+    text = project.read_text()
+    assert "\nr = 8\n" in text and "# a model folder next to this file" in text

@@ -1,0 +1,55 @@
+"""The command palette's tunedeck commands (ctrl+p): projects, screens, presets, themes, training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from .presets import PRESETS
+from .widgets.mode_tabs import SCREENS
+
+if TYPE_CHECKING:
+    from .app import TunedeckApp
+
+Command = tuple[str, str, Callable[[], object]]
+
+
+class TunedeckCommands(Provider):
+    """Commands for what the app can do now (some need an open project)."""
+
+    def commands(self) -> list[Command]:
+        app: TunedeckApp = self.app  # type: ignore[assignment]
+        found: list[Command] = [
+            ("Open project…", "Open a project file (ctrl+o)", app.action_open),
+            ("New project…", "Write a starter project file and open it (ctrl+n)", app.action_new),
+        ]
+        if app.session is not None:
+            found.append(("Save project", "Write the edits to the project file (ctrl+s)", app.action_save))
+            found += [(f"Screen: {title}", f"Switch to the {title} screen ({number})",
+                       partial(app.action_switch_screen, mode))
+                      for number, (mode, title) in enumerate(SCREENS, 1)]
+            found += [(f"Preset: {p.name}", p.help, partial(app.apply_preset, p.name)) for p in PRESETS]
+            if app.training:
+                found.append(("Stop training", "Save a checkpoint at the end of this step, then end the run",
+                              app.action_stop_training))
+            else:
+                found.append(("Start training", "Train the settings shown (unsaved edits included) in a "
+                              "background process", app.action_start_training))
+        found += [(f"Theme: {name}", "Switch to this colour theme (remembered)", partial(app.set_theme, name))
+                  for name in app.tunedeck_themes]
+        found.append(("Keys", "Show every key binding (f1 or ?)", app.action_keys))
+        return found
+
+    async def discover(self) -> Hits:
+        for name, help_text, callback in self.commands():
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self.commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)

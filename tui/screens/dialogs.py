@@ -1,0 +1,232 @@
+"""Modal dialogs: open a project, create one, unsaved changes, presets, and every key."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.suggester import Suggester
+from textual.widgets import Button, DataTable, Input, Label, OptionList
+from textual.widgets.option_list import Option
+
+from tunedeck.core.errors import UserError
+from tunedeck.core.project import Project
+
+from ..presets import PRESETS
+
+
+class PathSuggester(Suggester):
+    """Completes the last part of a path from the folder it is in (folders and ``suffix`` files)."""
+
+    def __init__(self, suffix: str = "") -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+        self.suffix = suffix
+
+    async def get_suggestion(self, value: str) -> str | None:
+        folder, sep, stem = value.rpartition(os.sep)
+        base = Path(os.path.expanduser(folder + sep if sep else "."))
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            return None
+        for name in names:
+            if not name.startswith(stem) or name == stem or (name.startswith(".") and not stem.startswith(".")):
+                continue
+            if (base / name).is_dir():
+                return value + name[len(stem):] + os.sep
+            if name.endswith(self.suffix):
+                return value + name[len(stem):]
+        return None
+
+
+class Dialog(ModalScreen[object]):
+    """A centred box; escape cancels (dismisses with None)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="dialog.cancel")]
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+
+class OpenProjectScreen(Dialog):
+    """Ask for a project file and load it; a bad file is reported in the dialog."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Open a project", classes="dialog-title")
+            yield Label("Path of a project file (→ completes):", classes="dialog-help")
+            yield Input(placeholder="path/to/project.toml", suggester=PathSuggester(".toml"), id="path")
+            yield Label("", classes="dialog-problem")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Open", variant="primary", id="open")
+                yield Button("Cancel", id="cancel")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#open")
+    def _open(self) -> None:
+        path = self.query_one("#path", Input).value.strip()
+        if not path:
+            self._problem("type the path of a project file")
+            return
+        try:
+            project = Project.load(os.path.expanduser(path))
+        except UserError as exc:
+            self._problem(exc.message)
+            return
+        self.dismiss(project)
+
+    def _problem(self, message: str) -> None:
+        self.query_one(".dialog-problem", Label).update(message)
+
+
+class NewProjectScreen(Dialog):
+    """Create a starter project file (like ``tunedeck new``) and open it."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("New project", classes="dialog-title")
+            yield Label("Project file to create:", classes="dialog-help")
+            yield Input(placeholder="myrun.toml", suggester=PathSuggester(".toml"), id="path")
+            yield Label("Model (\"default\", a folder, a .gguf file or a cached repo id):", classes="dialog-help")
+            yield Input("default", id="model", suggester=PathSuggester())
+            yield Label("Training data (optional; JSONL, JSON, CSV or Parquet):", classes="dialog-help")
+            yield Input(placeholder="data.jsonl", id="dataset", suggester=PathSuggester())
+            yield Label("", classes="dialog-problem")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Create", variant="primary", id="create")
+                yield Button("Cancel", id="cancel")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#create")
+    def _create(self) -> None:
+        from tunedeck.core.commands.new import create
+
+        path, model, dataset = (self.query_one(f"#{name}", Input).value.strip()
+                                for name in ("path", "model", "dataset"))
+        try:
+            if not path:
+                raise UserError("type the path of the project file to create, e.g. myrun.toml")
+            if Path(os.path.expanduser(path)).exists():
+                raise UserError(f"{path} already exists; open it (ctrl+o) or pick another name")
+            if dataset and not Path(os.path.expanduser(dataset)).exists():
+                raise UserError(f"training data {dataset}: no such file")
+            project = create(Path(os.path.expanduser(path)), model=model or "default",
+                             dataset=os.path.expanduser(dataset))
+        except UserError as exc:
+            self.query_one(".dialog-problem", Label).update(exc.message)
+            return
+        self.dismiss(project)
+
+
+class ChoiceScreen(Dialog):
+    """A question with a few answers (buttons); dismisses with the chosen answer, or None."""
+
+    def __init__(self, title: str, message: str, answers: list[tuple[str, str]], *,
+                 disabled: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.title_text = title
+        self.message = message
+        self.answers = answers
+        self.disabled = disabled
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Label(self.message, classes="dialog-help")
+            with Horizontal(classes="dialog-buttons"):
+                for index, (label, answer) in enumerate(self.answers):
+                    yield Button(label, id=f"answer-{answer}", disabled=answer in self.disabled,
+                                 variant="primary" if index == 0 else "default")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        """Enter takes the first answer, unless it is unavailable: then it cancels."""
+        first = self.query_one(f"#answer-{self.answers[0][1]}", Button)
+        (self.query_one("#cancel", Button) if first.disabled else first).focus()
+
+    @on(Button.Pressed, ".dialog-buttons Button")
+    def _answered(self, event: Button.Pressed) -> None:
+        button_id = str(event.button.id)
+        if button_id.startswith("answer-"):
+            self.dismiss(button_id.removeprefix("answer-"))
+
+
+class PresetScreen(Dialog):
+    """Pick a preset; the editor applies it as visible edits."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog -wide"):
+            yield Label("Apply a preset", classes="dialog-title")
+            yield OptionList(*(Option(f"{p.name}\n  [dim]{p.help}[/dim]", id=p.name) for p in PRESETS))
+            yield Label("enter applies · esc cancels · the edits show in the editor, unsaved",
+                        classes="dialog-help")
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One binding as the keys dialog lists it."""
+
+    key: str
+    description: str
+    where: str
+    binding_id: str
+
+
+class KeysScreen(Dialog):
+    """Every key bound where the user is now: the app's, the screen's and the focused widget's."""
+
+    BINDINGS = [Binding("f1,question_mark", "cancel", "Close", id="keys.close")]
+
+    def __init__(self, rows: list[KeyRow]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog -wide -tall"):
+            yield Label("Keys", classes="dialog-title")
+            table: DataTable[str] = DataTable(cursor_type="row", zebra_stripes=True)
+            table.add_columns("key", "does", "where", "binding id")
+            for row in self.rows:
+                table.add_row(row.key, row.description, row.where, row.binding_id)
+            yield table
+            yield Label("Single keys (1-6, ?) work outside text fields; while a value is being edited, enter "
+                        "keeps it and esc puts it back. Remap a key by its binding id in the user config, "
+                        'e.g. \\[keymap] "screen.models" = "f5".', classes="dialog-help")
+
+
+class AddModelScreen(Dialog):
+    """Ask for a model folder, a folder of models or a .gguf file to list (dismisses with the path)."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Add models", classes="dialog-title")
+            yield Label("A model folder (with config.json), a folder of model folders, or a .gguf file "
+                        "(→ completes). It is remembered in the user config's model_dirs.", classes="dialog-help")
+            yield Input(placeholder="~/models/my-model", suggester=PathSuggester(".gguf"), id="path")
+            yield Label("", classes="dialog-problem")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Add", variant="primary", id="add")
+                yield Button("Cancel", id="cancel")
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#add")
+    def _add(self) -> None:
+        path = self.query_one("#path", Input).value.strip()
+        if not path:
+            self.query_one(".dialog-problem", Label).update("type the path of a model folder or a .gguf file")
+            return
+        self.dismiss(path)

@@ -1,0 +1,73 @@
+"""Widgets for the screens that are not built yet: a notice that says so plainly, and a
+panel of real facts about the project (or a one-line reason why they are missing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from textual.content import Content
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Static
+
+
+class NotBuilt(Static):
+    """"Not built yet": what the screen will do, and that what it shows now is the little
+    tunedeck can already tell."""
+
+    DEFAULT_CSS = """
+    NotBuilt {
+        border: round $secondary;
+        border-title-color: $text-secondary;
+        padding: 0 1;
+        margin-bottom: 1;
+        color: $text-muted;
+    }
+    """
+
+    def __init__(self, screen: str, promise: str) -> None:
+        super().__init__(f"Not built yet: {promise}\nBelow is what tunedeck can already tell from the project.")
+        self.border_title = screen
+
+
+class Facts(Widget):
+    """Labelled values, or a line saying they are being read, or why they could not be."""
+
+    DEFAULT_CSS = """
+    Facts {
+        height: auto;
+        padding: 0 1;
+    }
+    """
+
+    heading: reactive[str] = reactive("", layout=True)
+    """What the facts are about."""
+    rows: reactive[tuple[tuple[str, str], ...]] = reactive((), layout=True)
+    """(label, value) pairs, in order."""
+    status: reactive[str] = reactive("", layout=True)
+    """A line shown instead of the rows while they load ("reading ...")."""
+    error: reactive[str] = reactive("", layout=True)
+    """Why the facts could not be read (one line); replaces the rows."""
+
+    def __init__(self, heading: str, *, status: str = "", id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.set_reactive(Facts.heading, heading)
+        self.set_reactive(Facts.status, status)
+
+    def show(self, rows: Iterable[tuple[str, str]]) -> None:
+        self.rows, self.status, self.error = tuple(rows), "", ""
+
+    def fail(self, message: str) -> None:
+        self.rows, self.status, self.error = (), "", message
+
+    def render(self) -> Content:
+        lines = [Content.styled(self.heading, "bold $text-primary")]
+        if self.error:
+            lines.append(Content.styled(self.error, "$text-error"))
+        elif self.status:
+            lines.append(Content.styled(self.status, "$text-muted"))
+        else:
+            width = max((len(label) for label, _ in self.rows), default=0)
+            lines.extend(Content.assemble((label.ljust(width + 2), "$text-muted"), value)
+                         for label, value in self.rows)
+        return Content("\n").join(lines)
