@@ -35,7 +35,6 @@ DROPOUT = 0.05
 
 def build(model_dir: str, *, mode: str, dtype: Any, device: str, checkpointing: bool) -> Any:
     """The model as tunedeck's trainer builds it (see core/trainer.py), with trl's fused head."""
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl.trainer.utils import add_fused_lm_head

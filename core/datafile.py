@@ -359,3 +359,54 @@ def dataset_problem(summary: DatasetSummary, key: str = "dataset.path") -> str |
         return (f"{key}: {len(summary.skipped)} of {summary.rows} rows of {summary.path} do not fit the "
                 f"{summary.format} format (row {first.row}: {first.reason}); fix the data or the format")
     return None
+
+
+def eval_count(rows: int, ratio: float) -> int:
+    """Rows held out for evaluation: round(rows * ratio), at least one when ratio > 0."""
+    if ratio <= 0 or rows == 0:
+        return 0
+    return max(1, round(rows * ratio))
+
+
+@dataclass
+class Splits:
+    """A project's usable rows, split into training and evaluation (seeded)."""
+
+    train: list[tuple[int, list[dict[str, str]]]]
+    eval: list[tuple[int, list[dict[str, str]]]]
+    summary: DatasetSummary
+    eval_summary: DatasetSummary | None  # a separate eval file's; None for a ratio
+    eval_path: Path | None
+
+
+def load_splits(project: Any) -> Splits:
+    """Read a project's [dataset] rows and its eval split, refusing, with one line, a dataset
+    that cannot train. The one place that does this: check, the launcher's pre-flight and
+    the trainer all call it, so they agree on every row."""
+    import random
+
+    if not project["dataset.path"]:
+        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
+                        "(e.g. --set dataset.path=data.jsonl)")
+    opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
+                system_prompt=project["dataset.system_prompt"])
+    rows, summary = load_messages(project.resolve_path(project["dataset.path"]), **opts)
+    problem = dataset_problem(summary)
+    if problem:
+        raise UserError(problem)
+    split = project["dataset.eval_split"]
+    if isinstance(split, str):
+        eval_path = project.resolve_path(split)
+        eval_rows, eval_summary = load_messages(eval_path, **opts)
+        problem = dataset_problem(eval_summary, key="dataset.eval_split")
+        if problem:
+            raise UserError(problem)
+        return Splits(rows, eval_rows, summary, eval_summary, eval_path)
+    order = list(range(len(rows)))
+    random.Random(project["training.seed"]).shuffle(order)
+    held = set(order[: eval_count(len(rows), split)])
+    train = [r for i, r in enumerate(rows) if i not in held]
+    if split > 0 and not train:
+        raise UserError(f"dataset.eval_split = {split}: {len(rows)} usable row(s) leave nothing to train on; "
+                        "add rows or set dataset.eval_split = 0")
+    return Splits(train, [r for i, r in enumerate(rows) if i in held], summary, None, None)

@@ -85,7 +85,7 @@ def preflight(project: Any) -> dict[str, Any]:
 
     Raises UserError with one line; returns what it found (rows, eval rows, model kind).
     """
-    from .datafile import dataset_problem, load_messages
+    from .datafile import load_splits
     from .models import resolve_source
     from .resolve import resolve
 
@@ -98,37 +98,9 @@ def preflight(project: Any) -> dict[str, Any]:
             "already quantized and load dequantized, not through bitsandbytes; convert the model to a safetensors "
             'folder first, or set quantization.mode = "none"'
         )
-    if not project["dataset.path"]:
-        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
-                        "(e.g. --set dataset.path=data.jsonl)")
-    opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
-                system_prompt=project["dataset.system_prompt"])
-    rows, summary = load_messages(project.resolve_path(project["dataset.path"]), **opts)
-    problem = dataset_problem(summary)
-    if problem:
-        raise UserError(problem)
-    split = project["dataset.eval_split"]
-    if isinstance(split, str):
-        _, eval_summary = load_messages(project.resolve_path(split), **opts)
-        problem = dataset_problem(eval_summary, key="dataset.eval_split")
-        if problem:
-            raise UserError(problem)
-        train_rows, eval_rows = len(rows), eval_summary.good
-    else:
-        eval_rows = eval_count(len(rows), split)
-        train_rows = len(rows) - eval_rows
-        if split > 0 and train_rows < 1:
-            raise UserError(f"dataset.eval_split = {split}: {len(rows)} usable row(s) leave nothing to train on; "
-                            "add rows or set dataset.eval_split = 0")
-    return {"model_kind": ref.kind, "train_rows": train_rows, "eval_rows": eval_rows,
-            "device": resolved.device, "format": summary.format}
-
-
-def eval_count(rows: int, ratio: float) -> int:
-    """Rows held out for evaluation: round(rows * ratio), at least one when ratio > 0."""
-    if ratio <= 0 or rows == 0:
-        return 0
-    return max(1, round(rows * ratio))
+    splits = load_splits(project)
+    return {"model_kind": ref.kind, "train_rows": len(splits.train), "eval_rows": len(splits.eval),
+            "device": resolved.device, "format": splits.summary.format}
 
 
 def slug(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
-from .errors import ProjectError, UserError
+from .errors import UserError
 from .schema import FIELDS, SECTIONS, check_value, field_for, toml_repr, validate_tree
 
 

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import platform
-import random
 import signal
 import socket
 import sys
@@ -62,7 +61,7 @@ from .events import (
     CHECKPOINT, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, EventLog, event,
     library_versions, system_fields,
 )
-from .launcher import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, RunSpec, eval_count, prepare_run
+from .launcher import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, RunSpec, prepare_run
 from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint, write_pid_file
 
 SYSTEM_EVERY_S = 5.0  # seconds between system events
@@ -247,31 +246,15 @@ class Run:
     def _datasets(self, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
         from datasets import Dataset
 
-        from .datafile import dataset_problem, load_messages
+        from .datafile import load_splits
         from .render import dataset_refusal, is_text_row, missing_template_tokens, render_rows, resolve_chat_template
 
         p = self.project
-        opts = dict(fmt=p["dataset.format"], columns=p["dataset.columns"], system_prompt=p["dataset.system_prompt"])
-        rows, summary = load_messages(p.resolve_path(p["dataset.path"]), **opts)
-        problem = dataset_problem(summary)
-        if problem:
-            raise UserError(problem)
+        splits = load_splits(p)
+        summary, train_rows, eval_rows = splits.summary, splits.train, splits.eval
         if summary.skipped:
             first = summary.skipped[0]
             self.emit.warn(f"{len(summary.skipped)} of {summary.rows} rows skipped (row {first.row}: {first.reason})")
-        split = p["dataset.eval_split"]
-        if isinstance(split, str):
-            eval_rows, eval_summary = load_messages(p.resolve_path(split), **opts)
-            problem = dataset_problem(eval_summary, key="dataset.eval_split")
-            if problem:
-                raise UserError(problem)
-            train_rows = rows
-        else:
-            order = list(range(len(rows)))
-            random.Random(p["training.seed"]).shuffle(order)
-            held = set(order[: eval_count(len(rows), split)])
-            train_rows = [r for i, r in enumerate(rows) if i not in held]
-            eval_rows = [r for i, r in enumerate(rows) if i in held]
 
         template_name = p["model.chat_template"]
         needs_template = any(not is_text_row(m) for _, m in train_rows + eval_rows)

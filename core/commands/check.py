@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def collect(project_path: str, overrides: list[str], params: bool = False) -> dict[str, Any]:
     """Everything `check` reports, as a dict; raises UserError on the first problem."""
-    from ..datafile import dataset_problem, load_messages
+    from ..datafile import load_splits
     from ..models import describe, resolve_source
     from ..project import Project
     from ..resolve import resolve
@@ -37,28 +37,12 @@ def collect(project_path: str, overrides: list[str], params: bool = False) -> di
     model = describe(ref)
     if model.error:
         raise UserError(f"model {ref.display}: {model.error}")
-    ds_value = project["dataset.path"]
-    if not ds_value:
-        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
-                        "(e.g. --set dataset.path=data.jsonl)")
-    ds_path = project.resolve_path(ds_value)
-    opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
-                system_prompt=project["dataset.system_prompt"])
-    rows, summary = load_messages(ds_path, **opts)
-    problem = dataset_problem(summary)
-    if problem:
-        raise UserError(problem)
-    eval_info: dict[str, Any] = {"ratio": 0.0}
-    split = project["dataset.eval_split"]
-    if isinstance(split, str):
-        eval_path = project.resolve_path(split)
-        _, eval_summary = load_messages(eval_path, **opts)
-        problem = dataset_problem(eval_summary, key="dataset.eval_split")
-        if problem:
-            raise UserError(problem)
-        eval_info = {"path": str(eval_path), "rows": eval_summary.good}
+    splits = load_splits(project)
+    summary = splits.summary
+    if splits.eval_path is not None:
+        eval_info: dict[str, Any] = {"path": str(splits.eval_path), "rows": len(splits.eval)}
     else:
-        eval_info = {"ratio": split, "rows": int(round(summary.good * split))}
+        eval_info = {"ratio": project["dataset.eval_split"], "rows": len(splits.eval)}
     resolved = resolve(project)
     sources = {f"{s}.{k}": project.source_of(f"{s}.{k}") for s, vals in project.as_dict().items()
                if isinstance(vals, dict) for k in vals}
@@ -68,7 +52,7 @@ def collect(project_path: str, overrides: list[str], params: bool = False) -> di
         "model": {"source": project["model.source"], "kind": ref.kind, "path": str(ref.path),
                   "architecture": model.architecture, "params": model.params, "dtype": model.dtype,
                   "chat_template": model.chat_template, "note": model.note},
-        "dataset": {"path": str(ds_path), "format": summary.format, "rows": summary.rows,
+        "dataset": {"path": summary.path, "format": summary.format, "rows": summary.rows,
                     "usable": summary.good, "skipped": [{"row": e.row, "reason": e.reason} for e in summary.skipped],
                     "eval": eval_info},
         "resolved": resolved.as_dict(),
