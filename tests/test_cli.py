@@ -148,6 +148,9 @@ def test_models_json_lists_the_default_model():
     default = next(i for i in infos if i["source"] == "default")
     assert default["model_type"] == "llama" and default["layers"] == 30
     assert default["chat_template"] is True
+    assert 0 < default["memory"]["qlora"] and 0 < default["memory"]["lora"] < 8 * 2**30
+    small = json.loads(run_cli("models", "--json", "--project", str(SAMPLE / "demo.toml")).stdout)
+    assert next(i for i in small if i["source"] == "default")["memory"]["lora"] != default["memory"]["lora"]
 
 
 def test_demo_copies_the_sample_project(tmp_path, capsys):
