@@ -80,10 +80,20 @@ def load_project(project_path: str | os.PathLike[str], overrides: list[str] | tu
     return project
 
 
-def preflight(project: Any) -> dict[str, Any]:
-    """The checks that need no torch: settings against this machine, model files, dataset.
+@dataclass
+class Preflight:
+    """What the checks before a run found: the model's files, the resolved settings, the rows."""
 
-    Raises UserError with one line; returns what it found (rows, eval rows, model kind).
+    ref: Any  # tunedeck.core.models.ModelRef
+    resolved: Any  # tunedeck.core.resolve.Resolved
+    splits: Any  # tunedeck.core.datafile.Splits
+
+
+def preflight(project: Any) -> Preflight:
+    """The checks that need no torch: settings against this machine, model files, dataset.
+    `tunedeck check` runs the same ones, so a project it passes is not refused here.
+
+    Raises UserError with one line.
     """
     from .datafile import load_splits
     from .models import resolve_source
@@ -98,9 +108,7 @@ def preflight(project: Any) -> dict[str, Any]:
             "already quantized and load dequantized, not through bitsandbytes; convert the model to a safetensors "
             'folder first, or set quantization.mode = "none"'
         )
-    splits = load_splits(project)
-    return {"model_kind": ref.kind, "train_rows": len(splits.train), "eval_rows": len(splits.eval),
-            "device": resolved.device, "format": splits.summary.format}
+    return Preflight(ref, resolved, load_splits(project))
 
 
 def slug(name: str) -> str:
@@ -137,7 +145,7 @@ def prepare_run(
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
     write_snapshot(project, run_dir)
-    warnings, visible = _gpu_choice(found["device"])
+    warnings, visible = _gpu_choice(found.resolved.device)
     return RunSpec(run_dir=str(run_dir), name=run_dir.name, resume=resume, project_path=str(project.path),
                    warnings=tuple(warnings), cuda_visible_devices=visible)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tunedeck.core.cli import main
+from tunedeck.core.models import bundled_gguf
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 QA = [{"role": "user", "content": "How do I join paths?"},
@@ -107,6 +108,8 @@ def _bad_cases(tmp: Path, good_data: Path) -> list[tuple[list[str], str]]:
          "dataset.eval_split: 1.5 is not valid"),
         (["check", proj("r.toml", f'schema = 1\n[dataset]\npath = "{good_data}"\neval_split = "gone.jsonl"\n')],
          "gone.jsonl"),
+        (["check", proj("s.toml", ok + f'[model]\nsource = "{bundled_gguf()}"\n[quantization]\nmode = "4bit"\n')],
+         "cannot be used with a .gguf source"),  # what `train` refuses, `check` refuses
         (["new", str(tmp / "x.txt")], "project files end in .toml"),
         (["new", str(tmp / "y.toml"), "--dataset", str(tmp / "none.jsonl")], "--dataset"),
     ]

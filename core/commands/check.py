@@ -26,24 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def collect(project_path: str, overrides: list[str], params: bool = False) -> dict[str, Any]:
     """Everything `check` reports, as a dict; raises UserError on the first problem."""
-    from ..datafile import load_splits
-    from ..models import describe, resolve_source
+    from ..launcher import preflight
+    from ..models import describe
     from ..project import Project
-    from ..resolve import resolve
 
     project = Project.load(project_path)
     project.apply_overrides(overrides)
-    ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
+    found = preflight(project)  # the same checks a run makes before it starts
+    ref, resolved, splits = found.ref, found.resolved, found.splits
     model = describe(ref)
     if model.error:
         raise UserError(f"model {ref.display}: {model.error}")
-    splits = load_splits(project)
     summary = splits.summary
     if splits.eval_path is not None:
         eval_info: dict[str, Any] = {"path": str(splits.eval_path), "rows": len(splits.eval)}
     else:
         eval_info = {"ratio": project["dataset.eval_split"], "rows": len(splits.eval)}
-    resolved = resolve(project)
     sources = {f"{s}.{k}": project.source_of(f"{s}.{k}") for s, vals in project.as_dict().items()
                if isinstance(vals, dict) for k in vals}
     report: dict[str, Any] = {
