@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect")
+COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect", "chat", "merge", "preview",
+            "attach")
 
 
 def build_parser() -> argparse.ArgumentParser:

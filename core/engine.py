@@ -11,6 +11,14 @@ the engine answers each with ``{"id": int, "ok": True, "result": dict}`` or
 exit). Requests are served one at a time, in order. Results are plain dicts (JSON-able),
 so reading them never imports torch in the client.
 
+Streaming: a request to one of the :data:`STREAMS` ops answers with any number of
+``{"id": int, "ok": True, "partial": dict}`` replies before its final one (chat tokens as
+they are generated). ``{"cancel": id}`` on the request pipe cancels a request: a thread in
+the engine reads the request pipe while the main thread works, so a cancel reaches a
+running generation at once (its cancel event is checked after every token) and a request
+still queued is answered "cancelled" without running. :meth:`EngineClient.stream` is the
+streaming call; :meth:`EngineClient.call` also sends the cancel when its ``cancel`` is set.
+
 :class:`EngineClient` is thread-safe: Textual thread workers call :meth:`EngineClient.call`
 concurrently and each gets its own reply, matched by id. A reader thread waits on the
 reply pipe with a timeout; the pipe reads end-of-file the moment the engine is gone (OOM
@@ -23,6 +31,10 @@ Ops: ``ping``; ``inspect`` (a model's layers as LoRA sees them, built on the met
 of layers, train: the parameters peft will report, the adapter's size, the estimated peak
 memory, and why training would refuse). The engine keeps one Inspection per model, so after
 the first request about a model each one costs a count (about a millisecond), not a build.
+``chat`` (streams one answer of a base model or a run's adapter, :mod:`tunedeck.core.chat`),
+``chat_eval`` (streams the eval prompts through two models) and ``merge`` (a run's adapter
+merged into a standalone model folder, :mod:`tunedeck.core.merge`) keep one base model in
+the engine, with every run's adapter loaded onto it by name.
 The functions behind the ops are importable and run in-process too (tests).
 """
 
@@ -45,9 +57,12 @@ from typing import Any
 
 from .errors import UserError
 from .paths import cache_dir
+from .preview import PREVIEW_OPS
 
 # how often blocking waits wake up to look at cancellation and the engine's health
 POLL_S = 0.1
+# how long a streaming call waits for the engine to confirm a cancel before giving up on it
+CANCEL_GRACE_S = 10.0
 
 
 class EngineError(UserError):
@@ -123,9 +138,57 @@ class EngineClient:
                     reply = box.get(timeout=POLL_S)
                 except queue.Empty:
                     if cancel is not None and cancel.is_set():
+                        self._send_cancel(request_id)
                         raise EngineError(f"engine request {op!r} cancelled") from None
                     if deadline is not None and time.monotonic() > deadline:
                         raise EngineError(f"the engine did not answer {op!r} within {timeout:g} s") from None
+                    continue
+                if reply.get("ok"):
+                    return reply["result"]
+                raise EngineError(str(reply.get("error") or "the engine failed without a reason"))
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+
+    def stream(
+        self,
+        op: str,
+        *,
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Send one request to a streaming op; ``on_partial`` gets each partial reply (in the
+        calling thread) and the final result is returned.
+
+        When ``cancel`` is set the engine is told at once; a streaming op stops within a token
+        and its final result (with what it had so far) is returned as usual. Raises
+        :class:`EngineError` like :meth:`call`, and when the engine does not answer a cancel
+        within :data:`CANCEL_GRACE_S`. ``timeout`` counts from the last reply received.
+        """
+        request_id, box = self._send(op, args)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cancelled_at: float | None = None
+        try:
+            while True:
+                if cancelled_at is None and cancel is not None and cancel.is_set():
+                    self._send_cancel(request_id)
+                    cancelled_at = time.monotonic()
+                try:
+                    reply = box.get(timeout=POLL_S)
+                except queue.Empty:
+                    now = time.monotonic()
+                    if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
+                        raise EngineError(f"engine request {op!r} cancelled") from None
+                    if deadline is not None and now > deadline:
+                        raise EngineError(f"the engine did not answer {op!r} within {timeout:g} s") from None
+                    continue
+                if deadline is not None:
+                    deadline = time.monotonic() + timeout  # type: ignore[operator]
+                if reply.get("ok") and "partial" in reply:
+                    if on_partial is not None:
+                        on_partial(reply["partial"])
                     continue
                 if reply.get("ok"):
                     return reply["result"]
@@ -159,6 +222,18 @@ class EngineClient:
         except (OSError, ValueError):  # the engine is gone (its reader reports it too)
             box.put({"id": request_id, "ok": False, "error": _death_message(link.process, self.log_path)})
         return request_id, box
+
+    def _send_cancel(self, request_id: int) -> None:
+        """Tell the engine to cancel a request (nothing happens if it has answered it already)."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+        if entry is None:
+            return
+        try:
+            with self._send_lock:
+                entry[1].requests.send({"cancel": request_id})
+        except (OSError, ValueError):  # the engine is gone; its reader reports it
+            pass
 
     def _ensure_started(self) -> _Link:
         """The running engine, started if there is none (called with the lock held)."""
@@ -244,31 +319,90 @@ def _death_message(process: Any, log_path: Path) -> str:
 
 
 def serve(requests: Any, replies: Any, log_path: str) -> None:
-    """The engine's main loop: answer requests in order until told to stop or the client is gone."""
+    """The engine's main loop: answer requests in order until told to stop or the client is gone.
+
+    A reader thread takes requests off the pipe into a queue and sets a request's cancel
+    event when a ``{"cancel": id}`` arrives, so cancels reach the work while it runs.
+    """
     _redirect_output(Path(log_path))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctrl-c belongs to the UI / CLI
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+    cancels: dict[Any, threading.Event] = {}
+    cancels_lock = threading.Lock()
+
+    def read() -> None:
+        while True:
+            try:
+                message = requests.recv()
+            except (EOFError, OSError):  # the client closed its end or exited
+                message = None
+            if message is None:
+                with cancels_lock:
+                    for flag in cancels.values():
+                        flag.set()  # stop the work in hand: nobody waits for it
+                inbox.put(None)
+                return
+            if "cancel" in message:
+                with cancels_lock:
+                    flag = cancels.get(message["cancel"])
+                if flag is not None:
+                    flag.set()
+                continue
+            with cancels_lock:
+                cancels[message.get("id")] = threading.Event()
+            inbox.put(message)
+
+    threading.Thread(target=read, name="tunedeck-engine-requests", daemon=True).start()
+    send_lock = threading.Lock()
+
+    def send(reply: dict[str, Any]) -> None:
+        with send_lock:
+            replies.send(reply)
+
     while True:
-        try:
-            request = requests.recv()
-        except (EOFError, OSError):  # the client closed its end or exited
-            return
+        request = inbox.get()
         if request is None:
             return
+        request_id = request.get("id")
+        with cancels_lock:
+            cancel = cancels.get(request_id) or threading.Event()
         try:
-            replies.send(handle(request, log_path))
+            if cancel.is_set():
+                send({"id": request_id, "ok": False, "error": f"engine request {request.get('op')!r} cancelled"})
+                continue
+
+            def emit(partial: dict[str, Any], request_id: Any = request_id) -> None:
+                send({"id": request_id, "ok": True, "partial": partial})
+
+            send(handle(request, log_path, emit=emit, cancel=cancel))
         except (OSError, ValueError):
             return
+        finally:
+            with cancels_lock:
+                cancels.pop(request_id, None)
 
 
-def handle(request: dict[str, Any], log_path: str = "") -> dict[str, Any]:
-    """Run one request; every failure becomes a one-line error reply."""
+def handle(request: dict[str, Any], log_path: str = "", *, emit: Callable[[dict[str, Any]], None] | None = None,
+           cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run one request; every failure becomes a one-line error reply.
+
+    Plain ops (:data:`OPS`) return their result. Streaming ops (:data:`STREAMS`) also get
+    ``emit`` (called with each partial result) and ``cancel`` (set when the client cancels).
+    """
     request_id, name = request.get("id"), request.get("op")
+    stream = STREAMS.get(str(name))
     op = OPS.get(str(name))
-    if op is None:
+    if op is None and stream is None:
         return {"id": request_id, "ok": False, "error": f"unknown engine request {name!r}"}
     try:
-        return {"id": request_id, "ok": True, "result": op(**request.get("args", {}))}
+        if stream is not None:
+            result = stream(emit=emit or (lambda partial: None), cancel=cancel or threading.Event(),
+                            **request.get("args", {}))
+        else:
+            result = op(**request.get("args", {}))  # type: ignore[misc]
+        return {"id": request_id, "ok": True, "result": result}
     except UserError as exc:
         return {"id": request_id, "ok": False, "error": exc.message}
     except Exception as exc:  # a bug or a library failure: one line here, the traceback in the log
@@ -427,4 +561,109 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "ping": op_ping,
     "inspect": op_inspect,
     "lora_summary": op_lora_summary,
+    **PREVIEW_OPS,  # dataset preview
 }
+
+
+# -- streaming ops: chat, eval, merge ------------------------------------------------------
+
+_chat_state: Any = None
+
+
+def chat_state() -> Any:
+    """The engine's :class:`~tunedeck.core.chat.ChatState`: one base model and its adapters."""
+    global _chat_state
+    if _chat_state is None:
+        from .chat import ChatState
+
+        _chat_state = ChatState()
+    return _chat_state
+
+
+def _chat_project(project_text: str | None, project_path: str | None) -> Any:
+    if project_text is None and project_path is None:
+        return None
+    from .project import Project
+
+    if project_text is not None:
+        return Project.from_text(project_text, Path(project_path) if project_path else None)
+    return Project.load(project_path)  # type: ignore[arg-type]
+
+
+def _runs_dir(project: Any) -> Path | None:
+    return project.resolve_path(project["output.runs_dir"]) if project is not None else None
+
+
+def op_chat(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, model: str,
+            messages: list[dict[str, str]], settings: dict[str, Any] | None = None, partner: str | None = None,
+            project_text: str | None = None, project_path: str | None = None) -> dict[str, Any]:
+    """One answer of ``model`` ("base" or a run folder) to ``messages``, streamed: a partial
+    ``{"text": piece, "tokens": n, "tokens_per_s": x}`` per decoded piece; the final result
+    is the whole answer (``cancelled`` when stopped). ``partner`` is the model of the other
+    pane (base takes a run's template and system prompt from it)."""
+    from .chat import GenSettings, target_for
+
+    project = _chat_project(project_text, project_path)
+    target = target_for(model, project=project, partner=partner, runs_dir=_runs_dir(project))
+    gen = GenSettings.from_dict(settings)
+
+    def on_text(piece: str, answer: Any) -> None:
+        emit({"text": piece, "tokens": answer.tokens, "tokens_per_s": answer.tokens_per_s})
+
+    return chat_state().answer(target, messages, gen, cancel=cancel, on_text=on_text).as_dict()
+
+
+def op_chat_eval(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, models: list[str],
+                 settings: dict[str, Any] | None = None, prompts_file: str | None = None, limit: int | None = None,
+                 project_text: str | None = None, project_path: str | None = None) -> dict[str, Any]:
+    """The eval split's prompts (or a prompts file's) through each of ``models``; a partial
+    ``{"index", "total", "item"}`` per prompt answered by all, where ``item`` is
+    ``{"messages", "reference", "answers": [answer per model]}``."""
+    from .chat import GenSettings, eval_items, target_for
+
+    project = _chat_project(project_text, project_path)
+    runs_dir = _runs_dir(project)
+    targets = []
+    for i, model in enumerate(models):
+        partner = next((m for j, m in enumerate(models) if j != i and m != "base"), None)
+        targets.append(target_for(model, project=project, partner=partner, runs_dir=runs_dir))
+    if project is None:
+        run = next((t for t in targets if t.adapter), None)
+        if run is None:
+            raise UserError("eval mode needs a project or a run (its eval split)")
+        project = _chat_project(None, str(Path(run.adapter).parent / "project.toml"))  # type: ignore[arg-type]
+    gen = GenSettings.from_dict(settings)
+    items = eval_items(project, prompts_file, limit)
+    done: list[dict[str, Any]] = []
+    state = chat_state()
+    for index, item in enumerate(items):
+        answers = []
+        for target in targets:
+            answers.append(state.answer(target, item["messages"], gen, cancel=cancel).as_dict())
+            if cancel.is_set():
+                break
+        if cancel.is_set():
+            break
+        done.append({**item, "answers": answers})
+        emit({"index": index, "total": len(items), "item": done[-1]})
+    return {"items": done, "total": len(items), "cancelled": cancel.is_set()}
+
+
+def op_merge(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, run: str, out: str,
+             cpu: bool = False, project_path: str | None = None) -> dict[str, Any]:
+    """Merge a run's adapter into its base: a standalone model folder at ``out``
+    (:func:`tunedeck.core.merge.merge_run`); a partial ``{"message"}`` per stage."""
+    from .chat import run_folder
+    from .merge import merge_run
+
+    project = _chat_project(None, project_path)
+    run_dir = run_folder(run, _runs_dir(project))
+    return merge_run(run_dir, Path(out), cpu=cpu, progress=lambda message: emit({"message": message}))
+
+
+STREAMS: dict[str, Callable[..., dict[str, Any]]] = {
+    "chat": op_chat,
+    "chat_eval": op_chat_eval,
+    "merge": op_merge,
+}
+"""Ops that stream partial results; each is called with ``emit`` and ``cancel`` too."""

@@ -12,12 +12,15 @@ step           loss, learning_rate, grad_norm, tokens (non-pad tokens seen so fa
                event), epoch, eta_s, max_steps, plus trl's mean_token_accuracy and entropy
 eval           eval_loss (and any other eval_* metric)
 checkpoint     path, step
-system         gpu_memory_used, gpu_memory_total, gpu_utilization (NVML, null when not
+system         gpu_memory_used, gpu_memory_total, gpu_utilization, gpu_temperature (°C),
+               gpu_memory_others (other processes on the same GPU) (NVML, null when not
                available), torch_peak_memory (bytes, null on a CPU), rss (this process,
-               bytes), ram_used, ram_total (bytes)
+               bytes), ram_used, ram_total (bytes), cpu_percent (the machine, since the
+               previous system event)
 warning        message
 finished       adapter, run_dir, checkpoints, final_loss, train_loss, runtime_s, tokens and
                tokens_per_s (this session's), stopped
+alarm          kind, message, action (see tunedeck.core.health)
 failed         reason (one line), traceback (null for user errors), user_error, and for a
                trainer that vanished: died = true, exit_code
 =============  ================================================================================
@@ -48,7 +51,8 @@ SYSTEM = "system"
 WARNING = "warning"
 FINISHED = "finished"
 FAILED = "failed"
-TYPES = (RUN_STARTED, STEP, EVAL, CHECKPOINT, SYSTEM, WARNING, FINISHED, FAILED)
+ALARM = "alarm"  # a health alarm (tunedeck.core.health): kind, message, action
+TYPES = (RUN_STARTED, STEP, EVAL, CHECKPOINT, SYSTEM, WARNING, ALARM, FINISHED, FAILED)
 #: events that end a run (the last event of a trainer process)
 FINAL = (FINISHED, FAILED)
 
@@ -170,6 +174,9 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+GPU_FIELDS = ("gpu_memory_used", "gpu_memory_total", "gpu_utilization", "gpu_temperature", "gpu_memory_others")
+
+
 class _Nvml:
     """NVML, initialised on first use; every query may answer None ("not available")."""
 
@@ -190,7 +197,7 @@ class _Nvml:
         return self._lib
 
     def gpu(self, index: int) -> dict[str, int | None]:
-        out: dict[str, int | None] = {"gpu_memory_used": None, "gpu_memory_total": None, "gpu_utilization": None}
+        out: dict[str, int | None] = dict.fromkeys(GPU_FIELDS)
         nv = self._init()
         if nv is None:
             return out
@@ -205,6 +212,15 @@ class _Nvml:
             pass
         try:
             out["gpu_utilization"] = int(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            pass
+        try:
+            out["gpu_temperature"] = int(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+        except Exception:
+            pass
+        try:  # a shared box: what the other processes on this GPU hold
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(handle)
+            out["gpu_memory_others"] = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid != os.getpid())
         except Exception:
             pass
         return out
@@ -258,8 +274,31 @@ def system_fields(gpu_index: int | None = None, torch_peak_memory: int | None = 
     """The fields of a ``system`` event. ``gpu_index`` is the CUDA device index (None on a CPU);
     ``torch_peak_memory`` comes from the caller, which is the one that has torch."""
     if gpu_index is None:
-        gpu = {"gpu_memory_used": None, "gpu_memory_total": None, "gpu_utilization": None}
+        gpu: dict[str, int | None] = dict.fromkeys(GPU_FIELDS)
     else:
         gpu = _NVML.gpu(_physical_gpu_index(gpu_index))
     used, total = _meminfo()
-    return {**gpu, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used, "ram_total": total}
+    return {**gpu, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used, "ram_total": total,
+            "cpu_percent": _CPU.percent()}
+
+
+class _CpuLoad:
+    """The machine's CPU use (all cores, percent) since the previous call, from /proc/stat."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = None
+
+    def percent(self) -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                values = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle, total = values[3] + (values[4] if len(values) > 4 else 0), sum(values)
+        last, self._last = self._last, (idle, total)
+        if last is None or total <= last[1]:
+            return None
+        return round(100.0 * (1 - (idle - last[0]) / (total - last[1])), 1)
+
+
+_CPU = _CpuLoad()

@@ -10,9 +10,15 @@ heavy imports (project, model files, dataset, settings against the machine), cre
   trainer that is gone without a final event (SIGKILL, the OOM killer, a segfault) as
   soon as its end of the pipe closes. That death is reported as a ``failed`` event with
   ``died = true`` and the exit code, and appended to ``events.jsonl``;
-- control messages (stop, save, abort) go the other way through a second pipe;
-- the trainer ignores SIGINT (Ctrl-C reaches the whole process group): the caller decides
-  what Ctrl-C means (``tunedeck train``: stop, then abort).
+- control messages go through :func:`tunedeck.core.runs.send_control` (stop and save: the
+  run's control file, read between steps; abort: SIGUSR1), the one path that also works
+  for a run this process did not start;
+- the trainer runs in its own session (``setsid``): the terminal's SIGHUP and Ctrl-C do
+  not reach it. The caller decides what Ctrl-C means (``tunedeck train``: stop, then
+  abort). :meth:`RunHandle.detach` lets the run outlive this process (``tunedeck train
+  --detach``, or quitting the app with the run left going);
+- :func:`attach` follows a run this process did not start: its history from
+  ``events.jsonl``, then new events as they are appended, and its death by its pid.
 
 Refusals found in the trainer (target modules that match nothing, a dataset left empty
 after masking ...) come back as a ``failed`` event with ``user_error = true``.
@@ -36,7 +42,9 @@ from typing import Any
 
 from .errors import UserError
 from .events import EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, EventReader, append_event, event, is_final
-from .runs import LOG_FILE, SNAPSHOT, checkpoint_steps, latest_checkpoint, trainer_alive, write_pid_file
+from .runs import (
+    LOG_FILE, SNAPSHOT, checkpoint_steps, latest_checkpoint, send_control, trainer_alive, write_pid_file,
+)
 
 # exit codes of the trainer process
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_ABORTED = 0, 1, 2, 130
@@ -237,15 +245,31 @@ def _gpu_choice(device: str) -> tuple[list[str], str | None]:
 # -- the trainer process --------------------------------------------------------------------
 
 
+EARLY_ABORT = threading.Event()  # SIGUSR1 before the trainer took over its signal
+
+
+def _note_abort(signum: int, frame: Any) -> None:
+    EARLY_ABORT.set()
+
+
 def _trainer_entry(spec: dict[str, Any], events_conn: Any, control_conn: Any) -> None:
     """Runs in the spawned process: isolate it from the terminal, then train."""
+    signal.signal(signal.SIGUSR1, _note_abort)  # an abort while the libraries import
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to interpret
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        os.setsid()  # its own session: the run outlives the terminal it was started from
+    except OSError:
+        pass
     run_dir = Path(spec["run_dir"])
     log = open(run_dir / LOG_FILE, "a", buffering=1, encoding="utf-8")
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)  # library output (progress bars, warnings) goes to trainer.log
     os.dup2(log.fileno(), 2)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # nothing of the terminal (or a caller's pipe) stays open in a run that outlives it
+    os.close(null)
     if spec.get("cuda_visible_devices") is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
     from .trainer import run_spawned
@@ -257,7 +281,7 @@ def _trainer_entry(spec: dict[str, Any], events_conn: Any, control_conn: Any) ->
 class RunHandle:
     """A running trainer: its events, its controls and its status. See :func:`start_run`."""
 
-    def __init__(self, spec: RunSpec, process: Any, events_conn: Any, control_conn: Any) -> None:
+    def __init__(self, spec: RunSpec, process: Any, events_conn: Any, control_conn: Any = None) -> None:
         self.spec = spec
         self.run_dir = Path(spec.run_dir)
         self.name = spec.name
@@ -330,6 +354,11 @@ class RunHandle:
         if self._process.is_alive():
             self._process.kill()
 
+    def detach(self) -> None:
+        """Let the run outlive this process: it is not waited for at exit; it goes on
+        reporting to its events.jsonl, and :func:`attach` follows it again."""
+        mp.process._children.discard(self._process)  # multiprocessing joins its children at exit
+
     def wait(self, timeout: float | None = None) -> str:
         """Wait until the run has ended and its process is gone; returns the status."""
         self._done.wait(timeout)
@@ -344,8 +373,8 @@ class RunHandle:
             if stopping:
                 self._status = STOPPING
         try:
-            self._control_conn.send(message)
-        except (OSError, ValueError):  # the trainer is gone; the watchdog reports it
+            send_control(self.run_dir, message)
+        except UserError:  # the trainer is gone; the watchdog reports it
             pass
 
     def _accept(self, ev: dict[str, Any]) -> None:
@@ -372,7 +401,8 @@ class RunHandle:
         finally:
             for conn in (self._events_conn, self._control_conn):
                 try:
-                    conn.close()
+                    if conn is not None:
+                        conn.close()
                 except OSError:
                     pass
             self._done.set()
@@ -433,6 +463,8 @@ def death_reason(exit_code: int | None, run_dir: Path) -> str:
             name = signal.Signals(-exit_code).name
         except ValueError:
             name = f"signal {-exit_code}"
+        if exit_code == -signal.SIGUSR1:
+            return "aborted while the trainer process was starting; nothing saved"
         hint = "; often the out-of-memory killer (see `dmesg`)" if exit_code == -signal.SIGKILL else ""
         return f"the trainer process was killed by {name} (exit code {exit_code}) before it finished{hint}"
     return f"the trainer process exited with code {exit_code} without a final event; see {log}"
@@ -450,18 +482,34 @@ def start_run(
     later arrive as a ``failed`` event with ``user_error = true``.
     """
     spec = prepare_run(project_path, overrides, run_name, resume)
+    _start_resource_tracker()
     ctx = mp.get_context("spawn")
     events_read, events_write = ctx.Pipe(duplex=False)
-    control_read, control_write = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_trainer_entry, args=(spec.as_dict(), events_write, control_read),
+    process = ctx.Process(target=_trainer_entry, args=(spec.as_dict(), events_write, None),
                           name=f"tunedeck-trainer-{spec.name}", daemon=False)
     process.start()
-    # keep only our ends: the events pipe reads EOF the moment the trainer is gone
-    events_write.close()
-    control_read.close()
-    handle = RunHandle(spec, process, events_read, control_write)
     _write_parent_pid(Path(spec.run_dir), process.pid)
-    return handle
+    # keep only our end: the events pipe reads EOF the moment the trainer is gone
+    events_write.close()
+    return RunHandle(spec, process, events_read)
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (which lives as long as the trainer) without
+    our stderr: a detached run must not hold the terminal or a caller's pipe open."""
+    from multiprocessing import resource_tracker
+
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        resource_tracker.ensure_running()
+    finally:
+        for fd, old in zip((0, 1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(null)
 
 
 def _write_parent_pid(run_dir: Path, pid: int | None) -> None:
@@ -474,3 +522,151 @@ def _write_parent_pid(run_dir: Path, pid: int | None) -> None:
         (run_dir / EVENTS_FILE).touch()
     except OSError:
         pass
+
+
+# -- following a run this process did not start ----------------------------------------------
+
+POLL_S = 0.1  # how often an attached run's file is read
+
+
+class AttachedRun:
+    """A run started elsewhere (``--detach``, another window, an app that quit): the same
+    surface as :class:`RunHandle`, fed from its ``events.jsonl``. Its history comes first,
+    then the events appended since; a trainer that is gone without a final event is
+    reported as died (exit code unknown: it was not our child) and recorded in the file."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.name = self.run_dir.name
+        self._reader = EventReader(self.run_dir / EVENTS_FILE)
+        self._status = STARTING
+        self._final: dict[str, Any] | None = None
+        self._last_step = 0
+        self._lock = threading.Lock()
+        self._pending: list[dict[str, Any]] = []
+        self._ended = False
+        self.exit_code: int | None = None
+        self._pending = self._take(self._reader.read_new())
+        if self._final is None and not trainer_alive(self.run_dir):
+            self._pending.extend(self._death())
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        return self._final
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def pid(self) -> int | None:
+        from .runs import trainer_pid
+
+        return trainer_pid(self.run_dir)
+
+    def events(self, timeout: float = 0.2) -> list[dict[str, Any]]:
+        """History on the first call, then what was appended, waiting at most ``timeout`` seconds."""
+        with self._lock:
+            if self._pending:
+                out, self._pending = self._pending, []
+                return out
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._ended:
+            out = self._poll()
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        return []
+
+    def _poll(self) -> list[dict[str, Any]]:
+        alive = trainer_alive(self.run_dir)  # before reading: a final event written just before exit is seen
+        out = self._take(self._reader.read_new())
+        if self._final is None and not alive:
+            out.extend(self._take(self._reader.read_new()) or self._death())
+        return out
+
+    def stop(self) -> None:
+        self._send("stop")
+
+    def save_now(self) -> None:
+        self._send("save", stopping=False)
+
+    def abort(self) -> None:
+        self._send("abort")
+
+    def kill(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def detach(self) -> None:
+        """Nothing to let go of: the run was never this process's child."""
+
+    def wait(self, timeout: float | None = None) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ended and (deadline is None or time.monotonic() < deadline):
+            new = self._poll()
+            with self._lock:
+                self._pending.extend(new)
+            if not new:
+                time.sleep(POLL_S)
+        return self._status
+
+    def _send(self, message: str, stopping: bool = True) -> None:
+        if self._status in TERMINAL:
+            return
+        if stopping:
+            self._status = STOPPING
+        try:
+            send_control(self.run_dir, message)
+        except UserError:
+            pass  # gone: the next read reports it
+
+    def _take(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for ev in events:
+            self._last_step = max(self._last_step, int(ev.get("step") or 0))
+            kind = ev.get("type")
+            if kind == RUN_STARTED:  # a resumed run starts again after an earlier ending
+                self._final, self._ended = None, False
+                if self._status not in (STOPPING,):
+                    self._status = RUNNING
+            elif is_final(ev):
+                self._final, self._ended = ev, True
+                self._status = FINISHED_STATUS if kind == FINISHED else (DIED if ev.get("died") else FAILED_STATUS)
+            out.append(ev)
+        return out
+
+    def _death(self) -> list[dict[str, Any]]:
+        if not self._reader.path.exists():
+            self._ended, self._status = True, DIED
+            return []
+        ev = event(FAILED, self._last_step, reason="the trainer process is gone without a final event (killed, "
+                   f"out of memory or crashed); see {self.run_dir / LOG_FILE}", traceback=None, user_error=False,
+                   died=True, exit_code=None)
+        try:
+            append_event(self.run_dir / EVENTS_FILE, ev)
+        except OSError:
+            pass
+        return self._take([ev])
+
+
+def attach(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] | None = None) -> AttachedRun:
+    """Follow a run given as its folder, or as its name in ``runs_dir``. Raises UserError."""
+    path = Path(run)
+    if not (path / EVENTS_FILE).is_file() and runs_dir is not None and (Path(runs_dir) / str(run)).is_dir():
+        path = Path(runs_dir) / str(run)
+    if not path.is_dir():
+        where = f" in {runs_dir}" if runs_dir is not None else ""
+        raise UserError(f"{run}: no such run folder{where}; give a run folder (runs/NAME) or see `tunedeck runs`")
+    if not (path / EVENTS_FILE).is_file():
+        raise UserError(f"{path}: not a run folder (it has no {EVENTS_FILE})")
+    return AttachedRun(path)
+

@@ -34,6 +34,8 @@ ADAPTER = "adapter"
 SNAPSHOT = "project.toml"
 ENV_FILE = "env.json"
 LOG_FILE = "trainer.log"
+CONTROL_FILE = "control"  # a stop / save request for the trainer, read between steps
+CONTROLS = ("stop", "save", "abort")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -98,6 +100,62 @@ def trainer_alive(run_dir: Path) -> bool:
         # a zombie or no /proc: alive as far as we can tell
         return not Path("/proc").is_dir()
     return info.get("start") in (None, start)
+
+
+def trainer_pid(run_dir: Path) -> int | None:
+    """The pid of the run's live trainer, or None when it is not running."""
+    if not trainer_alive(run_dir):
+        return None
+    try:
+        return int(json.loads((Path(run_dir) / PID_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- controls for a run that is not our child -----------------------------------------------
+#
+# One path for every run, attached or not: stop and save are a word in the run's control
+# file, which the trainer reads (and removes) between optimizer steps, when it can act on
+# them anyway; abort is SIGUSR1, which interrupts the trainer at once, even while it loads
+# the model. A file needs no reader to be present (a FIFO blocks or fails without one),
+# survives the UI going away, and can be written by hand (`echo stop > runs/NAME/control`).
+
+
+def send_control(run_dir: str | os.PathLike[str], message: str) -> None:
+    """Ask a running trainer to stop, save or abort. Raises UserError when it is not running."""
+    import signal
+
+    from .errors import UserError
+
+    run_dir = Path(run_dir)
+    if message not in CONTROLS:
+        raise UserError(f"{message!r}: the controls are {', '.join(CONTROLS)}")
+    pid = trainer_pid(run_dir)
+    if pid is None:
+        raise UserError(f"{run_dir.name} is not running; nothing to {message}")
+    if message == "abort":
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError as exc:
+            raise UserError(f"{run_dir.name}: cannot signal its trainer ({exc.strerror})") from None
+        return
+    tmp = run_dir / f".{CONTROL_FILE}.tmp"
+    try:
+        tmp.write_text(message + "\n", encoding="utf-8")
+        os.replace(tmp, run_dir / CONTROL_FILE)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot write its control file ({exc.strerror})") from None
+
+
+def take_control(run_dir: Path) -> str | None:
+    """The request in the run's control file, removing it (the trainer's side)."""
+    path = Path(run_dir) / CONTROL_FILE
+    try:
+        message = path.read_text(encoding="utf-8").strip()
+        path.unlink()
+    except OSError:
+        return None
+    return message if message in CONTROLS else None
 
 
 # -- checkpoints ----------------------------------------------------------------------------

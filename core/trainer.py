@@ -58,11 +58,12 @@ from transformers import PrinterCallback, TrainerCallback
 
 from .errors import UserError
 from .events import (
-    CHECKPOINT, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, EventLog, event,
+    ALARM, CHECKPOINT, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, EventLog, event,
     library_versions, system_fields,
 )
+from .health import Health
 from .launcher import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, RunSpec, prepare_run
-from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint, write_pid_file
+from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint, take_control, write_pid_file
 
 SYSTEM_EVERY_S = 5.0  # seconds between system events
 NAN_LIMIT = 3  # logged non-finite losses in a row that end a run
@@ -86,6 +87,7 @@ class Emitter:
         self.lock = threading.RLock()
         self.step = 0
         self.final_sent = False
+        self.health = Health()  # its alarms follow the event that raised them
 
     def __call__(self, type: str, step: int | None = None, **fields: Any) -> dict[str, Any]:
         if step is not None:
@@ -103,6 +105,9 @@ class Emitter:
                     self.conn = None
             if self.echo is not None:
                 self.echo(ev)
+            if type in (STEP, EVAL, SYSTEM):
+                for alarm in self.health.observe(ev):
+                    self(ALARM, ev["step"], **alarm.fields())
         return ev
 
     def warn(self, message: str) -> None:
@@ -120,16 +125,36 @@ class Controls:
     Stop and save are flags the training callback reads between optimizer steps. Abort
     interrupts the main thread at once (SIGUSR1 to this process, turned into
     :class:`Aborted`), so it also works while the model loads or in the middle of a step.
+
+    A run that outlives its parent (``tunedeck train --detach``, or the app quit with the
+    run left going) has no pipe: :func:`tunedeck.core.runs.send_control` writes the request
+    to the run's control file, read here between steps (:meth:`poll`), and abort is SIGUSR1.
     """
 
-    def __init__(self, conn: Any = None, emit: Emitter | None = None) -> None:
+    def __init__(self, conn: Any = None, emit: Emitter | None = None, run_dir: Path | None = None) -> None:
         self.stop = threading.Event()
         self.save = threading.Event()
         self._conn = conn
         self._emit = emit
-        if conn is not None:
+        self._run_dir = run_dir
+        if conn is not None or run_dir is not None:
             signal.signal(signal.SIGUSR1, self._interrupt)
+            from .launcher import EARLY_ABORT
+
+            if EARLY_ABORT.is_set():  # asked while the libraries imported
+                raise Aborted()
+        if conn is not None:
             threading.Thread(target=self._listen, name="tunedeck-controls", daemon=True).start()
+
+    def poll(self) -> None:
+        """Take a request from the run's control file, if one is there."""
+        if self._run_dir is None:
+            return
+        message = take_control(self._run_dir)
+        if message == "stop":
+            self.stop.set()
+        elif message == "save":
+            self.save.set()
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         if self._emit is None or not self._emit.final_sent:  # too late once the run has reported its end
@@ -162,7 +187,7 @@ def run_spawned(spec: RunSpec, events_conn: Any, control_conn: Any) -> int:
     log = EventLog(run_dir / EVENTS_FILE)
     emit = Emitter(log, events_conn)
     try:
-        return run(spec, emit, Controls(control_conn, emit))
+        return run(spec, emit, Controls(control_conn, emit, run_dir))
     except Aborted:  # before run() took over, or while it was reporting another ending
         if not emit.final_sent:
             emit(FAILED, reason="aborted before training started", traceback=None, user_error=False, aborted=True)
@@ -602,6 +627,7 @@ class EventsCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         c = self.controls
+        c.poll()
         if c.stop.is_set():
             control.should_training_stop = True
             control.should_save = True

@@ -239,3 +239,31 @@ def _error_of(client: EngineClient, source: str) -> str:
     except EngineError as exc:
         return str(exc)
     return "answered"
+
+
+def test_streaming_calls_on_plain_ops(fresh_client):
+    """stream() on a plain op is a call with no partials; errors come back as with call()."""
+    partials: list[dict] = []
+    assert fresh_client.stream("ping", on_partial=partials.append)["pid"] == fresh_client.call("ping")["pid"]
+    assert partials == []
+    with pytest.raises(EngineError, match="unknown engine request 'fly'"):
+        fresh_client.stream("fly")
+    assert fresh_client.call("ping")  # still serving
+
+
+def test_handle_runs_streaming_ops_with_emit_and_cancel(monkeypatch):
+    seen: list[dict] = []
+
+    def counting(emit, cancel, upto: int) -> dict:
+        for i in range(upto):
+            if cancel.is_set():
+                return {"stopped_at": i}
+            emit({"i": i})
+            if i == 2:
+                cancel.set()
+        return {"stopped_at": upto}
+
+    monkeypatch.setitem(engine.STREAMS, "count", counting)
+    reply = engine.handle({"id": 7, "op": "count", "args": {"upto": 10}}, emit=seen.append, cancel=threading.Event())
+    assert reply == {"id": 7, "ok": True, "result": {"stopped_at": 3}} and seen == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert engine.handle({"id": 8, "op": "ping"})["ok"]  # plain ops as before

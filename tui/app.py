@@ -400,6 +400,19 @@ class TunedeckApp(App[int]):
         await self.switch_mode("settings")
         self.screen.apply_preset(name)  # type: ignore[attr-defined]
 
+    @work(thread=True, group="merge", exit_on_error=False)
+    def merge_run(self, run_dir: str, out: str | None = None) -> None:
+        """Merge a run's adapter into its base model (in the engine): a standalone model folder,
+        ``runs/<name>/merged`` unless ``out`` is given; the stages and the end are notifications."""
+        out = out or str(Path(run_dir) / "merged")
+        name = Path(run_dir).name
+        self.notify(f"merging {name} into {display_path(Path(out))}…", title="Merge")
+        result = self.engine.stream("merge", run=run_dir, out=out,
+                                    on_partial=lambda p: self.notify(p["message"], title="Merge", timeout=4))
+        self.notify(f"{name} merged: {display_path(Path(result['out']))} ({result['params']:,} parameters, "
+                    f"{result['dtype']}); it loads with AutoModelForCausalLM.from_pretrained", title="Merge",
+                    timeout=15)
+
     # -- training ---------------------------------------------------------------------------------
 
     @property

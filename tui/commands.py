@@ -38,6 +38,9 @@ class TunedeckCommands(Provider):
             else:
                 found.append(("Start training", "Train the settings shown (unsaved edits included) in a "
                               "background process", app.action_start_training))
+            found += [(f"Merge run: {run.name}", f"Merge its adapter into the base model: a standalone model "
+                       f"folder in runs/{run.name}/merged", partial(app.merge_run, run.path))
+                      for run in _finished_runs(app)]
         found += [(f"Theme: {name}", "Switch to this colour theme (remembered)", partial(app.set_theme, name))
                   for name in app.tunedeck_themes]
         found.append(("Keys", "Show every key binding (f1 or ?)", app.action_keys))
@@ -53,3 +56,12 @@ class TunedeckCommands(Provider):
             score = matcher.match(name)
             if score > 0:
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
+def _finished_runs(app: TunedeckApp) -> list:
+    """The open project's finished runs that have an adapter (newest first)."""
+    from tunedeck.core.runs import list_runs
+
+    project = app.session.project  # type: ignore[union-attr]
+    runs = list_runs(project.resolve_path(project["output.runs_dir"]))
+    return [run for run in reversed(runs) if run.status == "finished" and run.adapter]

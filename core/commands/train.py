@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_set_option(p)
     p.add_argument("--run-name", default=None, metavar="NAME",
                    help="name of the run folder under output.runs_dir (default: <project name>-<date>-<time>)")
+    p.add_argument("--detach", action="store_true",
+                   help="start the run in its own session and return once it has started; follow it with "
+                   "`tunedeck attach RUN`")
     p.add_argument("--resume", action="store_true",
                    help="continue a run from its latest checkpoint (the newest run of this project, or --run-name)")
 
@@ -37,7 +40,30 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False)
     handle = start_run(args.project, args.overrides, run_name=args.run_name, resume=args.resume)
     console.print(f"run [bold]{handle.name}[/] in {handle.run_dir}")
+    if args.detach:
+        return detach(console, handle)
     return Progress(console, handle).follow()
+
+
+def detach(console: Any, handle: Any) -> int:
+    """Wait until the trainer has started (or refused), then leave it running and return."""
+    progress = Progress(console, handle)
+    try:
+        while not handle.ended:
+            events = handle.events(timeout=0.2)
+            for ev in events:
+                progress.show(ev)
+            if any(ev["type"] == "run_started" for ev in events):
+                break
+    except KeyboardInterrupt:
+        handle.abort()
+        handle.wait(30)
+    if handle.ended:
+        return progress.result()
+    handle.detach()
+    console.print(f"running detached (it survives this terminal). Follow it: tunedeck attach {handle.run_dir}\n"
+                  f"stop it: tunedeck attach {handle.run_dir} --stop; status: tunedeck runs {handle.run_dir.parent}")
+    return 0
 
 
 class Progress:
@@ -102,6 +128,9 @@ class Progress:
             self.console.print(f"step {ev['step']}: checkpoint {ev['path']}")
         elif kind == "warning":
             self.console.print(f"[yellow]warning:[/] {ev['message']}")
+        elif kind == "alarm":
+            hint = "Ctrl-C stops the run" if ev.get("action") == "stop" else "the run goes on"
+            self.console.print(f"[bold red]alarm:[/] {ev['message']} ({hint})")
         elif kind == "finished":
             self.bar.update(self.task, description="stopped" if ev.get("stopped") else "done")
         elif kind == "failed":

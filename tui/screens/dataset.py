@@ -1,91 +1,309 @@
-"""Dataset screen. Not built yet; for now: the project's training data as tunedeck reads it
-(format, rows, rows that do not fit and why), read in a worker thread."""
+"""The Dataset screen: what the trainer learns from, row by row and token by token.
+
+The engine reads and renders the rows (:mod:`tunedeck.core.preview`, the trainer's own
+render-and-mask, so the highlighted tokens are the trained labels). A row shows as its
+tokens (trained highlighted, masked dimmed, special tokens visible, the truncation point
+marked), its templated text, or its raw fields. The first row shows as soon as it is
+rendered; the whole set's stats (rows, skipped rows and why, a token length histogram,
+truncation, the share of tokens trained) follow from a second request. Changing the
+dataset or model settings on the Settings screen reads the data again.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import VerticalScroll
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.worker import Worker
+from textual.widgets import Input, Static
+from textual.worker import Worker, get_current_worker
 
-from tunedeck.core.datafile import DatasetSummary, load_messages
-
-from ..widgets.facts import Facts, NotBuilt
+from ..widgets.dataset_stats import DatasetStats
+from ..widgets.tokens_view import VIEWS, RowView
 from .base import ProjectScreen
 
-SKIPPED_SHOWN = 5
+READING = "reading the first row… (the first time, the engine process starts and loads the tokenizer)"
+# the settings the preview depends on
+KEYS = ("model.source", "model.trust_remote_code", "model.allow_pickle", "model.chat_template", "dataset.path",
+        "dataset.format", "dataset.columns", "dataset.system_prompt", "dataset.eval_split", "dataset.max_length",
+        "dataset.loss_on")
 
-
-def dataset_rows(summary: DatasetSummary, fmt_setting: str) -> list[tuple[str, str]]:
-    detected = f"{summary.format} (detected)" if fmt_setting == "auto" else summary.format
-    rows = [("format", detected), ("rows", f"{summary.rows:,}"), ("usable", f"{summary.good:,}"),
-            ("skipped", f"{len(summary.skipped):,}")]
-    rows += [(f"row {e.row}", e.reason) for e in summary.skipped[:SKIPPED_SHOWN]]
-    if len(summary.skipped) > SKIPPED_SHOWN:
-        rows.append(("…", f"{len(summary.skipped) - SKIPPED_SHOWN} more skipped rows"))
-    return rows
+PreviewKey = tuple[Any, ...]
 
 
 class DatasetScreen(ProjectScreen):
-    """The project's training data."""
+    """The project's training data, as the trainer sees it."""
 
     MODE = "dataset"
+    BINDINGS = [
+        Binding("n,right", "step(1)", "Next", id="dataset.next"),
+        Binding("p,left", "step(-1)", "Previous", id="dataset.previous"),
+        Binding("v", "switch_view", "Tokens/text/fields", id="dataset.view"),
+        Binding("g", "ask('row')", "Go to row", id="dataset.goto"),
+        Binding("slash", "ask('search')", "Search", id="dataset.search"),
+        Binding("N", "search_again(1)", "Next match", show=False, id="dataset.search_next"),
+        Binding("escape", "close_input", "Close", show=False, id="dataset.close_input"),
+    ]
 
     @dataclass
-    class Read(Message):
-        """The training data was read: its format, rows and skipped rows."""
+    class RowRead(Message):
+        """The engine rendered a row."""
 
-        summary: DatasetSummary
+        key: PreviewKey
+        row: dict[str, Any]
+
+    @dataclass
+    class StatsRead(Message):
+        """The engine counted the whole set."""
+
+        key: PreviewKey
+        stats: dict[str, Any]
+
+    @dataclass
+    class Found(Message):
+        """A search (or a jump to a row number) found ``index`` (None: no such row)."""
+
+        key: PreviewKey
+        index: int | None
+        what: str
 
     def __init__(self) -> None:
         super().__init__()
-        self._shown: tuple[str, ...] | None = None
+        self._key: PreviewKey | None = None  # the settings shown
+        self._row: dict[str, Any] | None = None
+        self._index = 0  # the row shown, or asked for
+        self._row_key: PreviewKey | None = None  # the settings the row shown was read at
+        self._view = VIEWS[0]
+        self._asking = ""  # "row" or "search" while the input is open
+        self._search = ""
 
     def compose_body(self) -> ComposeResult:
-        with VerticalScroll(classes="body"):
-            yield NotBuilt("Dataset", "rows rendered with the chat template, token by token, with the loss mask "
-                           "the trainer uses; formats, column mapping and the eval split.")
-            yield Facts("dataset.path", id="data-facts")
+        yield Static(READING, id="dataset-status", classes="screen-status", markup=False)
+        yield Input(id="dataset-input", classes="-hidden", disabled=True)
+        with Horizontal(id="dataset-body"):
+            with VerticalScroll(id="dataset-row"):
+                yield RowView(id="row-view")
+            yield DatasetStats(id="dataset-stats")
 
-    def forget_project(self) -> None:
-        self._shown = None
+    DEFAULT_CSS = """
+    DatasetScreen #dataset-input.-hidden { display: none; }
+    DatasetScreen #dataset-body { height: 1fr; }
+    DatasetScreen #dataset-row { width: 3fr; height: 1fr; }
+    DatasetScreen #dataset-stats { width: 2fr; border-left: solid $panel; }
+    DatasetScreen #dataset-status.-error { color: $error; }
+    """
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.watch(self.app, "revision", self._sync, init=False)
 
     def project_shown(self) -> None:
+        self._sync()
+
+    def forget_project(self) -> None:
+        self._key, self._row, self._index = None, None, 0
+
+    # -- what the project asks for ------------------------------------------------------
+
+    def _current_key(self) -> PreviewKey:
         project = self.session.project
-        values = project.values["dataset"]
-        key = (values["path"], values["format"], repr(values["columns"]), values["system_prompt"], str(project.root))
-        if key == self._shown:
-            return
-        self._shown = key
-        facts = self.query_one("#data-facts", Facts)
-        facts.heading = f"dataset.path = {values['path']!r}"
-        if not values["path"]:
-            facts.fail("no training data set; set dataset.path on the Settings screen (4)")
-            return
-        path = project.resolve_path(values["path"])
-        if path.is_dir():
-            facts.fail("a save_to_disk folder: the trainer reads it; this screen cannot show its rows yet")
-            return
-        facts.status = "reading the rows…"
-        self._read(path, values["format"], values["columns"], values["system_prompt"])
+        return (str(project.root),) + tuple(repr(project[k]) for k in KEYS)
 
-    @work(thread=True, exclusive=True, group="read", exit_on_error=False)
-    def _read(self, path: Path, fmt: str, columns: dict[str, str], system_prompt: str) -> None:
-        _, summary = load_messages(path, fmt, columns, system_prompt)
-        self.post_message(self.Read(summary))
+    def _request(self) -> dict[str, Any]:
+        session = self.session
+        return {"project_text": session.project.text(),
+                "project_path": str(session.path) if session.path else None}
 
-    @on(Read)
-    def _shown_rows(self, event: Read) -> None:
-        fmt = self.session.project["dataset.format"]
-        self.query_one("#data-facts", Facts).show(dataset_rows(event.summary, fmt))
+    def _sync(self) -> None:
+        """Read the data again when a setting it depends on changed."""
+        if not self.is_current or self.app.session is None:
+            return
+        key = self._current_key()
+        if key == self._key:
+            return
+        self._key = key
+        project = self.session.project
+        if not project["dataset.path"]:
+            self._status("no training data set; set dataset.path on the Settings screen (4)", error=True)
+            self._row = None
+            self.query_one(RowView).show(None)
+            self.query_one(DatasetStats).status("no rows")
+            return
+        index = self._index
+        self._status(READING)
+        self.query_one(DatasetStats).status("counting the rows and tokens…")
+        self._read_row(key, self._request(), index, fallback=True)
+        self._read_stats(key, self._request())
+
+    # -- engine requests ------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="row", exit_on_error=False)
+    def _read_row(self, key: PreviewKey, request: dict[str, Any], index: int | None = None,
+                  row: int | None = None, fallback: bool = False) -> None:
+        """Read a row; ``fallback``: the first row when that one is gone (the data changed)."""
+        worker = get_current_worker()
+        try:
+            result = self.app.engine.call("preview_row", **request, index=index, row=row,
+                                          cancel=worker.cancelled_event)
+        except Exception:
+            if worker.is_cancelled:
+                return
+            if fallback and index:
+                result = self.app.engine.call("preview_row", **request, index=0, cancel=worker.cancelled_event)
+            else:
+                raise
+        if not worker.is_cancelled:
+            self.post_message(self.RowRead(key, result))
+
+    @work(thread=True, exclusive=True, group="stats", exit_on_error=False)
+    def _read_stats(self, key: PreviewKey, request: dict[str, Any]) -> None:
+        worker = get_current_worker()
+        result = self.app.engine.call("preview_stats", **request, cancel=worker.cancelled_event)
+        if not worker.is_cancelled:
+            self.post_message(self.StatsRead(key, result))
+
+    @work(thread=True, exclusive=True, group="search", exit_on_error=False)
+    def _find(self, key: PreviewKey, request: dict[str, Any], text: str, start: int, backward: bool) -> None:
+        worker = get_current_worker()
+        result = self.app.engine.call("preview_search", **request, text=text, start=start, backward=backward,
+                                      cancel=worker.cancelled_event)
+        if not worker.is_cancelled:
+            self.post_message(self.Found(key, result["index"], text))
+
+    @on(RowRead)
+    def _row_read(self, event: RowRead) -> None:
+        if event.key != self._key:
+            return
+        row = self._row = event.row
+        self._row_key = event.key
+        self._index = row["index"]
+        self.query_one(RowView).show(row, self._view)
+        self.query_one("#dataset-row", VerticalScroll).scroll_home(animate=False)
+        self._status(self._row_status(row))
+
+    @on(StatsRead)
+    def _stats_read(self, event: StatsRead) -> None:
+        if event.key != self._key:
+            return
+        self.query_one(DatasetStats).show(event.stats)
+        if self._row:
+            self._status(self._row_status(self._row))
+
+    @on(Found)
+    def _found(self, event: Found) -> None:
+        if event.key != self._key:
+            return
+        if event.index is None:
+            self.notify(f"no row contains {event.what!r}", severity="warning")
+            return
+        self._go(event.index)
+
+    # -- navigation ------------------------------------------------------------------------
+
+    def _go(self, index: int | None = None, row: int | None = None) -> None:
+        if self._key is None or not self.session.project["dataset.path"]:
+            return
+        if index is not None:
+            self._index = index
+        self._read_row(self._key, self._request(), index, row)
+
+    def action_step(self, delta: int) -> None:
+        row = self._row
+        if row is None:
+            return
+        at_last = row["last"] and self._index >= row["index"]
+        if delta > 0 and at_last:
+            self.notify("this is the last row", timeout=3)
+            return
+        if delta < 0 and self._index == 0:
+            self.notify("this is the first row", timeout=3)
+            return
+        self._go(self._index + delta)
+
+    def action_switch_view(self) -> None:
+        self._view = VIEWS[(VIEWS.index(self._view) + 1) % len(VIEWS)]
+        self.query_one(RowView).show(self._row, self._view)
+        if self._row:
+            self._status(self._row_status(self._row))
+
+    def action_ask(self, what: str) -> None:
+        field = self.query_one("#dataset-input", Input)
+        self._asking = what
+        field.placeholder = ("row number (as in the skipped list; the line number for JSONL), enter to go"
+                             if what == "row" else "text to find in the rows, enter to search")
+        field.value = self._search if what == "search" else ""
+        field.disabled = False
+        field.remove_class("-hidden")
+        field.focus()
+
+    def action_close_input(self) -> None:
+        field = self.query_one("#dataset-input", Input)
+        field.add_class("-hidden")
+        field.disabled = True
+        self._asking = ""
+        self.query_one("#dataset-row").focus()
+
+    def action_search_again(self, delta: int) -> None:
+        if self._search and self._key is not None:
+            start = (self._row["index"] + 1) if self._row else 0
+            self._find(self._key, self._request(), self._search, start, False)
+
+    @on(Input.Submitted, "#dataset-input")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text, what = event.value.strip(), self._asking
+        self.action_close_input()
+        if not text or self._key is None:
+            return
+        if what == "row":
+            try:
+                number = int(text)
+            except ValueError:
+                self.notify(f"{text!r} is not a row number", severity="error")
+                return
+            self._go(row=number)
+        else:
+            self._search = text
+            start = (self._row["index"] + 1) if self._row else 0
+            self._find(self._key, self._request(), text, start, False)
+
+    # -- showing ---------------------------------------------------------------------------
+
+    def _row_status(self, row: dict[str, Any]) -> str:
+        stats = self.query_one(DatasetStats).stats
+        total = f" of {stats['rows']:,}" if stats else ""
+        if row["error"]:
+            state = f"skipped: {row['error']}"
+        elif row["unrendered"]:
+            state = "not rendered (see below)"
+        else:
+            cut = f", truncated at {row['truncated_at']}" if row["truncated_at"] is not None else ""
+            state = f"{len(row['tokens'])} tokens, {row['trained']} trained{cut}"
+        return (f"row {row['row']} (#{row['index'] + 1}{total}, {row['format']}) · {state} · view: {self._view} "
+                "· n/p next/previous · g go to · / search · v view")
+
+    def _status(self, text: str, *, error: bool = False) -> None:
+        status = self.query_one("#dataset-status", Static)
+        status.update(text)
+        status.set_class(error, "-error")
 
     def work_failed(self, worker: Worker[object], message: str) -> None:
-        if worker.group == "read":
-            self._shown = None
-            self.query_one("#data-facts", Facts).fail(message)
+        if worker.is_cancelled:  # a newer request replaced it
+            return
+        if worker.group == "row":
+            if self._row is not None and self._row_key == self._key:  # a jump or step: stay on the row
+                self._index = self._row["index"]
+            else:  # the data cannot be read at these settings
+                self._row = None
+                self.query_one(RowView).show(None)
+                self._status(message, error=True)
+            self.notify(message, severity="error", timeout=10)
+        elif worker.group == "stats":
+            self.query_one(DatasetStats).status(message)
+        elif worker.group == "search":
+            self.notify(message, severity="error", timeout=10)
         else:
             super().work_failed(worker, message)

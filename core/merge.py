@@ -1,0 +1,159 @@
+"""Merge a run's adapter into its base model: a standalone Hugging Face model folder.
+
+:func:`merge_run` loads the run's base model unquantized (fp32, so the merge itself loses
+nothing; a QLoRA run is merged into the full-precision base, not the 4-bit one it trained
+on), puts the adapter on it, folds the LoRA weights in with peft's ``merge_and_unload``
+and writes, to a folder that must be new or empty:
+
+- ``model.safetensors`` (sharded when large) and ``config.json``, in the base model's own
+  dtype (bf16 stays bf16);
+- the tokenizer with the chat template the run trained with (``chat_template.jinja``);
+- ``generation_config.json`` whose eos includes the template's end-of-turn token, so
+  ``generate`` stops where the chat stops.
+
+The folder loads with plain ``AutoModelForCausalLM.from_pretrained``: no peft, no tunedeck.
+It is written to a temporary folder next to ``out`` and renamed into place, so a failed
+merge leaves nothing half-written. Imports torch: engine or CLI process only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .runs import SNAPSHOT
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def check_out(out: Path) -> None:
+    """``out`` must not exist, or be an empty folder; one line otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out}: the folder is not empty; give a new or empty folder (nothing is "
+                        "overwritten)")
+
+
+def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Merge ``run_dir``'s adapter into its base and write the model to ``out``. Returns
+    ``{"out", "run", "base", "dtype", "files", "params"}``. Raises UserError with one line."""
+    from .chat import check_adapter
+    from .project import Project
+
+    say = progress or (lambda message: None)
+    run_dir, out = Path(run_dir), Path(out).expanduser()
+    check_out(out)
+    adapter = check_adapter(run_dir)
+    snapshot = run_dir / SNAPSHOT
+    if not snapshot.is_file():
+        raise UserError(f"run {run_dir.name}: {snapshot} is missing; it is not a tunedeck run folder")
+    project = Project.load(snapshot)
+
+    import torch
+    from peft import PeftModel
+
+    from .models import load_model, model_folder, resolve_source
+
+    ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
+    device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    trust = project["model.trust_remote_code"]
+    say(f"loading {ref.display} unquantized (fp32) on the {device}")
+    base = load_model(ref, dtype=torch.float32, trust_remote_code=trust, allow_pickle=project["model.allow_pickle"],
+                      device_map={"": device})
+    stored = _stored_dtype(model_folder(ref)[0])
+    say(f"merging the adapter of {run_dir.name}")
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    except Exception as exc:
+        raise UserError(f"run {run_dir.name}: its adapter does not load onto {ref.display} "
+                        f"({exc.__class__.__name__}: {_first_line(exc)})") from None
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, stored))
+    merged.config.use_cache = True
+
+    tokenizer = _tokenizer(adapter, ref, trust, project["model.chat_template"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        say(f"writing {out}")
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _generation_config(merged, tokenizer).save_pretrained(str(tmp))
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write the merged model ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.name for p in out.iterdir())
+    params = sum(p.numel() for p in merged.parameters())
+    say(f"merged {run_dir.name} into {out}")
+    return {"out": str(out), "run": run_dir.name, "base": ref.display, "dtype": stored, "files": files,
+            "params": params, "device": device}
+
+
+def _stored_dtype(folder: Path) -> str:
+    """The dtype the base model's weights are stored in (config.json), float32 when unknown."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(value).replace("torch.", ""), "float32")
+
+
+def _tokenizer(adapter: Path, ref: Any, trust: bool, template_name: str) -> Any:
+    """The tokenizer saved with the adapter (it has the chat template the run trained with),
+    else the base's with the run's template set."""
+    from transformers import AutoTokenizer
+
+    from .models import load_tokenizer
+    from .render import resolve_chat_template
+
+    if (adapter / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=trust)
+        except (OSError, ValueError):
+            pass
+    tok = load_tokenizer(ref, trust_remote_code=trust)
+    try:
+        tok.chat_template = resolve_chat_template(tok, template_name, model_label=f"model {ref.display}")
+    except UserError:
+        pass  # a text-only run: no template to write
+    return tok
+
+
+def _generation_config(model: Any, tokenizer: Any) -> Any:
+    """The model's generation config, stopping at eos and at the template's end-of-turn token."""
+    from .render import END_MARKERS
+
+    config = model.generation_config
+    eos = config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    for marker in END_MARKERS:
+        if template and marker in template and marker in vocab and vocab[marker] not in ids:
+            ids.append(vocab[marker])
+    if ids:
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else exc.__class__.__name__
