@@ -20,7 +20,7 @@ from tunedeck.tui import app as app_module
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.commands import TunedeckCommands
 from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen, PresetScreen
-from tunedeck.tui.widgets.facts import Facts, NotBuilt
+from tunedeck.tui.widgets.facts import Facts
 from tunedeck.tui.widgets.field_editor import FieldEditor
 from tunedeck.tui.widgets.settings_list import SettingsList
 from tunedeck.tui.widgets.summary import SettingsSummary
@@ -395,15 +395,6 @@ def test_a_broken_project_from_the_shell_is_one_line_and_exit_2(tmp_path, capsys
     assert "no such project file" in capsys.readouterr().err
 
 
-async def test_placeholders_show_real_facts(project_path):
-    app = make_app(project_path, InProcessEngine())
-    async with app.run_test(size=SIZE) as pilot:
-        for key in "5":  # the Dataset (3) and Chat (6) screens are built: no placeholder there
-            await pilot.press(key)
-            await settle(pilot)
-            assert "issue" not in str(app.screen.query_one(NotBuilt).render())
-
-
 class FakeRun:
     """A RunHandle stand-in that replays events."""
 
@@ -451,12 +442,12 @@ async def test_training_from_the_palette_follows_the_run(project_path, monkeypat
         app.action_start_training()
         await settle(pilot)
         assert started == [(str(project_path), ("training.max_steps=3",))]
-        assert app.run_state.status == "finished" and app.run_state.loss == 1.25
+        assert app.run_view.status == "finished" and app.run_view.loss_value == 1.25
         assert any("demo-1 finished" in n.message for n in app._notifications)
         await pilot.press("5")
         await settle(pilot)
-        rows = dict(app.screen.query_one("#run-facts", Facts).rows)
-        assert (rows["status"], rows["step"], rows["loss"]) == ("finished", "3 / 3", "1.2500")
+        rows = dict(app.screen.query_one("#numbers", Facts).rows)
+        assert (rows["status"], rows["step"], rows["loss"]) == ("finished", "3 / 3  (100%)", "1.2500")
 
 
 def test_run_app_refuses_a_bad_file_before_taking_the_terminal(tmp_path):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,7 +39,7 @@ from tunedeck.core.project import Project
 from .screens.base import one_line
 from .session import Session, display_path
 from .themes import DEFAULT_THEME, bundled_themes, user_themes
-from .training import RunState
+from .training import RunView
 from .widgets.mode_tabs import SCREENS, ModeTabs
 
 if TYPE_CHECKING:
@@ -102,8 +102,9 @@ class TunedeckApp(App[int]):
     """Bumped on every change to the session (edits, saves); screens watch it."""
     hardware: var[Hardware | None] = var(None)
     """The machine, once detected (in a worker: NVML can take a moment)."""
-    run_state: var[RunState | None] = var(None)
-    """The run started from this window, as of its latest event."""
+    run_view: var[RunView | None] = var(None)
+    """The run this window follows (started here, or opened on the Train screen): what the
+    dashboard draws, folded from its events by a worker."""
 
     @dataclass
     class HardwareDetected(Message):
@@ -112,19 +113,26 @@ class TunedeckApp(App[int]):
         hardware: Hardware
 
     @dataclass
-    class RunStarted(Message):
-        """A trainer process started for this window (a tunedeck.core.launcher.RunHandle)."""
+    class RunFollowed(Message):
+        """A run to follow: a trainer started here (a launcher RunHandle) or one attached to
+        (an AttachedRun, from its events.jsonl)."""
 
         handle: Any
+        view: RunView
+        started_here: bool
 
     @dataclass
-    class RunProgress(Message):
-        """The latest state of the run; a newer one replaces one still queued."""
+    class RunAlarm(Message):
+        """A health alarm of the followed run (an ``alarm`` event)."""
 
-        state: RunState
+        view: RunView
+        alarm: dict[str, Any]
 
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, TunedeckApp.RunProgress)
+    @dataclass
+    class RunEnded(Message):
+        """The followed run has ended (finished, failed or died) and its process is gone."""
+
+        view: RunView
 
     def __init__(self, project: Project | None = None, *, engine: EngineClient | None = None,
                  hardware: Hardware | None = None) -> None:
@@ -136,6 +144,8 @@ class TunedeckApp(App[int]):
         self._owns_engine = engine is None
         self._config_lock = threading.Lock()
         self._run: Any = None
+        self._left_running = False  # quit with "leave it running"
+        self._attach_to: Path | None = None  # a run to open on the Train screen once shown
         self._quitting = False  # the quit questions are on screen
         self._config = load_user_config()
         themes, self._theme_problems = user_themes()
@@ -171,6 +181,9 @@ class TunedeckApp(App[int]):
             self._detect_hardware()
         if self.session is not None and self.session.path is not None:
             self._remember_recent(self.session.path)
+        if self._attach_to is not None and self.session is not None:
+            self.switch_mode("train")
+            self.open_run(self._attach_to)
 
     def on_unmount(self) -> None:
         if self._owns_engine and self._engine is not None:
@@ -417,12 +430,12 @@ class TunedeckApp(App[int]):
 
     @property
     def run_handle(self) -> Any:
-        """The run started from this window (a launcher RunHandle), if any."""
+        """The run this window follows (a launcher RunHandle or AttachedRun), if any."""
         return self._run
 
     @property
     def training(self) -> bool:
-        """A run started from this window is going."""
+        """The run this window follows is going."""
         return self._run is not None and not self._run.ended
 
     def action_start_training(self) -> None:
@@ -439,52 +452,121 @@ class TunedeckApp(App[int]):
         self.notify("checking the project and starting the trainer…", title="Training")
         self._start_run(str(session.path), tuple(session.overrides()))
 
-    def action_stop_training(self) -> None:
+    def _control(self, what: str) -> Any:
+        """The live run to send ``what`` to, or None (and a notification saying why not)."""
         if not self.training:
-            self.notify("no run is going", severity="warning")
+            self.notify(f"no run is going: nothing to {what}", severity="warning")
+            return None
+        return self._run
+
+    def action_stop_training(self) -> None:
+        run = self._control("stop")
+        if run is not None:
+            run.stop()
+            self._log_control("stop asked: a checkpoint and the adapter are saved at the end of this step")
+            self.notify(f"stopping {run.name}: a checkpoint is saved at the end of this step", title="Training")
+
+    def action_save_checkpoint(self) -> None:
+        run = self._control("save")
+        if run is not None:
+            run.save_now()
+            self._log_control("checkpoint asked: saved at the end of this step; training goes on")
+            self.notify(f"{run.name}: a checkpoint is saved at the end of this step", title="Training")
+
+    def action_abort_training(self) -> None:
+        if self._control("abort") is not None:
+            self._abort_dialog()
+
+    @work(group="dialogs", exit_on_error=False)
+    async def _abort_dialog(self) -> None:
+        from .screens.dialogs import ChoiceScreen
+
+        run = self._run
+        answer = await self.push_screen_wait(ChoiceScreen(
+            "Abort the run", f"{run.name} ends at once and nothing more is saved (checkpoints already written "
+            "stay). Stop saves a checkpoint and the adapter first.",
+            [("Abort, saving nothing", "abort"), ("Stop with a checkpoint", "stop")],
+        ))
+        if answer == "abort" and not run.ended:
+            run.abort()
+            self._log_control("abort asked: ending now, saving nothing")
+            self.notify(f"aborting {run.name}", title="Training", severity="warning")
+        elif answer == "stop":
+            self.action_stop_training()
+
+    def _log_control(self, text: str) -> None:
+        if self.run_view is not None:
+            self.run_view.note("control", text)
+
+    def open_run(self, run_dir: str | Path) -> None:
+        """Follow a run of the runs folder: a live one re-attaches (history, then live, with
+        the controls); an ended one shows its plots."""
+        if self.run_view is not None and Path(run_dir).resolve() == self.run_view.run_dir.resolve():
             return
-        self._run.stop()
-        self.notify(f"stopping {self._run.name}: a checkpoint is saved at the end of this step", title="Training")
+        self._attach_run(str(run_dir))
 
     @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
     def _start_run(self, project_path: str, overrides: tuple[str, ...]) -> None:
         from tunedeck.core.launcher import start_run
 
-        self.post_message(self.RunStarted(start_run(project_path, overrides)))
+        handle = start_run(project_path, overrides)
+        self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
 
-    @on(RunStarted)
-    def _run_started(self, event: RunStarted) -> None:
-        handle = event.handle
+    @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
+    def _attach_run(self, run_dir: str) -> None:
+        from tunedeck.core.launcher import attach
+
+        handle = attach(run_dir)
+        view = RunView(handle.name, handle.run_dir)
+        alarms = view.fold(handle.events(timeout=0), handle.status)  # its history, before it is shown
+        self.post_message(self.RunFollowed(handle, view, started_here=False))
+        for alarm in alarms[-3:]:
+            self.post_message(self.RunAlarm(view, alarm))
+
+    @on(RunFollowed)
+    def _run_followed(self, event: RunFollowed) -> None:
+        handle, before = event.handle, self._run
+        if before is not None and before is not handle and not before.ended:
+            before.detach()  # it goes on; the runs list opens it again
+            self.notify(f"{before.name} goes on running; open it from the Train screen's list to follow it",
+                        title="Training")
         self._run = handle
-        self.run_state = RunState(handle.name, handle.run_dir, handle.status)
-        self._follow_run(handle, self.run_state)
-        self.notify(f"{handle.name} started; the Train screen (5) shows it", title="Training")
+        self._left_running = False
+        self.run_view = event.view
+        self._follow_run(handle, event.view)
+        if event.started_here:
+            self.notify(f"{handle.name} started; the Train screen (5) shows it", title="Training")
 
-    @work(thread=True, group="run-follow", exit_on_error=False)
-    def _follow_run(self, handle: Any, state: RunState) -> None:
-        """Read the run's events until it ends; post its latest state after each batch."""
+    @work(thread=True, exclusive=True, group="run-follow", exit_on_error=False)
+    def _follow_run(self, handle: Any, view: RunView) -> None:
+        """Fold the run's events into its view until it ends (the screen redraws on a timer);
+        alarms and the end are posted as they come."""
         worker = get_current_worker()
         while not worker.is_cancelled:
             events = handle.events(timeout=0.2)
-            new = state
-            for ev in events:
-                new = new.advance(ev)
-            new = replace(new, status=handle.status)
-            if new != state:
-                state = new
-                self.post_message(self.RunProgress(state))
+            for alarm in view.fold(events, handle.status):
+                self.post_message(self.RunAlarm(view, alarm))
             if handle.ended and not events:
+                view.fold([], handle.status)
+                self.post_message(self.RunEnded(view))
                 return
 
-    @on(RunProgress)
-    def _run_progress(self, event: RunProgress) -> None:
-        before = self.run_state
-        self.run_state = event.state
-        if event.state.ended and (before is None or not before.ended):
-            failed = event.state.status != "finished"
-            self.notify(f"{event.state.name} {event.state.status}" + (f": {event.state.note}" if event.state.note
-                                                                        else ""),
-                        severity="error" if failed else "information", title="Training", timeout=15)
+    @on(RunAlarm)
+    def _run_alarm(self, event: RunAlarm) -> None:
+        if event.view is self.run_view and not event.view.ended:
+            self.notify(f"{event.alarm.get('message', '')}", title=f"Alarm: {event.view.name}",
+                        severity="warning", timeout=10)
+
+    @on(RunEnded)
+    def _run_ended(self, event: RunEnded) -> None:
+        view = event.view
+        if view is not self.run_view:
+            return
+        snap = view.snapshot()
+        failed = view.status != "finished"
+        note = snap.reason if failed else ("stopped early" if view.stopped else "")
+        self.notify(f"{view.name} {view.status}" + (f": {note}" if note else ""),
+                    severity="error" if failed else "information", title="Training", timeout=15)
 
     # -- quitting -----------------------------------------------------------------------------
 
@@ -516,14 +598,20 @@ class TunedeckApp(App[int]):
             if answer is None or (answer == "save" and not self.save()):
                 return
         if self.training:
+            run = self._run
             answer = await self.push_screen_wait(ChoiceScreen(
-                "A run is going", f"{self._run.name} is training. Quitting stops it (a checkpoint is saved "
-                "first); leaving runs running arrives with the Train screen.",
-                [("Stop the run and quit", "stop")],
+                "A run is going", f"{run.name} is training. Stop it (a checkpoint and the adapter are saved "
+                "first), or leave it running: it goes on without this window, and `tunedeck attach "
+                f"{display_path(run.run_dir)}` follows it again.",
+                [("Stop the run and quit", "stop"), ("Leave it running and quit", "leave")],
             ))
-            if answer != "stop":
+            if answer is None:
                 return
-            self._run.stop()
+            if answer == "leave":
+                run.detach()
+                self._left_running = True
+            elif not run.ended:
+                run.stop()
         self.exit(0)
 
 
@@ -544,14 +632,20 @@ def _start_resource_tracker() -> None:
         sys.stderr = captured
 
 
-def run_app(project: str | None) -> int:
-    """``tunedeck [PROJECT]``: open the app. A project that does not load raises UserError
-    before the terminal is taken over, so the shell gets one line and exit code 2."""
+def run_app(project: str | None, attach: str | os.PathLike[str] | None = None) -> int:
+    """``tunedeck [PROJECT]``: open the app (on the Train screen following the run folder
+    ``attach``, when given). A project that does not load raises UserError before the
+    terminal is taken over, so the shell gets one line and exit code 2."""
     loaded = Project.load(project) if project else None
     app = TunedeckApp(loaded)
+    app._attach_to = Path(attach) if attach is not None else None
     code = app.run()
     handle = app.run_handle
     if handle is not None and not handle.ended:
-        print(f"tunedeck: waiting for run {handle.name} to save and stop…", flush=True)
-        handle.wait()
+        if app._left_running:
+            print(f"tunedeck: {handle.name} goes on training; follow it with: tunedeck attach "
+                  f"{display_path(handle.run_dir)}", flush=True)
+        else:
+            print(f"tunedeck: waiting for run {handle.name} to save and stop…", flush=True)
+            handle.wait()
     return code or 0

@@ -33,8 +33,12 @@ class TunedeckCommands(Provider):
                       for number, (mode, title) in enumerate(SCREENS, 1)]
             found += [(f"Preset: {p.name}", p.help, partial(app.apply_preset, p.name)) for p in PRESETS]
             if app.training:
-                found.append(("Stop training", "Save a checkpoint at the end of this step, then end the run",
-                              app.action_stop_training))
+                found += [("Stop training", "Save a checkpoint and the adapter at the end of this step, then end "
+                           "the run (x on the Train screen)", app.action_stop_training),
+                          ("Save a checkpoint now", "At the end of this step; training goes on (c on the Train "
+                           "screen)", app.action_save_checkpoint),
+                          ("Abort training", "End the run at once, saving nothing (asks first; A on the Train "
+                           "screen)", app.action_abort_training)]
             else:
                 found.append(("Start training", "Train the settings shown (unsaved edits included) in a "
                               "background process", app.action_start_training))

@@ -1,51 +1,315 @@
-"""The run started from this window, as the app follows it (until the Train screen has its dashboard)."""
+"""A run as the app follows it: everything the Train screen shows, folded from the run's
+events (:mod:`tunedeck.core.events`) by a worker thread and read by the UI thread.
+
+Memory stays bounded however long a run goes and however fast it reports: each plotted
+series keeps at most ``2 * POINTS`` points (every other point is dropped when it fills,
+and from then on every second point is kept: an even thinning over the whole run), the
+event log keeps its last ``LOG_LINES`` lines. Light: no torch here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .session import display_path
 
 ENDED = ("finished", "failed", "died")
+LIVE = ("starting", "running", "stopping")
+POINTS = 600  # per plotted series, before thinning
+LOG_LINES = 400
+SMOOTHING = 0.9  # exponential moving average of the training loss
+TRACEBACK_LINES = 8
+
+
+class Series:
+    """(step, value) points, thinned evenly to stay under ``2 * cap``; the latest value kept apart."""
+
+    __slots__ = ("xs", "ys", "stride", "seen", "cap", "last")
+
+    def __init__(self, cap: int = POINTS) -> None:
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.stride = 1
+        self.seen = 0
+        self.cap = cap
+        self.last: float | None = None
+
+    def add(self, x: float, y: float) -> None:
+        self.last = y
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        self.xs.append(x)
+        self.ys.append(y)
+        if len(self.xs) >= 2 * self.cap:
+            del self.xs[1::2], self.ys[1::2]
+            self.stride *= 2
+
+    def points(self) -> tuple[list[float], list[float]]:
+        return list(self.xs), list(self.ys)
 
 
 @dataclass(frozen=True)
-class RunState:
-    """What the app knows of a run: its status and latest numbers, from its events."""
+class LogLine:
+    time: float
+    step: int
+    kind: str  # warning | checkpoint | eval | alarm | started | finished | failed | control
+    text: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent copy of a :class:`RunView` for drawing (taken under its lock)."""
 
     name: str
     run_dir: Path
     status: str
-    step: int = 0
-    max_steps: int | None = None
-    loss: float | None = None
-    note: str = ""
+    revision: int
+    numbers: list[tuple[str, str]]
+    system: list[tuple[str, str]]
+    loss: tuple[list[float], list[float]]
+    smooth: tuple[list[float], list[float]]
+    eval_loss: tuple[list[float], list[float]]
+    lr: tuple[list[float], list[float]]
+    grad_norm: tuple[list[float], list[float]]
+    log: list[LogLine]
+    log_total: int
+    alarm_count: int = 0
+    last_alarm: dict[str, Any] | None = None
+    reason: str = ""
+    traceback: list[str] = field(default_factory=list)
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _finite(value: Any) -> float | None:
+    v = _float(value)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def gib(n: Any) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{n / 2**30:.1f} GiB"
+
+
+class RunView:
+    """Everything the dashboard shows of one run. ``fold`` runs on the follower thread,
+    ``snapshot`` on the UI thread; ``revision`` says whether anything changed since."""
+
+    def __init__(self, name: str, run_dir: Path, status: str = "starting") -> None:
+        self.name = name
+        self.run_dir = Path(run_dir)
+        self.status = status
+        self.revision = 0
+        self._lock = threading.Lock()
+        self.step = 0
+        self.max_steps: int | None = None
+        self.epoch: float | None = None
+        self.tokens: int | None = None
+        self.tokens_per_s: float | None = None
+        self.eta_s: float | None = None
+        self.started: float | None = None
+        self.last_time: float | None = None
+        self.last_checkpoint: str = ""
+        self.device: str = ""
+        self.trainable: int | None = None
+        self.stopped = False
+        self.reason = ""
+        self.traceback: list[str] = []
+        self.system: dict[str, Any] = {}
+        self.loss_value: float | None = None
+        self.loss = Series()
+        self.smooth = Series()
+        self.eval_loss = Series()
+        self.lr = Series()
+        self.grad_norm = Series()
+        self._ema: float | None = None
+        self._ema_n = 0
+        self.log: deque[LogLine] = deque(maxlen=LOG_LINES)
+        self.log_total = 0  # lines ever added (the deque keeps the last LOG_LINES)
+        self.events_seen = 0
+        self.alarm_count = 0
+        self.last_alarm: dict[str, Any] | None = None
 
     @property
     def ended(self) -> bool:
         return self.status in ENDED
 
-    def advance(self, ev: dict[str, Any]) -> RunState:
-        """The state after one of the run's events."""
-        kind = ev.get("type")
-        step = max(self.step, int(ev.get("step") or 0))
-        max_steps = ev.get("max_steps") or self.max_steps
-        if kind == "step":
-            loss = ev.get("loss")
-            return replace(self, step=step, max_steps=max_steps,
-                           loss=float(loss) if isinstance(loss, (int, float)) else self.loss)
-        if kind == "finished":
-            return replace(self, step=step, note="stopped early" if ev.get("stopped") else "")
-        if kind == "failed":
-            return replace(self, step=step, note=str(ev.get("reason") or ""))
-        return replace(self, step=step, max_steps=max_steps)
+    def fold(self, events: list[dict[str, Any]], status: str | None = None) -> list[dict[str, Any]]:
+        """Take a batch of events (and the run's status after them); returns the alarms among them."""
+        alarms: list[dict[str, Any]] = []
+        with self._lock:
+            for ev in events:
+                alarm = self._take(ev)
+                if alarm is not None:
+                    alarms.append(alarm)
+            changed = status is not None and status != self.status
+            if changed:
+                self.status = status
+            if events or changed:
+                self.revision += 1
+        return alarms
 
-    def rows(self) -> list[tuple[str, str]]:
+    def _note(self, ev: dict[str, Any], kind: str, text: str) -> None:
+        self.log_total += 1
+        self.log.append(LogLine(_float(ev.get("time")) or time.time(), int(ev.get("step") or 0), kind, text))
+
+    def _take(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        self.events_seen += 1
+        kind = ev.get("type")
+        step = int(ev.get("step") or 0)
+        self.step = max(self.step, step)
+        t = _float(ev.get("time"))
+        if t is not None:
+            self.last_time = t
+        if ev.get("max_steps"):
+            self.max_steps = int(ev["max_steps"])
+        if kind == "step":
+            loss = _float(ev.get("loss"))
+            # a step with a null loss: the trainer's NaN/inf (JSON has neither)
+            self.loss_value = math.nan if loss is None and "loss" in ev else loss
+            if loss is not None and math.isfinite(loss):
+                self.loss.add(step, loss)
+                # an exponential moving average from zero, debiased (as TensorBoard smooths): the
+                # first points are not pulled towards zero or towards the first loss
+                self._ema_n += 1
+                self._ema = SMOOTHING * (self._ema or 0.0) + (1 - SMOOTHING) * loss
+                self.smooth.add(step, self._ema / (1 - SMOOTHING ** min(self._ema_n, 1000)))
+            for series, key in ((self.lr, "learning_rate"), (self.grad_norm, "grad_norm")):
+                value = _finite(ev.get(key))
+                if value is not None:
+                    series.add(step, value)
+            for attr in ("epoch", "tokens_per_s", "eta_s"):
+                value = _float(ev.get(attr))
+                if value is not None:
+                    setattr(self, attr, value)
+            if isinstance(ev.get("tokens"), int):
+                self.tokens = ev["tokens"]
+        elif kind == "system":
+            self.system = dict(ev)
+        elif kind == "eval":
+            value = _finite(ev.get("eval_loss"))
+            if value is not None:
+                self.eval_loss.add(step, value)
+            shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items()
+                              if k.startswith("eval_") and isinstance(v, (int, float)) and k != "eval_runtime"
+                              and not k.endswith("per_second"))
+            self._note(ev, "eval", f"eval: {shown}" if shown else "eval")
+        elif kind == "checkpoint":
+            self.last_checkpoint = f"step {step}"
+            self._note(ev, "checkpoint", f"checkpoint saved: {display_path(Path(str(ev.get('path', ''))))}")
+        elif kind == "warning":
+            self._note(ev, "warning", str(ev.get("message", "")))
+        elif kind == "alarm":
+            self.alarm_count += 1
+            self.last_alarm = dict(ev)
+            self._note(ev, "alarm", str(ev.get("message", "")))
+            return ev
+        elif kind == "run_started":
+            if self.started is None or ev.get("resumed_from"):
+                self.started = t  # a resumed run's elapsed time counts from the resume
+            device = ev.get("device") or {}
+            self.device = str(device.get("name") or device.get("type") or "") if isinstance(device, dict) else ""
+            self.trainable = ev.get("trainable_params") if isinstance(ev.get("trainable_params"), int) else None
+            self.reason, self.traceback, self.stopped = "", [], False
+            resumed = ev.get("resumed_from")
+            self._note(ev, "started", f"started at step {step}" + (
+                f", resumed from {display_path(Path(str(resumed.get('checkpoint'))))}"
+                if isinstance(resumed, dict) else ""))
+        elif kind == "finished":
+            self.stopped = bool(ev.get("stopped"))
+            final = _float(ev.get("final_loss"))
+            self._note(ev, "finished", "finished" + (" (stopped early)" if self.stopped else "")
+                       + (f", final loss {final:.4f}" if final is not None else "")
+                       + (f"; adapter in {display_path(Path(str(ev['adapter'])))}" if ev.get("adapter") else ""))
+        elif kind == "failed":
+            self.reason = str(ev.get("reason") or "")
+            tb = ev.get("traceback")
+            self.traceback = [line for line in str(tb).rstrip().splitlines()][-TRACEBACK_LINES:] if tb else []
+            self._note(ev, "failed", ("died: " if ev.get("died") else "failed: ") + self.reason)
+        return None
+
+    def note(self, kind: str, text: str) -> None:
+        """A line in the event log from the app itself (a control sent)."""
+        with self._lock:
+            self.log_total += 1
+            self.log.append(LogLine(time.time(), self.step, kind, text))
+            self.revision += 1
+
+    # -- what the dashboard draws -----------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                name=self.name, run_dir=self.run_dir, status=self.status, revision=self.revision,
+                numbers=self._numbers(time.time() if now is None else now), system=self._system(),
+                loss=self.loss.points(), smooth=self.smooth.points(), eval_loss=self.eval_loss.points(),
+                lr=self.lr.points(), grad_norm=self.grad_norm.points(), log=list(self.log), log_total=self.log_total,
+                alarm_count=self.alarm_count, last_alarm=self.last_alarm,
+                reason=self.reason, traceback=list(self.traceback),
+            )
+
+    def _numbers(self, now: float) -> list[tuple[str, str]]:
+        live = self.status in LIVE
+        end = now if live else (self.last_time or now)
+        elapsed = end - self.started if self.started is not None else None
         steps = f"{self.step} / {self.max_steps}" if self.max_steps else str(self.step)
-        rows = [("run", self.name), ("status", self.status), ("step", steps),
-                ("loss", "-" if self.loss is None else f"{self.loss:.4f}"), ("folder", display_path(self.run_dir))]
-        if self.note:
-            rows.append(("note", self.note))
+        if self.max_steps:
+            steps += f"  ({100 * self.step / self.max_steps:.0f}%)"
+        status = self.status + (" (stopped early)" if self.status == "finished" and self.stopped else "")
+        rows = [
+            ("status", status),
+            ("step", steps),
+            ("epoch", "-" if self.epoch is None else f"{self.epoch:.2f}"),
+            ("loss", "-" if self.loss_value is None else ("NaN/inf" if not math.isfinite(self.loss_value)
+                                                           else f"{self.loss_value:.4f}")),
+            ("eval loss", "-" if self.eval_loss.last is None else f"{self.eval_loss.last:.4f}"),
+            ("learning rate", "-" if self.lr.last is None else f"{self.lr.last:.3g}"),
+            ("grad norm", "-" if self.grad_norm.last is None else f"{self.grad_norm.last:.3g}"),
+            ("tokens/s", "-" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}"),
+            ("elapsed", duration(elapsed)),
+            ("ETA", duration(self.eta_s) if live else "-"),
+            ("last checkpoint", self.last_checkpoint or "none yet"),
+            ("folder", display_path(self.run_dir)),
+        ]
+        return rows
+
+    def _system(self) -> list[tuple[str, str]]:
+        s = self.system
+        if not s:
+            return [("device", "waiting for the trainer's first report")]
+        rows: list[tuple[str, str]] = []
+        if s.get("gpu_memory_total"):
+            used, total = s.get("gpu_memory_used") or 0, s["gpu_memory_total"]
+            rows.append(("GPU memory", f"{gib(used)} / {gib(total)} ({100 * used / total:.0f}%)"))
+            if isinstance(s.get("gpu_memory_others"), int):
+                rows.append(("other processes", gib(s["gpu_memory_others"])))
+            if s.get("gpu_utilization") is not None:
+                rows.append(("GPU busy", f"{s['gpu_utilization']}%"))
+            if s.get("gpu_temperature") is not None:
+                rows.append(("temperature", f"{s['gpu_temperature']} °C"))
+            rows.append(("torch peak", gib(s.get("torch_peak_memory"))))
+        else:
+            rows.append(("device", "CPU (this run uses no GPU)"))
+            if s.get("cpu_percent") is not None:
+                rows.append(("CPU busy", f"{s['cpu_percent']:.0f}%"))
+        if s.get("ram_total"):
+            rows.append(("RAM", f"{gib(s.get('ram_used'))} / {gib(s['ram_total'])}"))
+        rows.append(("trainer RSS", gib(s.get("rss"))))
         return rows

@@ -1,37 +1,112 @@
-"""Train screen. Not built yet; for now: the run started from this window (its live status
-and last loss, straight from the trainer's events) and the runs already in the project's
-runs folder. Runs start and stop from the command palette."""
+"""Train screen: the live dashboard of the run this window follows, and the project's runs.
+
+The run's events are folded into a :class:`~tunedeck.tui.training.RunView` by the app's
+follower thread; this screen only draws, on a timer, from a snapshot of it: numbers and
+the machine panel every tick, plots (training loss with a smoothed line and the eval loss
+on the same axes, learning rate, grad norm) at most once a second, new event-log lines as
+they come. However fast the trainer reports, a frame draws the latest state once.
+
+Controls: ``s`` start (the same pre-flight as ``tunedeck train``), ``x`` stop (a
+checkpoint and the adapter, then the end), ``c`` save a checkpoint now, ``A`` abort
+(asks first), ``r`` re-read the runs list. Enter on a run in the list opens it: a live
+one re-attaches (history, then live, with the controls), an ended one shows its plots.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import VerticalScroll
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message
+from textual.widgets import Button, Label, OptionList, RichLog, Static
+from textual.widgets.option_list import Option
 from textual.worker import Worker
+from textual_plotext import PlotextPlot
 
 from tunedeck.core.runs import RunInfo, list_runs
 
-from ..training import RunState
-from ..widgets.facts import Facts, NotBuilt
+from ..training import LIVE, LOG_LINES, LogLine, RunView, Snapshot
+from ..widgets.facts import Facts
 from .base import ProjectScreen
 
+TICK_S = 0.5  # numbers, machine panel, log
+PLOT_EVERY_S = 1.0  # plots, while the run is live
 
-def run_rows(runs: list[RunInfo]) -> list[tuple[str, str]]:
-    def loss(info: RunInfo) -> str:
-        return "" if info.final_loss is None else f", loss {info.final_loss:.4f}"
+STATUS_STYLE = {"starting": "$text-warning", "running": "$text-success", "stopping": "$text-warning",
+                "finished": "$text-primary", "failed": "$text-error", "died": "$text-error"}
+LOG_STYLE = {"warning": "yellow", "alarm": "bold red", "failed": "bold red", "checkpoint": "cyan",
+             "eval": "magenta", "finished": "green", "started": "green", "control": "blue"}
 
-    return [(info.name, f"{info.status}, step {info.step}{loss(info)}" + (f" ({info.note})" if info.note else ""))
-            for info in runs]
+
+def run_option(info: RunInfo, followed: Path | None) -> Option:
+    loss = "" if info.final_loss is None else f"  loss {info.final_loss:.4f}"
+    mark = "●" if followed is not None and Path(info.path).resolve() == followed.resolve() else " "
+    style = STATUS_STYLE.get(info.status, "")
+    prompt = Content.assemble(f"{mark} {info.name}  ", (info.status, style), f"  step {info.step}{loss}")
+    return Option(prompt, id=str(info.path))
+
+
+def log_text(line: LogLine) -> Text:
+    return Text.assemble((f"{line.step:>6} ", "dim"), (line.text, LOG_STYLE.get(line.kind, "")))
+
+
+def draw(plot: PlotextPlot, title: str, lines: list[tuple[tuple[list[float], list[float]], str, str]],
+         *, empty: str, scatter: tuple[tuple[list[float], list[float]], str, str] | None = None) -> None:
+    """Redraw ``plot``: ``lines`` as (points, label, colour), ``scatter`` as markers."""
+    plt = plot.plt
+    plt.clear_data()
+    plt.clear_figure()
+    has_data = any(xs for (xs, _), _, _ in lines) or (scatter is not None and scatter[0][0])
+    plt.title(title if has_data else f"{title}: {empty}")
+    for (xs, ys), label, color in lines:
+        if xs:
+            plt.plot(xs, ys, label=label, color=color, marker="braille")
+    if scatter is not None and scatter[0][0]:
+        (xs, ys), label, color = scatter
+        plt.plot(xs, ys, label=label, color=color, marker="dot") if len(xs) > 1 else \
+            plt.scatter(xs, ys, label=label, color=color, marker="dot")
+    if has_data:
+        plt.xlabel("step")
+    plot.refresh()
 
 
 class TrainScreen(ProjectScreen):
-    """The run of this window and the project's runs."""
+    """The dashboard of the followed run, its controls, and the runs folder."""
 
     MODE = "train"
+    BINDINGS = [
+        Binding("s", "app.start_training", "Start", id="train.start"),
+        Binding("x", "app.stop_training", "Stop", id="train.stop"),
+        Binding("c", "app.save_checkpoint", "Checkpoint", id="train.checkpoint"),
+        Binding("A", "app.abort_training", "Abort", id="train.abort"),
+        Binding("r", "reload_runs", "Runs", id="train.runs"),
+    ]
+    DEFAULT_CSS = """
+    TrainScreen #run-head { height: 1; padding: 0 1; background: $boost; }
+    TrainScreen #alarm-bar { height: 3; display: none; background: $error 20%; padding: 0 1; }
+    TrainScreen #alarm-bar.shown { display: block; }
+    TrainScreen #alarm-text { width: 1fr; height: 3; content-align: left middle; color: $text-error; }
+    TrainScreen #alarm-bar Button { margin: 0 0 0 1; min-width: 14; }
+    TrainScreen #train-main { height: 1fr; }
+    TrainScreen #train-side { width: 46; height: 1fr; border-right: vkey $surface-lighten-2; }
+    TrainScreen #runs-title { padding: 1 1 0 1; text-style: bold; color: $text-primary; }
+    TrainScreen #runs { height: auto; max-height: 12; border: none; padding: 0; }
+    TrainScreen #train-plots { width: 1fr; height: 1fr; }
+    TrainScreen #loss-plot { height: 2fr; min-height: 8; }
+    TrainScreen #small-plots { height: 1fr; min-height: 6; }
+    TrainScreen #small-plots PlotextPlot { width: 1fr; }
+    TrainScreen #failure { height: auto; max-height: 10; display: none; color: $text-error; padding: 0 1; }
+    TrainScreen #failure.shown { display: block; }
+    TrainScreen #event-log { height: 7; border-top: hkey $surface-lighten-2; padding: 0 1; }
+    """
 
     @dataclass
     class Listed(Message):
@@ -39,27 +114,180 @@ class TrainScreen(ProjectScreen):
 
         runs: list[RunInfo]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: RunView | None = None
+        self._drawn = -1  # revision drawn (numbers, log)
+        self._plotted = -1  # revision plotted
+        self._plot_time = 0.0
+        self._log_written = 0
+        self._alarms_dismissed = 0
+        self._status = ""
+
     def compose_body(self) -> ComposeResult:
-        with VerticalScroll(classes="body"):
-            yield NotBuilt("Train", "the live dashboard (loss, eval loss, learning rate and grad norm plots, GPU "
-                           "memory, health alarms, detach and re-attach). Until then: ctrl+p → Start training.")
-            yield Facts("this window's run", status="none started yet: ctrl+p → Start training", id="run-facts")
-            yield Facts("runs folder", status="reading…", id="runs-facts")
+        with Vertical(classes="body"):
+            yield Static(id="run-head", markup=False)
+            with Horizontal(id="alarm-bar"):
+                yield Static(id="alarm-text", markup=False)
+                yield Button("Stop the run", id="alarm-stop", variant="error")
+                yield Button("Keep going", id="alarm-keep")
+            with Horizontal(id="train-main"):
+                with VerticalScroll(id="train-side"):
+                    yield Facts("run", status="no run followed: s starts one, or open one below", id="numbers")
+                    yield Facts("machine", status="", id="system")
+                    yield Label("runs", id="runs-title")
+                    yield OptionList(id="runs")
+                with Vertical(id="train-plots"):
+                    yield PlotextPlot(id="loss-plot")
+                    with Horizontal(id="small-plots"):
+                        yield PlotextPlot(id="lr-plot")
+                        yield PlotextPlot(id="grad-plot")
+                    yield Static(id="failure", markup=False)
+                    yield RichLog(id="event-log", max_lines=LOG_LINES, wrap=True, markup=False)
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.watch(self.app, "run_state", self._show_run)
+        self.set_interval(TICK_S, self._tick)
+        self.watch(self.app, "run_view", self._view_changed)
 
-    def _show_run(self, state: RunState | None) -> None:
-        if state is not None:
-            self.query_one("#run-facts", Facts).show(state.rows())
-            if state.ended:
-                self.project_shown()
+    # -- the followed run ---------------------------------------------------------------------
+
+    def _view_changed(self, view: RunView | None) -> None:
+        if view is not self._shown:
+            self._shown = view
+            self._drawn = self._plotted = -1
+            self._log_written = 0
+            self._alarms_dismissed = 0
+            self._status = ""
+            self.query_one("#event-log", RichLog).clear()
+            self.project_shown()
+        self._tick()
+
+    def _tick(self) -> None:
+        view = self.app.run_view
+        if view is not self._shown:
+            self._view_changed(view)
+            return
+        if view is None:
+            self._draw_empty()
+            return
+        snap = view.snapshot()
+        live = snap.status in LIVE
+        if snap.revision == self._drawn and not live:
+            return
+        self._draw_numbers(snap)
+        if snap.revision != self._drawn:
+            self._draw_log(snap)
+            self._draw_alarm(snap)
+            self._draw_failure(snap)
+            self._drawn = snap.revision
+        now = time.monotonic()
+        if snap.revision != self._plotted and (not live or now - self._plot_time >= PLOT_EVERY_S):
+            self._draw_plots(snap)
+            self._plotted, self._plot_time = snap.revision, now
+        if snap.status != self._status:
+            if self._status:  # started, ended: the list says so
+                self._list_runs()
+            self._status = snap.status
+
+    def _draw_empty(self) -> None:
+        if self._drawn == -2:
+            return
+        self._drawn = -2
+        self.query_one("#run-head", Static).update("no run followed · s starts one with the settings shown · "
+                                                   "enter on a run in the list opens it")
+        self.query_one("#numbers", Facts).status = "no run followed: s starts one, or open one below"
+        self.query_one("#system", Facts).status = "what the trainer reports: GPU or CPU, memory"
+        for plot_id, title in (("#loss-plot", "loss"), ("#lr-plot", "learning rate"), ("#grad-plot", "grad norm")):
+            draw(self.query_one(plot_id, PlotextPlot), title, [], empty="no run")
+
+    def _draw_numbers(self, snap: Snapshot) -> None:
+        style = STATUS_STYLE.get(snap.status, "")
+        keys = {"starting": "x stop · A abort", "running": "x stop · c checkpoint · A abort",
+                "stopping": "saving, then ending · A abort"}.get(snap.status, "s starts a new run")
+        self.query_one("#run-head", Static).update(Content.assemble(
+            ("run ", "$text-muted"), (snap.name, "bold"), "  ", (snap.status.upper(), f"bold {style}"),
+            ("  ·  " + keys, "$text-muted")))
+        self.query_one("#numbers", Facts).show(snap.numbers)
+        facts = self.query_one("#system", Facts)
+        facts.show(snap.system)
+
+    def _draw_log(self, snap: Snapshot) -> None:
+        new = snap.log_total - self._log_written
+        if new <= 0:
+            return
+        log = self.query_one("#event-log", RichLog)
+        for line in snap.log[-min(new, len(snap.log)):]:
+            log.write(log_text(line))
+        self._log_written = snap.log_total
+
+    def _draw_alarm(self, snap: Snapshot) -> None:
+        bar = self.query_one("#alarm-bar")
+        show = snap.alarm_count > self._alarms_dismissed and snap.status in LIVE and snap.last_alarm is not None
+        if show and snap.last_alarm is not None:
+            alarm = snap.last_alarm
+            advice = "stopping is advised" if alarm.get("action") == "stop" else "it can keep going"
+            self.query_one("#alarm-text", Static).update(f"⚠ step {alarm.get('step', 0)}: "
+                                                         f"{alarm.get('message', '')} ({advice})")
+            if not bar.has_class("shown"):
+                bar.add_class("shown")
+                button = "#alarm-stop" if alarm.get("action") == "stop" else "#alarm-keep"
+                self.query_one(button, Button).focus()
+        else:
+            bar.remove_class("shown")
+
+    def _draw_failure(self, snap: Snapshot) -> None:
+        failure = self.query_one("#failure", Static)
+        if snap.status in ("failed", "died"):
+            lines = [f"{snap.status}: {snap.reason}"]
+            if snap.traceback:
+                lines += ["last lines of the traceback (full in trainer.log and events.jsonl):",
+                          *("  " + line for line in snap.traceback)]
+            failure.update("\n".join(lines))
+            failure.add_class("shown")
+        else:
+            failure.remove_class("shown")
+
+    def _draw_plots(self, snap: Snapshot) -> None:
+        draw(self.query_one("#loss-plot", PlotextPlot), "loss", [
+            (snap.loss, "train", "gray"), (snap.smooth, "smoothed", "cyan")],
+            empty="waiting for the first step", scatter=(snap.eval_loss, "eval", "orange"))
+        draw(self.query_one("#lr-plot", PlotextPlot), "learning rate", [(snap.lr, "lr", "green")],
+             empty="waiting")
+        draw(self.query_one("#grad-plot", PlotextPlot), "grad norm", [(snap.grad_norm, "grad norm", "magenta")],
+             empty="waiting")
+
+    @on(Button.Pressed, "#alarm-stop")
+    def _alarm_stop(self) -> None:
+        self._dismiss_alarm()
+        self.app.action_stop_training()
+
+    @on(Button.Pressed, "#alarm-keep")
+    def _alarm_keep(self) -> None:
+        view = self._dismiss_alarm()
+        if view is not None:
+            view.note("control", "kept going after the alarm")
+
+    def _dismiss_alarm(self) -> RunView | None:
+        view = self._shown
+        if view is not None:
+            self._alarms_dismissed = view.alarm_count
+        self.query_one("#alarm-bar").remove_class("shown")
+        return view
+
+    # -- the runs folder ----------------------------------------------------------------------
 
     def project_shown(self) -> None:
+        self._list_runs()
+
+    def action_reload_runs(self) -> None:
+        self._list_runs()
+        self.query_one("#runs", OptionList).focus()
+
+    def _list_runs(self) -> None:
         project = self.session.project
         runs_dir = project.resolve_path(project["output.runs_dir"])
-        self.query_one("#runs-facts", Facts).heading = f"runs in {project['output.runs_dir']}/"
+        self.query_one("#runs-title", Label).update(f"runs in {project['output.runs_dir']}/ (enter opens)")
         self._list(runs_dir)
 
     @work(thread=True, exclusive=True, group="runs", exit_on_error=False)
@@ -68,14 +296,28 @@ class TrainScreen(ProjectScreen):
 
     @on(Listed)
     def _listed(self, event: Listed) -> None:
-        facts = self.query_one("#runs-facts", Facts)
-        if event.runs:
-            facts.show(run_rows(event.runs))
-        else:
-            facts.status = "no runs yet"
+        options = self.query_one("#runs", OptionList)
+        highlighted = options.highlighted_option.id if options.highlighted_option is not None else None
+        followed = self._shown.run_dir if self._shown is not None else None
+        options.clear_options()
+        if not event.runs:
+            options.add_option(Option(Content.styled("no runs yet: s starts one", "$text-muted"), disabled=True))
+            return
+        runs = list(reversed(event.runs))  # newest first
+        options.add_options([run_option(info, followed) for info in runs])
+        ids = [str(info.path) for info in runs]
+        if highlighted in ids:
+            options.highlighted = ids.index(highlighted)
 
-    def work_failed(self, worker: Worker[object], message: str) -> None:
+    @on(OptionList.OptionSelected, "#runs")
+    def _open(self, event: OptionList.OptionSelected) -> None:
+        if event.option.id is not None:
+            self.app.open_run(event.option.id)
+
+    def work_failed(self, worker: Worker[Any], message: str) -> None:
         if worker.group == "runs":
-            self.query_one("#runs-facts", Facts).fail(message)
+            options = self.query_one("#runs", OptionList)
+            options.clear_options()
+            options.add_option(Option(Content.styled(message, "$text-error"), disabled=True))
         else:
             super().work_failed(worker, message)

@@ -1,5 +1,4 @@
-"""Widgets for the screens that are not built yet: a notice that says so plainly, and a
-panel of real facts about the project (or a one-line reason why they are missing)."""
+"""A panel of labelled facts (or a line saying they are being read, or why they could not be)."""
 
 from __future__ import annotations
 
@@ -8,26 +7,6 @@ from collections.abc import Iterable
 from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.widgets import Static
-
-
-class NotBuilt(Static):
-    """"Not built yet": what the screen will do, and that what it shows now is the little
-    tunedeck can already tell."""
-
-    DEFAULT_CSS = """
-    NotBuilt {
-        border: round $secondary;
-        border-title-color: $text-secondary;
-        padding: 0 1;
-        margin-bottom: 1;
-        color: $text-muted;
-    }
-    """
-
-    def __init__(self, screen: str, promise: str) -> None:
-        super().__init__(f"Not built yet: {promise}\nBelow is what tunedeck can already tell from the project.")
-        self.border_title = screen
 
 
 class Facts(Widget):

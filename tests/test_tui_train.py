@@ -1,0 +1,278 @@
+"""The Train screen driven with Pilot: a scripted trainer process (events from a file: NaN,
+an alarm, a crash, a kill) followed through its real events.jsonl and pid file; the runs
+list; the controls; quitting while a run goes; and a real run of the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Button, OptionList, RichLog, Static
+from tui_helpers import CPU, InProcessEngine, settle, write_project
+
+from tunedeck.core.project import Project
+from tunedeck.tui.app import TunedeckApp
+from tunedeck.tui.screens.dialogs import ChoiceScreen
+from tunedeck.tui.training import POINTS, RunView, Series
+from tunedeck.tui.widgets.facts import Facts
+
+SIZE = (120, 40)
+FAKE = Path(__file__).parent / "fake_trainer.py"
+
+
+@pytest.fixture
+def project_path(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return write_project(tmp_path)
+
+
+def steps(first: int, last: int, max_steps: int = 20, loss: float = 2.0) -> list[dict[str, Any]]:
+    return [{"type": "step", "step": s, "loss": loss - 0.05 * s, "learning_rate": 2e-4 * (1 - s / max_steps),
+             "grad_norm": 1.0 + 0.01 * s, "tokens_per_s": 1000.0, "epoch": s / max_steps, "eta_s": 30.0,
+             "max_steps": max_steps} for s in range(first, last + 1)]
+
+
+STARTED = {"type": "run_started", "step": 0, "max_steps": 20, "device": {"type": "cpu"}, "trainable_params": 1000}
+SYSTEM = {"type": "system", "step": 0, "rss": 2**30, "ram_used": 4 * 2**30, "ram_total": 8 * 2**30,
+          "cpu_percent": 50.0}
+
+
+class FakeTrainer:
+    """The scripted trainer as a real process in its own session, reaped in the background
+    (a zombie still reads as alive in the pid file)."""
+
+    def __init__(self, run_dir: Path, script: list[dict[str, Any]]) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True)
+        path = run_dir.parent / f"{run_dir.name}.script.jsonl"
+        path.write_text("\n".join(json.dumps(item) for item in script) + "\n", encoding="utf-8")
+        self.proc = subprocess.Popen([sys.executable, str(FAKE), str(run_dir), str(path)], start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self.proc.wait, daemon=True).start()
+
+    def ready(self) -> bool:
+        return (self.run_dir / "trainer.pid").is_file()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+@pytest.fixture
+def fake_trainer():
+    made: list[FakeTrainer] = []
+
+    def start(run_dir: Path, script: list[dict[str, Any]]) -> FakeTrainer:
+        made.append(FakeTrainer(run_dir, script))
+        return made[-1]
+
+    yield start
+    for trainer in made:
+        trainer.close()
+
+
+def make_app(path: Path) -> TunedeckApp:
+    return TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
+
+
+async def until(pilot, predicate, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if predicate():
+            await pilot.pause()
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def numbers(app: TunedeckApp) -> dict[str, str]:
+    return dict(app.screen.query_one("#numbers", Facts).rows)
+
+
+def log_lines(app: TunedeckApp) -> str:
+    return "\n".join(strip.text for strip in app.screen.query_one("#event-log", RichLog).lines)
+
+
+async def follow(pilot, app: TunedeckApp, trainer: FakeTrainer) -> None:
+    await until(pilot, trainer.ready)
+    await pilot.press("5")
+    app.open_run(trainer.run_dir)
+    await until(pilot, lambda: app.run_view is not None and app.run_view.run_dir == trainer.run_dir)
+
+
+async def test_a_finished_run_shows_its_history_and_plots(project_path):
+    run_dir = project_path.parent / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    events = [STARTED, SYSTEM, *steps(1, 10), {"type": "eval", "step": 5, "eval_loss": 1.9},
+              {"type": "eval", "step": 10, "eval_loss": 1.7},
+              {"type": "checkpoint", "step": 10, "path": str(run_dir / "checkpoints" / "checkpoint-10")},
+              {"type": "finished", "step": 10, "final_loss": 1.5, "adapter": str(run_dir / "adapter")}]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps({"time": 1000.0 + i, **ev}) + "\n"
+                                                  for i, ev in enumerate(events)))
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        runs = app.screen.query_one("#runs", OptionList)
+        assert runs.option_count == 1 and "old" in str(runs.get_option_at_index(0).prompt)
+        runs.focus()
+        runs.highlighted = 0
+        await pilot.press("enter")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.ended)
+        await until(pilot, lambda: numbers(app).get("step", "").startswith("10"))
+        shown = numbers(app)
+        assert (shown["step"], shown["loss"], shown["eval loss"], shown["last checkpoint"]) == (
+            "10 / 20  (50%)", "1.5000", "1.7000", "step 10")
+        assert shown["elapsed"] == "15s"  # first to last event, not the clock
+        snap = app.run_view.snapshot()
+        assert snap.loss[0] == list(range(1, 11)) and snap.eval_loss == ([5, 10], [1.9, 1.7])
+        text = log_lines(app)
+        assert "checkpoint saved: runs/old/checkpoints/checkpoint-10" in text and "eval: loss 1.7" in text
+        assert "finished, final loss 1.5000" in text
+        assert not app.screen.query_one("#failure").has_class("shown")
+        assert not app.training  # nothing to control
+        await pilot.press("x")
+        assert any("no run is going" in n.message for n in app._notifications)
+
+
+async def test_a_live_run_alarms_and_stops_from_the_alarm(project_path, fake_trainer):
+    run_dir = project_path.parent / "runs" / "live"
+    trainer = fake_trainer(run_dir, [STARTED, SYSTEM, *steps(1, 3), {"sleep": 0.3},
+                                     {"type": "step", "step": 4, "loss": None, "max_steps": 20},
+                                     {"type": "alarm", "step": 4, "kind": "nan_loss", "action": "stop",
+                                      "message": "the loss is NaN at step 4: training has diverged"},
+                                     {"wait_for_control": True}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await follow(pilot, app, trainer)
+        bar = app.screen.query_one("#alarm-bar")
+        await until(pilot, lambda: bar.has_class("shown"))
+        assert "the loss is NaN at step 4" in str(app.screen.query_one("#alarm-text", Static).render())
+        assert numbers(app)["loss"] == "NaN/inf" and numbers(app)["status"] == "running"
+        assert any("NaN" in n.message and "Alarm" in (n.title or "") for n in app._notifications)
+        assert app.screen.focused is app.screen.query_one("#alarm-stop", Button)  # stopping is advised
+        assert app.training
+        await pilot.press("enter")  # the focused "Stop the run"
+        await until(pilot, lambda: app.run_view.ended, timeout=30)
+        assert app.run_view.status == "finished"
+        await until(pilot, lambda: numbers(app)["status"] == "finished (stopped early)")
+        assert not bar.has_class("shown")
+        assert "stop asked" in log_lines(app) and "finished (stopped early)" in log_lines(app)
+        assert trainer.proc.wait(10) == 0
+
+
+async def test_keep_going_dismisses_the_alarm_and_save_then_abort_reach_the_trainer(project_path, fake_trainer):
+    run_dir = project_path.parent / "runs" / "busy"
+    trainer = fake_trainer(run_dir, [STARTED, *steps(1, 2),
+                                     {"type": "alarm", "step": 2, "kind": "grad_spike", "action": "keep going",
+                                      "message": "the grad norm jumped"},
+                                     {"wait_for_control": True}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await follow(pilot, app, trainer)
+        bar = app.screen.query_one("#alarm-bar")
+        await until(pilot, lambda: bar.has_class("shown"))
+        assert app.screen.focused is app.screen.query_one("#alarm-keep", Button)
+        await pilot.press("enter")
+        assert not bar.has_class("shown")
+        await until(pilot, lambda: "kept going after the alarm" in log_lines(app))
+        app.screen.query_one("#runs", OptionList).focus()
+        await pilot.press("c")  # a checkpoint now: the trainer reads the control file
+        await until(pilot, lambda: numbers(app)["last checkpoint"] == "step 2")
+        assert app.run_view.status == "running"
+        await pilot.press("A")
+        await until(pilot, lambda: isinstance(app.screen, ChoiceScreen))
+        await pilot.press("enter")  # "Abort, saving nothing"
+        await until(pilot, lambda: app.run_view.ended)
+        assert app.run_view.status == "failed"
+        await until(pilot, lambda: "aborted at step 2" in str(app.screen.query_one("#failure", Static).render()))
+
+
+async def test_a_crash_shows_the_reason_and_the_traceback(project_path, fake_trainer):
+    trainer = fake_trainer(project_path.parent / "runs" / "crashy",
+                           [STARTED, *steps(1, 2), {"crash": "RuntimeError: CUDA error: an illegal memory access"}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await follow(pilot, app, trainer)
+        await until(pilot, lambda: app.run_view.ended)
+        failure = app.screen.query_one("#failure", Static)
+        await until(pilot, lambda: failure.has_class("shown"))
+        text = str(failure.render())
+        assert "failed: RuntimeError: CUDA error" in text and "trainer.train()" in text
+        assert numbers(app)["status"] == "failed" and numbers(app)["ETA"] == "-"
+        assert any("crashy failed" in n.message and n.severity == "error" for n in app._notifications)
+
+
+async def test_a_killed_trainer_reads_as_died_never_done(project_path, fake_trainer):
+    trainer = fake_trainer(project_path.parent / "runs" / "killed", [STARTED, *steps(1, 3), {"kill": True}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await follow(pilot, app, trainer)
+        await until(pilot, lambda: app.run_view.ended)
+        assert app.run_view.status == "died"
+        await until(pilot, lambda: app.screen.query_one("#failure").has_class("shown"))
+        assert "gone without a final event" in str(app.screen.query_one("#failure", Static).render())
+        assert numbers(app)["status"] == "died"
+        await until(pilot, lambda: "died" in str(app.screen.query_one("#runs", OptionList)
+                                                 .get_option_at_index(0).prompt))
+
+
+@pytest.mark.parametrize("answer", ["leave", "stop"])
+async def test_quitting_while_a_run_goes_asks_stop_or_leave(project_path, fake_trainer, answer):
+    trainer = fake_trainer(project_path.parent / "runs" / "going", [STARTED, *steps(1, 2), {"wait_for_control": True}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await follow(pilot, app, trainer)
+        await until(pilot, lambda: app.run_view.status == "running")
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: isinstance(app.screen, ChoiceScreen))
+        app.screen.query_one(f"#answer-{answer}", Button).press()
+        await pilot.pause(0.2)
+    if answer == "leave":
+        assert app._left_running and trainer.proc.poll() is None  # it goes on without the window
+    else:
+        assert trainer.proc.wait(10) == 0
+        assert json.loads((trainer.run_dir / "events.jsonl").read_text().splitlines()[-1])["stopped"] is True
+
+
+def test_series_stay_bounded_and_even():
+    series = Series(cap=10)
+    for x in range(1000):
+        series.add(x, float(x))
+    xs, _ = series.points()
+    assert len(xs) < 20 and xs[0] == 0 and series.last == 999.0
+    gaps = {b - a for a, b in zip(xs, xs[1:])}
+    assert len(gaps) == 1  # evenly thinned over the whole run
+
+    view = RunView("r", Path("runs/r"))
+    view.fold([{"type": "step", "step": s, "loss": 1.0, "time": float(s)} for s in range(1, 20 * POINTS)]
+              + [{"type": "warning", "step": s, "message": "w"} for s in range(5000)], "running")
+    snap = view.snapshot()
+    assert len(snap.loss[0]) < 2 * POINTS and len(snap.log) <= 400 and snap.log_total == 5000
+
+
+async def test_a_real_run_of_the_tiny_model_from_the_screen(tiny_model_dir, tmp_path, monkeypatch):
+    from train_support import write_project as write_training_project
+
+    monkeypatch.chdir(tmp_path)
+    path = write_training_project(tmp_path, tiny_model_dir, training={"max_steps": 4, "logging_steps": 1})
+    app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await pilot.press("s")
+        await until(pilot, lambda: app.run_view is not None, timeout=60)
+        await until(pilot, lambda: app.run_view.ended, timeout=240)
+        assert app.run_view.status == "finished", app.run_view.snapshot().reason
+        await until(pilot, lambda: numbers(app).get("status") == "finished")
+        assert numbers(app)["step"].startswith("4 / 4")
+        snap = app.run_view.snapshot()
+        assert snap.loss[0] == [1, 2, 3, 4] and len(snap.lr[0]) == 4
+        assert any(label == "CPU busy" or label == "device" for label, _ in snap.system)
+        assert "finished" in log_lines(app) and (app.run_view.run_dir / "adapter").is_dir()
