@@ -14,7 +14,7 @@ eval           eval_loss (and any other eval_* metric)
 checkpoint     path, step
 system         gpu_memory_used, gpu_memory_total, gpu_utilization, gpu_temperature (°C),
                gpu_memory_others (other processes on the same GPU) (NVML, null when not
-               available), torch_peak_memory (bytes, null on a CPU), rss (this process,
+               available), gpus (the same per visible GPU, with its NVML index; [] on a CPU), torch_peak_memory (bytes, null on a CPU), rss (this process,
                bytes), ram_used, ram_total (bytes), cpu_percent (the machine, since the
                previous system event)
 warning        message
@@ -273,13 +273,30 @@ def _rss() -> int | None:
 def system_fields(gpu_index: int | None = None, torch_peak_memory: int | None = None) -> dict[str, Any]:
     """The fields of a ``system`` event. ``gpu_index`` is the CUDA device index (None on a CPU);
     ``torch_peak_memory`` comes from the caller, which is the one that has torch."""
+    gpus: list[dict[str, Any]] = []
     if gpu_index is None:
         gpu: dict[str, int | None] = dict.fromkeys(GPU_FIELDS)
     else:
         gpu = _NVML.gpu(_physical_gpu_index(gpu_index))
+        gpus = [{"index": index, **_NVML.gpu(index)} for index in _visible_gpus()]
     used, total = _meminfo()
-    return {**gpu, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used, "ram_total": total,
-            "cpu_percent": _CPU.percent()}
+    return {**gpu, "gpus": gpus, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used,
+            "ram_total": total, "cpu_percent": _CPU.percent()}
+
+
+def _visible_gpus() -> list[int]:
+    """NVML indices of the GPUs this process may use (CUDA_VISIBLE_DEVICES, else all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        try:
+            return [int(v) for v in visible.split(",") if v.strip()]
+        except ValueError:  # GPU UUIDs: not mapped here
+            return []
+    nv = _NVML._init()
+    try:
+        return list(range(int(nv.nvmlDeviceGetCount()))) if nv is not None else []
+    except Exception:
+        return []
 
 
 class _CpuLoad:

@@ -278,7 +278,27 @@ def _trainer_entry(spec: dict[str, Any], events_conn: Any, control_conn: Any) ->
     sys.exit(code)
 
 
-class RunHandle:
+class _RunControls:
+    """The controls of a run (RunHandle and AttachedRun): requests through the run's control
+    file and SIGUSR1 (:func:`tunedeck.core.runs.send_control`), whoever started it."""
+
+    def _send(self, message: str, stopping: bool = True) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Save a checkpoint at the end of the current step, then end cleanly (with the adapter)."""
+        self._send("stop")
+
+    def save_now(self) -> None:
+        """Save a checkpoint at the end of the current step and keep training."""
+        self._send("save", stopping=False)
+
+    def abort(self) -> None:
+        """End at once, saving nothing."""
+        self._send("abort")
+
+
+class RunHandle(_RunControls):
     """A running trainer: its events, its controls and its status. See :func:`start_run`."""
 
     def __init__(self, spec: RunSpec, process: Any, events_conn: Any, control_conn: Any = None) -> None:
@@ -336,18 +356,6 @@ class RunHandle:
                 out.append(self._queue.get_nowait())
             except queue.Empty:
                 return out
-
-    def stop(self) -> None:
-        """Save a checkpoint at the end of the current step, then end cleanly (with the adapter)."""
-        self._send("stop")
-
-    def save_now(self) -> None:
-        """Save a checkpoint at the end of the current step and keep training."""
-        self._send("save", stopping=False)
-
-    def abort(self) -> None:
-        """End at once, saving nothing."""
-        self._send("abort")
 
     def kill(self) -> None:
         """Kill the trainer process (SIGKILL); the watchdog reports it as died."""
@@ -529,7 +537,7 @@ def _write_parent_pid(run_dir: Path, pid: int | None) -> None:
 POLL_S = 0.1  # how often an attached run's file is read
 
 
-class AttachedRun:
+class AttachedRun(_RunControls):
     """A run started elsewhere (``--detach``, another window, an app that quit): the same
     surface as :class:`RunHandle`, fed from its ``events.jsonl``. Its history comes first,
     then the events appended since; a trainer that is gone without a final event is
@@ -588,15 +596,6 @@ class AttachedRun:
         if self._final is None and not alive:
             out.extend(self._take(self._reader.read_new()) or self._death())
         return out
-
-    def stop(self) -> None:
-        self._send("stop")
-
-    def save_now(self) -> None:
-        self._send("save", stopping=False)
-
-    def abort(self) -> None:
-        self._send("abort")
 
     def kill(self) -> None:
         pid = self.pid

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,6 +49,67 @@ def test_system_fields_say_not_available_without_a_gpu():
     fields = system_fields(None, None)
     assert fields["gpu_memory_used"] is None and fields["gpu_utilization"] is None
     assert fields["rss"] > 0 and fields["ram_total"] >= fields["ram_used"] > 0
+
+
+class FakeNvml:
+    """pynvml's surface as the trainer uses it: two 80 GiB GPUs, another process on GPU 1."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, own_pid: int) -> None:
+        self.own_pid = own_pid
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index > 1:
+            raise RuntimeError("invalid argument")
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):
+        return SimpleNamespace(used=(10 + 30 * handle) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):
+        return SimpleNamespace(gpu=90 + handle)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return 60 + handle
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int):
+        procs = [SimpleNamespace(pid=self.own_pid, usedGpuMemory=8 * 2**30)]
+        return procs + ([SimpleNamespace(pid=1, usedGpuMemory=28 * 2**30)] if handle == 1 else [])
+
+
+def test_system_fields_read_every_visible_gpu_and_the_other_processes(monkeypatch):
+    from tunedeck.core import events
+    from tunedeck.tui.training import RunView
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(os.getpid()))
+    monkeypatch.setattr(events, "_NVML", events._Nvml())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fields = system_fields(1, 9 * 2**30)
+    assert (fields["gpu_memory_used"], fields["gpu_memory_total"]) == (40 * 2**30, 80 * 2**30)
+    assert (fields["gpu_utilization"], fields["gpu_temperature"], fields["gpu_memory_others"]) == (91, 61, 28 * 2**30)
+    assert [g["index"] for g in fields["gpus"]] == [0, 1] and fields["gpus"][0]["gpu_memory_others"] == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    fields = system_fields(0, None)  # CUDA's device 0 is NVML's 1 here
+    assert fields["gpu_memory_used"] == 40 * 2**30 and [g["index"] for g in fields["gpus"]] == [1]
+
+    view = RunView("r", Path("runs/r"))
+    view.fold([{"type": "system", "step": 3, **system_fields(None, None), "gpus": [
+        {"index": 0, "gpu_memory_used": 10 * 2**30, "gpu_memory_total": 80 * 2**30, "gpu_utilization": 90,
+         "gpu_temperature": 60},
+        {"index": 1, "gpu_memory_used": 40 * 2**30, "gpu_memory_total": 80 * 2**30}],
+        "gpu_memory_used": 10 * 2**30, "gpu_memory_total": 80 * 2**30, "gpu_memory_others": 0,
+        "gpu_utilization": 90, "gpu_temperature": 60, "torch_peak_memory": 9 * 2**30}], "running")
+    rows = dict(view.snapshot().system)
+    assert rows["GPU 0"] == "10.0/80 GiB 90% 60°C" and rows["GPU 1"] == "40.0/80 GiB"
+    assert rows["GPU memory"] == "10.0 GiB / 80.0 GiB (12%)" and rows["torch peak"] == "9.0 GiB"
+    assert rows["other processes"] == "0.0 GiB" and rows["temperature"] == "60 °C"
 
 
 def write_run(folder, events, pid: int | None = None):

@@ -93,3 +93,42 @@ def test_start_switch_edit_save_quit(tmp_path, tmux):
     assert not tmux.alive()
     text = project.read_text()
     assert "\nr = 8\n" in text and "# a model folder next to this file" in text
+
+
+def test_a_run_outlives_its_terminal_and_the_dashboard_reattaches_and_stops_it(tmp_path, tmux, tiny_model_dir):
+    """Start from the Train screen, kill the terminal (SIGHUP to the app), then
+    `tunedeck attach` opens the dashboard on the run that went on, and x stops it."""
+    from train_support import write_project as write_training_project
+
+    from tunedeck.core.events import read_events
+    from tunedeck.core.runs import trainer_pid
+
+    write_training_project(tmp_path, tiny_model_dir, training={"max_steps": 100000, "logging_steps": 1})
+    env = {"TERM": "xterm-256color", "TUNEDECK_CONFIG_DIR": str(tmp_path / "config")}
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    project = next(tmp_path.glob("*.toml"))
+    tmux.run("new-session", "-d", "-s", "app", "-x", "120", "-y", "40", "-c", str(tmp_path), *env_args,
+             f"env -u COLUMNS -u LINES {TUNEDECK} {project.name}")
+    tmux.wait_for("4 Settings")
+    tmux.keys("5")
+    tmux.wait_for("no run followed")
+    tmux.keys("s")
+    tmux.wait_for("RUNNING", timeout=120)
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    pid = trainer_pid(run_dir)
+    assert pid is not None
+    tmux.run("kill-server")  # the terminal goes away: SIGHUP
+    time.sleep(2)
+    assert trainer_pid(run_dir) == pid  # it goes on
+    steps_before = sum(e["type"] == "step" for e in read_events(run_dir / "events.jsonl"))
+    tmux.run("new-session", "-d", "-s", "app", "-x", "120", "-y", "40", "-c", str(tmp_path), *env_args,
+             f"env -u COLUMNS -u LINES {TUNEDECK} attach runs/{run_dir.name}; sleep 60")
+    screen = tmux.wait_for("RUNNING", timeout=60)
+    assert f"run {run_dir.name}" in screen
+    tmux.wait_for("checkpoint")  # the control keys are shown: the run is controllable from here
+    tmux.keys("x")
+    tmux.wait_for("FINISHED", timeout=120)
+    events = read_events(run_dir / "events.jsonl")
+    assert events[-1]["type"] == "finished" and events[-1]["stopped"] is True
+    assert sum(e["type"] == "step" for e in events) > steps_before  # it trained while nobody watched
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()

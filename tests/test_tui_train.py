@@ -276,3 +276,19 @@ async def test_a_real_run_of_the_tiny_model_from_the_screen(tiny_model_dir, tmp_
         assert snap.loss[0] == [1, 2, 3, 4] and len(snap.lr[0]) == 4
         assert any(label == "CPU busy" or label == "device" for label, _ in snap.system)
         assert "finished" in log_lines(app) and (app.run_view.run_dir / "adapter").is_dir()
+
+
+async def test_a_refused_start_is_one_line_and_nothing_runs(tmp_path, monkeypatch):
+    from tui_helpers import PROJECT_TOML
+
+    monkeypatch.chdir(tmp_path)
+    path = write_project(tmp_path, PROJECT_TOML.replace('path = "data.jsonl"', 'path = "gone.jsonl"'))
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("s")
+        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=60)
+        [refusal] = [n.message for n in app._notifications if n.severity == "error"]
+        assert "gone.jsonl" in refusal and "\n" not in refusal and "Traceback" not in refusal
+        assert app.run_view is None and not (tmp_path / "runs").exists()

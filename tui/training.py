@@ -295,6 +295,13 @@ class RunView:
         if not s:
             return [("device", "waiting for the trainer's first report")]
         rows: list[tuple[str, str]] = []
+        gpus = [g for g in s.get("gpus") or [] if isinstance(g, dict) and g.get("gpu_memory_total")]
+        if len(gpus) > 1:  # one line per device; the trainer's own details below
+            for g in gpus:
+                used, total = g.get("gpu_memory_used") or 0, g["gpu_memory_total"]
+                extra = "".join(f" {v}{unit}" for v, unit in ((g.get("gpu_utilization"), "%"),
+                                                               (g.get("gpu_temperature"), "°C")) if v is not None)
+                rows.append((f"GPU {g.get('index', '?')}", f"{used / 2**30:.1f}/{total / 2**30:.0f} GiB{extra}"))
         if s.get("gpu_memory_total"):
             used, total = s.get("gpu_memory_used") or 0, s["gpu_memory_total"]
             rows.append(("GPU memory", f"{gib(used)} / {gib(total)} ({100 * used / total:.0f}%)"))

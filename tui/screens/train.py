@@ -96,16 +96,16 @@ class TrainScreen(ProjectScreen):
     TrainScreen #alarm-text { width: 1fr; height: 3; content-align: left middle; color: $text-error; }
     TrainScreen #alarm-bar Button { margin: 0 0 0 1; min-width: 14; }
     TrainScreen #train-main { height: 1fr; }
-    TrainScreen #train-side { width: 46; height: 1fr; border-right: vkey $surface-lighten-2; }
+    TrainScreen #train-side { width: 38%; max-width: 46; min-width: 30; height: 1fr; border-right: vkey $surface-lighten-2; }
     TrainScreen #runs-title { padding: 1 1 0 1; text-style: bold; color: $text-primary; }
     TrainScreen #runs { height: auto; max-height: 12; border: none; padding: 0; }
     TrainScreen #train-plots { width: 1fr; height: 1fr; }
-    TrainScreen #loss-plot { height: 2fr; min-height: 8; }
-    TrainScreen #small-plots { height: 1fr; min-height: 6; }
+    TrainScreen #loss-plot { height: 2fr; min-height: 6; }
+    TrainScreen #small-plots { height: 1fr; min-height: 5; }
     TrainScreen #small-plots PlotextPlot { width: 1fr; }
     TrainScreen #failure { height: auto; max-height: 10; display: none; color: $text-error; padding: 0 1; }
     TrainScreen #failure.shown { display: block; }
-    TrainScreen #event-log { height: 7; border-top: hkey $surface-lighten-2; padding: 0 1; }
+    TrainScreen #event-log { height: 1fr; min-height: 3; max-height: 9; border-top: hkey $surface-lighten-2; padding: 0 1; }
     """
 
     @dataclass
