@@ -13,6 +13,7 @@ from worker threads; a frame never waits on a model.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
@@ -49,6 +50,14 @@ if TYPE_CHECKING:
     from tunedeck.core.engine import EngineClient
 
 T = TypeVar("T")
+GC_THRESHOLDS = (20_000, 50, 1_000)
+"""Python's cyclic collector, tuned for a long-lived UI: a full collection walks every object
+(a Textual app holds hundreds of thousands) and pauses the UI for about 100 ms; with these
+thresholds young garbage is still collected often and cheaply, and full collections run in
+quiet moments instead (:meth:`TunedeckApp._collect_when_quiet`). See bench/bench_dashboard.py."""
+GC_FULL_EVERY_S = 60.0
+GC_FORCE_AFTER_S = 300.0
+QUIET_S = 2.0  # no key or click for this long
 FIRST_FRAME_ENV = "TUNEDECK_FIRST_FRAME_FILE"
 """When set, the app writes the wall-clock time of its first frame to this file (bench/)."""
 
@@ -84,6 +93,9 @@ class TunedeckApp(App[int]):
         "chat": _screen("chat", "ChatScreen"),
     }
     COMMANDS = App.COMMANDS | {_commands}
+    tune_gc = False
+    """Tune Python's garbage collector for this process (:data:`GC_THRESHOLDS`); set by
+    :func:`run_app`, which owns the process (not in tests, which run many apps in one)."""
     BINDINGS = [
         *(Binding(str(number), f"switch_screen('{mode}')", title, show=False, id=f"screen.{mode}")
           for number, (mode, title) in enumerate(SCREENS, 1)),
@@ -145,6 +157,7 @@ class TunedeckApp(App[int]):
         self._config_lock = threading.Lock()
         self._run: Any = None
         self._left_running = False  # quit with "leave it running"
+        self._last_input = self._last_full_gc = 0.0
         self._attach_to: Path | None = None  # a run to open on the Train screen once shown
         self._quitting = False  # the quit questions are on screen
         self._config = load_user_config()
@@ -177,6 +190,12 @@ class TunedeckApp(App[int]):
         if stamp_file:
             Path(stamp_file).write_text(repr(time.time()), encoding="utf-8")
         _start_resource_tracker()
+        if self.tune_gc:
+            gc.collect()
+            gc.freeze()  # what start-up made lives as long as the app: never walked again
+            gc.set_threshold(*GC_THRESHOLDS)
+            self._last_full_gc = time.monotonic()
+            self.set_interval(GC_FULL_EVERY_S, self._collect_when_quiet)
         if self.hardware is None:
             self._detect_hardware()
         if self.session is not None and self.session.path is not None:
@@ -184,6 +203,18 @@ class TunedeckApp(App[int]):
         if self._attach_to is not None and self.session is not None:
             self.switch_mode("train")
             self.open_run(self._attach_to)
+
+    def _collect_when_quiet(self) -> None:
+        """A full collection when nobody typed for a moment, or anyway after a few minutes."""
+        now = time.monotonic()
+        if now - self._last_input >= QUIET_S or now - self._last_full_gc >= GC_FORCE_AFTER_S:
+            gc.collect()
+            self._last_full_gc = now
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, (events.Key, events.MouseDown)):
+            self._last_input = time.monotonic()
+        await super().on_event(event)
 
     def on_unmount(self) -> None:
         if self._owns_engine and self._engine is not None:
@@ -639,6 +670,7 @@ def run_app(project: str | None, attach: str | os.PathLike[str] | None = None) -
     loaded = Project.load(project) if project else None
     app = TunedeckApp(loaded)
     app._attach_to = Path(attach) if attach is not None else None
+    app.tune_gc = True
     code = app.run()
     handle = app.run_handle
     if handle is not None and not handle.ended:

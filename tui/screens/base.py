@@ -29,6 +29,24 @@ def one_line(error: BaseException | None) -> str:
     return f"{error.__class__.__name__}: {lines[0] if lines else 'no details'}"
 
 
+class SteadyFooter(Footer):
+    """The footer, rebuilt only when the keys it shows change. Textual's footer rebuilds all
+    its key widgets on every change of the active bindings, which every focus move is: tens
+    of milliseconds per key press on a busy screen (bench/bench_dashboard.py)."""
+
+    _shown: tuple[object, ...] | None = None
+
+    def bindings_changed(self, screen: Screen[object]) -> None:
+        shown = tuple((b.key, self.app.get_key_display(b), b.description, b.action, enabled, tooltip,
+                       b.group.description if b.group else None)
+                      for _, b, enabled, tooltip in screen.active_bindings.values() if b.show)
+        if self._bindings_ready and shown == self._shown:
+            return
+        if screen.app.app_focus and self.is_attached and screen is self.screen:
+            self._shown = shown  # the footer is rebuilt with these keys
+        super().bindings_changed(screen)
+
+
 class ProjectScreen(Screen[None]):
     """A screen of the open project (one per app mode)."""
 
@@ -39,7 +57,7 @@ class ProjectScreen(Screen[None]):
         yield Header()
         yield ModeTabs(self.MODE)
         yield from self.compose_body()
-        yield Footer(compact=True)
+        yield SteadyFooter(compact=True)
 
     def compose_body(self) -> ComposeResult:
         """The screen's own widgets, between the tab bar and the footer."""

@@ -58,12 +58,32 @@ def log_text(line: LogLine) -> Text:
     return Text.assemble((f"{line.step:>6} ", "dim"), (line.text, LOG_STYLE.get(line.kind, "")))
 
 
+LOG_BURST = 60  # at most this many new log lines written per tick; the rest are counted
+
+
+def thin(points: tuple[list[float], list[float]], width: int) -> tuple[list[float], list[float]]:
+    """Every k-th point (and the last), at most about two per column: braille draws two."""
+    xs, ys = points
+    limit = max(2 * width, 20)
+    if len(xs) <= limit:
+        return xs, ys
+    k = -(-len(xs) // limit)
+    keep = list(range(0, len(xs), k))
+    if keep[-1] != len(xs) - 1:
+        keep.append(len(xs) - 1)
+    return [xs[i] for i in keep], [ys[i] for i in keep]
+
+
 def draw(plot: PlotextPlot, title: str, lines: list[tuple[tuple[list[float], list[float]], str, str]],
          *, empty: str, scatter: tuple[tuple[list[float], list[float]], str, str] | None = None) -> None:
     """Redraw ``plot``: ``lines`` as (points, label, colour), ``scatter`` as markers."""
     plt = plot.plt
     plt.clear_data()
     plt.clear_figure()
+    width = plot.size.width or 80
+    lines = [(thin(points, width), label, color) for points, label, color in lines]
+    if scatter is not None:
+        scatter = (thin(scatter[0], width), scatter[1], scatter[2])
     has_data = any(xs for (xs, _), _, _ in lines) or (scatter is not None and scatter[0][0])
     plt.title(title if has_data else f"{title}: {empty}")
     for (xs, ys), label, color in lines:
@@ -123,6 +143,7 @@ class TrainScreen(ProjectScreen):
         self._log_written = 0
         self._alarms_dismissed = 0
         self._status = ""
+        self._head: tuple[str, str] | None = None
 
     def compose_body(self) -> ComposeResult:
         with Vertical(classes="body"):
@@ -159,6 +180,7 @@ class TrainScreen(ProjectScreen):
             self._log_written = 0
             self._alarms_dismissed = 0
             self._status = ""
+            self._head = None
             self.query_one("#event-log", RichLog).clear()
             self.project_shown()
         self._tick()
@@ -194,8 +216,9 @@ class TrainScreen(ProjectScreen):
         if self._drawn == -2:
             return
         self._drawn = -2
+        self._head = None
         self.query_one("#run-head", Static).update("no run followed · s starts one with the settings shown · "
-                                                   "enter on a run in the list opens it")
+                                                   "enter on a run in the list opens it", layout=False)
         self.query_one("#numbers", Facts).status = "no run followed: s starts one, or open one below"
         self.query_one("#system", Facts).status = "what the trainer reports: GPU or CPU, memory"
         for plot_id, title in (("#loss-plot", "loss"), ("#lr-plot", "learning rate"), ("#grad-plot", "grad norm")):
@@ -205,9 +228,12 @@ class TrainScreen(ProjectScreen):
         style = STATUS_STYLE.get(snap.status, "")
         keys = {"starting": "x stop · A abort", "running": "x stop · c checkpoint · A abort",
                 "stopping": "saving, then ending · A abort"}.get(snap.status, "s starts a new run")
-        self.query_one("#run-head", Static).update(Content.assemble(
-            ("run ", "$text-muted"), (snap.name, "bold"), "  ", (snap.status.upper(), f"bold {style}"),
-            ("  ·  " + keys, "$text-muted")))
+        head = (snap.name, snap.status)
+        if head != self._head:  # the one-line header is re-laid only when it changes
+            self._head = head
+            self.query_one("#run-head", Static).update(Content.assemble(
+                ("run ", "$text-muted"), (snap.name, "bold"), "  ", (snap.status.upper(), f"bold {style}"),
+                ("  ·  " + keys, "$text-muted")), layout=False)
         self.query_one("#numbers", Facts).show(snap.numbers)
         facts = self.query_one("#system", Facts)
         facts.show(snap.system)
@@ -217,7 +243,10 @@ class TrainScreen(ProjectScreen):
         if new <= 0:
             return
         log = self.query_one("#event-log", RichLog)
-        for line in snap.log[-min(new, len(snap.log)):]:
+        shown = min(new, len(snap.log), LOG_BURST)
+        if new > shown:  # a burst: the screen shows the latest; events.jsonl has them all
+            log.write(Text(f"… {new - shown:,} more lines (all in events.jsonl)", style="dim"))
+        for line in snap.log[-shown:]:
             log.write(log_text(line))
         self._log_written = snap.log_total
 

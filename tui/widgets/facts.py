@@ -21,7 +21,7 @@ class Facts(Widget):
 
     heading: reactive[str] = reactive("", layout=True)
     """What the facts are about."""
-    rows: reactive[tuple[tuple[str, str], ...]] = reactive((), layout=True)
+    rows: reactive[tuple[tuple[str, str], ...]] = reactive((), repaint=False)
     """(label, value) pairs, in order."""
     status: reactive[str] = reactive("", layout=True)
     """A line shown instead of the rows while they load ("reading ...")."""
@@ -32,6 +32,11 @@ class Facts(Widget):
         super().__init__(id=id)
         self.set_reactive(Facts.heading, heading)
         self.set_reactive(Facts.status, status)
+
+    def watch_rows(self, old: tuple[tuple[str, str], ...], new: tuple[tuple[str, str], ...]) -> None:
+        # a new layout only when the shape may change (a live dashboard updates values every tick)
+        same_shape = [(label, len(value)) for label, value in old] == [(label, len(value)) for label, value in new]
+        self.refresh(layout=not same_shape)
 
     def show(self, rows: Iterable[tuple[str, str]]) -> None:
         self.rows, self.status, self.error = tuple(rows), "", ""
