@@ -191,3 +191,17 @@ def test_the_parent_side_imports_no_torch():
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_attach_text_follows_a_hand_made_run_folder(tmp_path, monkeypatch, capsys):
+    from tunedeck.core import cli
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = write_run(tmp_path / "runs" / "old", [
+        event("run_started", 0, max_steps=4), event("step", 2, loss=1.5), event("warning", 2, message="careful"),
+        event("finished", 4, final_loss=1.25, adapter="runs/old/adapter", stopped=False)])
+    assert cli.main(["attach", "old", "--text"]) == 0  # a name in ./runs; not a terminal: text
+    err = capsys.readouterr().err
+    assert "warning: careful" in err and "finished at step 4: loss 1.2500" in err
+    assert cli.main(["attach", str(run_dir), "--stop"]) == 2
+    assert "old has ended (finished); nothing to stop" in capsys.readouterr().err

@@ -113,24 +113,25 @@ class Progress:
         kind = ev["type"]
         if kind == "run_started":
             resumed = ev.get("resumed_from")
-            where = f", resumed at step {resumed['step']}" if resumed else ""
-            self.console.print(f"{ev['trainable_params']:,} trainable of {ev['total_params']:,} parameters; "
-                               f"{ev['train_rows']} rows, {ev['max_steps']} steps on {ev['device'].get('hardware', '')}"
-                               f"{where}")
-            self.bar.update(self.task, description="training", total=ev["max_steps"], completed=ev["step"])
+            where = f", resumed at step {resumed.get('step')}" if isinstance(resumed, dict) else ""
+            device = ev.get("device") if isinstance(ev.get("device"), dict) else {}
+            self.console.print(f"{_count(ev.get('trainable_params'))} trainable of {_count(ev.get('total_params'))} "
+                               f"parameters; {ev.get('train_rows', '?')} rows, {ev.get('max_steps', '?')} steps on "
+                               f"{device.get('hardware', device.get('type', ''))}{where}")
+            self.bar.update(self.task, description="training", total=ev.get("max_steps"), completed=ev.get("step", 0))
         elif kind == "step":
             fields = {"loss": _num(ev.get("loss")), "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"),
                       "eta": _duration(ev.get("eta_s"))}
-            self.bar.update(self.task, completed=ev["step"], total=ev.get("max_steps"), **fields)
+            self.bar.update(self.task, completed=ev.get("step", 0), total=ev.get("max_steps"), **fields)
         elif kind == "eval":
-            self.console.print(f"step {ev['step']}: eval loss {_num(ev.get('eval_loss'))}")
+            self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}")
         elif kind == "checkpoint":
-            self.console.print(f"step {ev['step']}: checkpoint {ev['path']}")
+            self.console.print(f"step {ev.get('step')}: checkpoint {ev.get('path', '')}")
         elif kind == "warning":
-            self.console.print(f"[yellow]warning:[/] {ev['message']}")
+            self.console.print(f"[yellow]warning:[/] {ev.get('message', '')}")
         elif kind == "alarm":
             hint = "Ctrl-C stops the run" if ev.get("action") == "stop" else "the run goes on"
-            self.console.print(f"[bold red]alarm:[/] {ev['message']} ({hint})")
+            self.console.print(f"[bold red]alarm:[/] {ev.get('message', '')} ({hint})")
         elif kind == "finished":
             self.bar.update(self.task, description="stopped" if ev.get("stopped") else "done")
         elif kind == "failed":
@@ -140,8 +141,8 @@ class Progress:
         final = self.handle.final or {}
         if self.handle.status == "finished":
             how = "stopped" if final.get("stopped") else "finished"
-            self.console.print(f"[green]{how}[/] at step {final['step']}: loss {_num(final.get('final_loss'))}, "
-                               f"{_duration(final.get('runtime_s'))}; adapter in {final['adapter']}")
+            self.console.print(f"[green]{how}[/] at step {final.get('step')}: loss {_num(final.get('final_loss'))}, "
+                               f"{_duration(final.get('runtime_s'))}; adapter in {final.get('adapter')}")
             if final.get("stopped"):
                 self.console.print(f"continue with: tunedeck train PROJECT --resume --run-name {self.handle.name}")
             return 0
@@ -155,6 +156,10 @@ class Progress:
             self.console.print(f"(traceback in {self.handle.run_dir / 'events.jsonl'}; library output in "
                                f"{self.handle.run_dir / 'trainer.log'})")
         return 1
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
 
 
 def _num(value: Any, fmt: str = "{:.4f}") -> str:
