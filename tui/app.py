@@ -55,6 +55,7 @@ GC_THRESHOLDS = (20_000, 50, 1_000)
 (a Textual app holds hundreds of thousands) and pauses the UI for about 100 ms; with these
 thresholds young garbage is still collected often and cheaply, and full collections run in
 quiet moments instead (:meth:`TunedeckApp._collect_when_quiet`). See bench/bench_dashboard.py."""
+GC_TUNE_AFTER_S = 1.0  # after the first frame, once the start-up work has settled
 GC_FULL_EVERY_S = 60.0
 GC_FORCE_AFTER_S = 300.0
 QUIET_S = 2.0  # no key or click for this long
@@ -191,11 +192,7 @@ class TunedeckApp(App[int]):
             Path(stamp_file).write_text(repr(time.time()), encoding="utf-8")
         _start_resource_tracker()
         if self.tune_gc:
-            gc.collect()
-            gc.freeze()  # what start-up made lives as long as the app: never walked again
-            gc.set_threshold(*GC_THRESHOLDS)
-            self._last_full_gc = time.monotonic()
-            self.set_interval(GC_FULL_EVERY_S, self._collect_when_quiet)
+            self.set_timer(GC_TUNE_AFTER_S, self._tune_gc)
         if self.hardware is None:
             self._detect_hardware()
         if self.session is not None and self.session.path is not None:
@@ -203,6 +200,13 @@ class TunedeckApp(App[int]):
         if self._attach_to is not None and self.session is not None:
             self.switch_mode("train")
             self.open_run(self._attach_to)
+
+    def _tune_gc(self) -> None:
+        gc.collect()
+        gc.freeze()  # what start-up made lives as long as the app: never walked again
+        gc.set_threshold(*GC_THRESHOLDS)
+        self._last_full_gc = time.monotonic()
+        self.set_interval(GC_FULL_EVERY_S, self._collect_when_quiet)
 
     def _collect_when_quiet(self) -> None:
         """A full collection when nobody typed for a moment, or anyway after a few minutes."""
