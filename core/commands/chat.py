@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def runs_dir_for(project: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notes, not ours
     from ..chat import BASE, GenSettings, run_folder, target_for
 
     runs_dir = runs_dir_for(args.project)

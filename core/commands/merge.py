@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -30,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notes, not ours
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the stages are printed; a bar per shard is noise
     from ..chat import run_folder
     from ..merge import check_out, merge_run
     from .chat import runs_dir_for
