@@ -197,7 +197,8 @@ async def test_keep_going_dismisses_the_alarm_and_save_then_abort_reach_the_trai
 
 async def test_a_crash_shows_the_reason_and_the_traceback(project_path, fake_trainer):
     trainer = fake_trainer(project_path.parent / "runs" / "crashy",
-                           [STARTED, *steps(1, 2), {"crash": "RuntimeError: CUDA error: an illegal memory access"}])
+                           [STARTED, *steps(1, 2), {"sleep": 1.5},  # it crashes while followed
+                            {"crash": "RuntimeError: CUDA error: an illegal memory access"}])
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
         await follow(pilot, app, trainer)
@@ -222,6 +223,25 @@ async def test_a_killed_trainer_reads_as_died_never_done(project_path, fake_trai
         assert numbers(app)["status"] == "died"
         await until(pilot, lambda: "died" in str(app.screen.query_one("#runs", OptionList)
                                                  .get_option_at_index(0).prompt))
+
+
+async def test_the_newest_run_opens_by_itself_and_an_ended_one_is_not_news(project_path, fake_trainer):
+    for name in ("older", "newer"):
+        trainer = fake_trainer(project_path.parent / "runs" / name, [STARTED, *steps(1, 2)])
+        trainer.proc.wait(30)
+    live = fake_trainer(project_path.parent / "runs" / "live", [STARTED, *steps(1, 2), {"wait_for_control": True}])
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, live.ready)
+        await pilot.press("5")  # a running run is opened first, whatever its age
+        await until(pilot, lambda: app.run_view is not None and app.run_view.name == "live")
+        await until(pilot, lambda: app.run_view.status == "running")
+        app.open_run(project_path.parent / "runs" / "newer")  # gone without a final event: died
+        await until(pilot, lambda: app.run_view.name == "newer" and app.run_view.ended)
+        await pilot.pause(0.5)
+        assert not any("newer" in n.message for n in app._notifications)  # it was over before it was opened
+        assert any("live goes on running" in n.message for n in app._notifications)
+        assert live.proc.poll() is None
 
 
 @pytest.mark.parametrize("answer", ["leave", "stop"])

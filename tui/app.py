@@ -577,13 +577,16 @@ class TunedeckApp(App[int]):
         """Fold the run's events into its view until it ends (the screen redraws on a timer);
         alarms and the end are posted as they come."""
         worker = get_current_worker()
+        was_live = not view.ended  # an ended run opened to look at is not news
         while not worker.is_cancelled:
             events = handle.events(timeout=0.2)
             for alarm in view.fold(events, handle.status):
                 self.post_message(self.RunAlarm(view, alarm))
+            was_live = was_live or not view.ended
             if handle.ended and not events:
                 view.fold([], handle.status)
-                self.post_message(self.RunEnded(view))
+                if was_live:
+                    self.post_message(self.RunEnded(view))
                 return
 
     @on(RunAlarm)

@@ -144,6 +144,7 @@ class TrainScreen(ProjectScreen):
         self._alarms_dismissed = 0
         self._status = ""
         self._head: tuple[str, str] | None = None
+        self._opened_newest = False  # the newest run is opened once, when nothing is followed
 
     def compose_body(self) -> ComposeResult:
         with Vertical(classes="body"):
@@ -306,6 +307,10 @@ class TrainScreen(ProjectScreen):
 
     # -- the runs folder ----------------------------------------------------------------------
 
+    def forget_project(self) -> None:
+        self._opened_newest = False
+        self._shown, self._drawn, self._plotted, self._log_written, self._head = None, -1, -1, 0, None
+
     def project_shown(self) -> None:
         self._list_runs()
 
@@ -334,6 +339,10 @@ class TrainScreen(ProjectScreen):
             return
         runs = list(reversed(event.runs))  # newest first
         options.add_options([run_option(info, followed) for info in runs])
+        if self.app.run_view is None and not self._opened_newest:  # show something: a live run first
+            self._opened_newest = True
+            live = [info for info in runs if info.status == "running"]
+            self.app.open_run((live or runs)[0].path)
         ids = [str(info.path) for info in runs]
         if highlighted in ids:
             options.highlighted = ids.index(highlighted)
