@@ -49,13 +49,13 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .kept import Kept
 from .paths import cache_dir
 from .preview import PREVIEW_OPS
 
@@ -436,8 +436,7 @@ def _first_line(exc: BaseException) -> str:
 INSPECTIONS_KEPT = 4
 """Inspections kept in the engine (least recently used goes first); a 70B one is ~1 MB."""
 
-_inspections: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
-_inspections_lock = threading.Lock()
+_inspections: Kept[tuple[str, str, bool], Any] = Kept(INSPECTIONS_KEPT)
 
 
 def inspection(source: str, root: str | None = None, *, trust_remote_code: bool = False) -> Any:
@@ -448,17 +447,8 @@ def inspection(source: str, root: str | None = None, *, trust_remote_code: bool 
     """
     from .inspect import inspect_model
 
-    key = (source, root or "", trust_remote_code)
-    with _inspections_lock:
-        if key in _inspections:
-            _inspections.move_to_end(key)
-            return _inspections[key]
-    ins = inspect_model(source, root=Path(root) if root else None, trust_remote_code=trust_remote_code)
-    with _inspections_lock:
-        _inspections[key] = ins
-        while len(_inspections) > INSPECTIONS_KEPT:
-            _inspections.popitem(last=False)
-    return ins
+    return _inspections.get((source, root or "", trust_remote_code), lambda: inspect_model(
+        source, root=Path(root) if root else None, trust_remote_code=trust_remote_code))
 
 
 def project_inspection(project: Any) -> Any:

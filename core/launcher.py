@@ -279,11 +279,35 @@ def _trainer_entry(spec: dict[str, Any], events_conn: Any, control_conn: Any) ->
 
 
 class _RunControls:
-    """The controls of a run (RunHandle and AttachedRun): requests through the run's control
-    file and SIGUSR1 (:func:`tunedeck.core.runs.send_control`), whoever started it."""
+    """What RunHandle and AttachedRun share: the status and final event (set as events arrive),
+    and the controls, requests through the run's control file and SIGUSR1
+    (:func:`tunedeck.core.runs.send_control`), whoever started the run."""
+
+    run_dir: Path
+    _status: str
+    _final: dict[str, Any] | None
+    _lock: threading.Lock
+
+    @property
+    def status(self) -> str:
+        """"starting" | "running" | "stopping" | "finished" | "failed" | "died"."""
+        return self._status
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The run's last event (``finished`` or ``failed``) once it has ended."""
+        return self._final
 
     def _send(self, message: str, stopping: bool = True) -> None:
-        raise NotImplementedError
+        with self._lock:
+            if self._status in TERMINAL:
+                return
+            if stopping:
+                self._status = STOPPING
+        try:
+            send_control(self.run_dir, message)
+        except UserError:  # the trainer is gone; the next read reports it
+            pass
 
     def stop(self) -> None:
         """Save a checkpoint at the end of the current step, then end cleanly (with the adapter)."""
@@ -319,16 +343,6 @@ class RunHandle(_RunControls):
         self._watchdog.start()
 
     # -- what callers use ----------------------------------------------------------------------
-
-    @property
-    def status(self) -> str:
-        """"starting" | "running" | "stopping" | "finished" | "failed" | "died"."""
-        return self._status
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """The run's last event (``finished`` or ``failed``) once it has ended."""
-        return self._final
 
     @property
     def ended(self) -> bool:
@@ -373,17 +387,6 @@ class RunHandle(_RunControls):
         return self._status
 
     # -- the watchdog ------------------------------------------------------------------------
-
-    def _send(self, message: str, stopping: bool = True) -> None:
-        with self._lock:
-            if self._status in TERMINAL:
-                return
-            if stopping:
-                self._status = STOPPING
-        try:
-            send_control(self.run_dir, message)
-        except UserError:  # the trainer is gone; the watchdog reports it
-            pass
 
     def _accept(self, ev: dict[str, Any]) -> None:
         with self._lock:
@@ -559,14 +562,6 @@ class AttachedRun(_RunControls):
             self._pending.extend(self._death())
 
     @property
-    def status(self) -> str:
-        return self._status
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        return self._final
-
-    @property
     def ended(self) -> bool:
         return self._ended
 
@@ -617,16 +612,6 @@ class AttachedRun(_RunControls):
             if not new:
                 time.sleep(POLL_S)
         return self._status
-
-    def _send(self, message: str, stopping: bool = True) -> None:
-        if self._status in TERMINAL:
-            return
-        if stopping:
-            self._status = STOPPING
-        try:
-            send_control(self.run_dir, message)
-        except UserError:
-            pass  # gone: the next read reports it
 
     def _take(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []

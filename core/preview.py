@@ -21,14 +21,13 @@ need transformers); the engine keeps one tokenizer per model (:func:`project_tok
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .datafile import RowError, dataset_problem, DatasetSummary, detect_format, eval_count, read_rows, to_messages
 from .errors import UserError
+from .kept import Kept
 from .render import Rendered, dataset_refusal, is_text_row, render, resolve_chat_template
 
 TOKENIZERS_KEPT = 4
@@ -36,27 +35,17 @@ SAMPLE_ROWS = 200  # rows the format is detected from
 HISTOGRAM_BINS = 20
 SKIPPED_SHOWN = 10  # skipped rows listed in the text stats
 
-_tokenizers: OrderedDict[tuple[str, str, bool, bool], Any] = OrderedDict()
-_tokenizers_lock = threading.Lock()
+_tokenizers: Kept[tuple[str, str, bool, bool], Any] = Kept(TOKENIZERS_KEPT)
 
 
 def project_tokenizer(project: Any) -> Any:
     """The tokenizer of the project's model, loaded once per model and kept (loading costs seconds)."""
     from .models import load_tokenizer, resolve_source
 
-    key = (project["model.source"], str(project.root), bool(project["model.trust_remote_code"]),
-           bool(project["model.allow_pickle"]))
-    with _tokenizers_lock:
-        if key in _tokenizers:
-            _tokenizers.move_to_end(key)
-            return _tokenizers[key]
-    ref = resolve_source(key[0], project.root, allow_pickle=key[3])
-    tokenizer = load_tokenizer(ref, trust_remote_code=key[2])
-    with _tokenizers_lock:
-        _tokenizers[key] = tokenizer
-        while len(_tokenizers) > TOKENIZERS_KEPT:
-            _tokenizers.popitem(last=False)
-    return tokenizer
+    source, root = project["model.source"], project.root
+    trust, allow_pickle = bool(project["model.trust_remote_code"]), bool(project["model.allow_pickle"])
+    return _tokenizers.get((source, str(root), trust, allow_pickle), lambda: load_tokenizer(
+        resolve_source(source, root, allow_pickle=allow_pickle), trust_remote_code=trust))
 
 
 # -- reading ------------------------------------------------------------------------------
