@@ -121,14 +121,11 @@ class RunView:
         self.step = 0
         self.max_steps: int | None = None
         self.epoch: float | None = None
-        self.tokens: int | None = None
         self.tokens_per_s: float | None = None
         self.eta_s: float | None = None
         self.started: float | None = None
         self.last_time: float | None = None
         self.last_checkpoint: str = ""
-        self.device: str = ""
-        self.trainable: int | None = None
         self.stopped = False
         self.reason = ""
         self.traceback: list[str] = []
@@ -199,8 +196,6 @@ class RunView:
                 value = _float(ev.get(attr))
                 if value is not None:
                     setattr(self, attr, value)
-            if isinstance(ev.get("tokens"), int):
-                self.tokens = ev["tokens"]
         elif kind == "system":
             self.system = dict(ev)
         elif kind == "eval":
@@ -224,9 +219,6 @@ class RunView:
         elif kind == "run_started":
             if self.started is None or ev.get("resumed_from"):
                 self.started = t  # a resumed run's elapsed time counts from the resume
-            device = ev.get("device") or {}
-            self.device = str(device.get("name") or device.get("type") or "") if isinstance(device, dict) else ""
-            self.trainable = ev.get("trainable_params") if isinstance(ev.get("trainable_params"), int) else None
             self.reason, self.traceback, self.stopped = "", [], False
             resumed = ev.get("resumed_from")
             self._note(ev, "started", f"started at step {step}" + (
@@ -241,7 +233,7 @@ class RunView:
         elif kind == "failed":
             self.reason = str(ev.get("reason") or "")
             tb = ev.get("traceback")
-            self.traceback = [line for line in str(tb).rstrip().splitlines()][-TRACEBACK_LINES:] if tb else []
+            self.traceback = str(tb).rstrip().splitlines()[-TRACEBACK_LINES:] if tb else []
             self._note(ev, "failed", ("died: " if ev.get("died") else "failed: ") + self.reason)
         return None
 

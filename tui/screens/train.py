@@ -236,8 +236,7 @@ class TrainScreen(ProjectScreen):
                 ("run ", "$text-muted"), (snap.name, "bold"), "  ", (snap.status.upper(), f"bold {style}"),
                 ("  ·  " + keys, "$text-muted")), layout=False)
         self.query_one("#numbers", Facts).show(snap.numbers)
-        facts = self.query_one("#system", Facts)
-        facts.show(snap.system)
+        self.query_one("#system", Facts).show(snap.system)
 
     def _draw_log(self, snap: Snapshot) -> None:
         new = snap.log_total - self._log_written
@@ -253,9 +252,8 @@ class TrainScreen(ProjectScreen):
 
     def _draw_alarm(self, snap: Snapshot) -> None:
         bar = self.query_one("#alarm-bar")
-        show = snap.alarm_count > self._alarms_dismissed and snap.status in LIVE and snap.last_alarm is not None
-        if show and snap.last_alarm is not None:
-            alarm = snap.last_alarm
+        alarm = snap.last_alarm
+        if alarm is not None and snap.alarm_count > self._alarms_dismissed and snap.status in LIVE:
             advice = "stopping is advised" if alarm.get("action") == "stop" else "it can keep going"
             self.query_one("#alarm-text", Static).update(f"⚠ step {alarm.get('step', 0)}: "
                                                          f"{alarm.get('message', '')} ({advice})")
@@ -309,7 +307,7 @@ class TrainScreen(ProjectScreen):
 
     def forget_project(self) -> None:
         self._opened_newest = False
-        self._shown, self._drawn, self._plotted, self._log_written, self._head = None, -1, -1, 0, None
+        self._shown, self._drawn = None, -1  # the next tick draws the new widgets afresh
 
     def project_shown(self) -> None:
         self._list_runs()
