@@ -58,6 +58,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunedeck.core.runs import ENDED
+
 GOAL_MS = 100.0
 PRESS_EVERY_S = 0.1
 
@@ -133,7 +135,7 @@ class ScriptedRun:
 
     @property
     def ended(self) -> bool:
-        return self.status in ("finished", "failed", "died")
+        return self.status in ENDED
 
     def _event(self, n: int, now: float) -> dict[str, Any]:
         if n % 500 == 499:

@@ -1,13 +1,15 @@
-"""What the event pipe costs: tokens/s of a run in the trainer process with the parent draining
-its events (``start_run`` + ``RunHandle.events``), against the same run in a plain process
-that only writes events.jsonl (no pipe, no listener). Measured side by side in one run.
+"""What the run's channel costs: tokens/s of a run in the trainer process with a follower
+taking its events live (``start_run`` + ``RunHandle.events``), against the same run in a
+plain process that only writes events.jsonl (no channel, no follower). Measured side by
+side in one run.
 
 The model is a small random llama (4 layers, hidden 256, the bundled tokenizer) logging
 every step, so steps are short and the per-event cost weighs as much as it ever will.
 The two kinds of run alternate (``--rounds`` each) and the medians are compared; the
-machine's own noise shows in the spread, printed too. A second, direct measure sends
-``--events`` step events through the same pipe to a draining RunHandle and divides the
-cost per event by the median step time.
+machine's own noise shows in the spread, printed too. A second, direct measure emits
+``--events`` step events through the trainer's emitter with a follower connected to its
+channel (in another process), and the same number with no channel, and divides the
+difference per event by the median step time.
 
     python bench/bench_queue_overhead.py [--steps 40] [--rounds 3] [--events 20000]
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -37,9 +38,10 @@ from tunedeck.core.events import EventLog
 from tunedeck.core.launcher import prepare_run
 from tunedeck.core.trainer import Controls, Emitter, run
 
-spec = prepare_run(sys.argv[1], [], run_name=sys.argv[2])
-with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
-    sys.exit(run(spec, Emitter(log), Controls()))
+with prepare_run(sys.argv[1], [], run_name=sys.argv[2]) as prepared:
+    spec = prepared.spec
+    with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
+        sys.exit(run(spec, Emitter(log), Controls()))
 '''
 
 
@@ -102,41 +104,58 @@ def without_listener(project: Path, name: str, script: Path) -> tuple[float, flo
     return steady_rate(project.parent / "runs" / name / "events.jsonl")
 
 
-def _sender(conn, count: int, path: str) -> None:
-    from tunedeck.core.events import EventLog
-    from tunedeck.core.trainer import Emitter
+FOLLOWER = r'''
+import sys
+from tunedeck.core.channel import Client
+client = Client.connect(sys.argv[1])
+print("connected", flush=True)
+got, want = 0, int(sys.argv[2])
+while got < want and not client.closed.is_set():
+    got += len(client.events(0.5))
+print(got, flush=True)
+'''
 
-    fields = {"loss": 1.2345, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens": 123456, "tokens_per_s": 1234.5,
-              "epoch": 0.5, "eta_s": 100.0, "max_steps": 1000, "mean_token_accuracy": 0.5, "entropy": 1.5}
-    with EventLog(path) as log:
-        emit = Emitter(log, conn)
-        start = time.perf_counter()
-        for i in range(count):
-            emit("step", i, **fields)
-        conn.send({"type": "finished", "step": count, "time": time.time(),
-                   "seconds": time.perf_counter() - start})
+FIELDS = {"loss": 1.2345, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens": 123456, "tokens_per_s": 1234.5,
+          "epoch": 0.5, "eta_s": 100.0, "max_steps": 1000, "mean_token_accuracy": 0.5, "entropy": 1.5}
+
+
+def _emit_all(emit, count: int) -> float:
+    start = time.perf_counter()
+    for i in range(count):
+        emit("step", i, **FIELDS)
+    return time.perf_counter() - start
 
 
 def per_event_cost(count: int, folder: Path) -> float:
-    """Seconds per event for the trainer's side of the pipe (JSON line + send) while a
-    RunHandle drains it: what an event costs the training loop."""
-    from tunedeck.core.launcher import RunHandle, RunSpec
+    """Seconds per event that the channel adds to the trainer's side (frame + queue for the
+    follower's sender thread), with a follower in another process taking every event."""
+    from tunedeck.core.channel import Server
+    from tunedeck.core.events import EventLog
+    from tunedeck.core.runs import write_record
+    from tunedeck.core.trainer import Controls, Emitter
 
-    ctx = mp.get_context("spawn")
-    read, write = ctx.Pipe(duplex=False)
-    control_read, control_write = ctx.Pipe(duplex=False)
-    (folder / "pipe").mkdir()
-    proc = ctx.Process(target=_sender, args=(write, count, str(folder / "pipe" / "events.jsonl")))
-    proc.start()
-    write.close()
-    spec = RunSpec(run_dir=str(folder / "pipe"), name="pipe", resume=False, project_path="")
-    handle = RunHandle(spec, proc, read, control_write)
-    got = 0
-    while not handle.ended:
-        got += len(handle.events(0.2))
-    got += len(handle.events(0))
-    assert got == count + 1, got
-    return handle.final["seconds"] / count
+    plain_dir, served_dir = folder / "plain-events", folder / "served-events"
+    plain_dir.mkdir()
+    served_dir.mkdir()
+    with EventLog(plain_dir / "events.jsonl") as log:
+        emit = Emitter(log)
+        emit.health.observe = lambda ev: []
+        alone = _emit_all(emit, count)
+    with EventLog(served_dir / "events.jsonl") as log:
+        emit = Emitter(log)
+        emit.health.observe = lambda ev: []
+        server = Server(served_dir, log, Controls(emit).take)
+        emit.server = server
+        write_record(served_dir, address=server.address)
+        follower = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(served_dir), str(count)],
+                                    stdout=subprocess.PIPE, text=True)
+        assert follower.stdout.readline().strip() == "connected"
+        served = _emit_all(emit, count)
+        got = int(follower.stdout.readline())
+        follower.wait(60)
+        server.close()
+    assert got == count, got
+    return max(0.0, served - alone) / count
 
 
 def main() -> int:
@@ -160,7 +179,7 @@ def main() -> int:
             rate, step_s = without_listener(project, f"plain-{i}", script)
             plain.append(rate)
             step_times.append(step_s)
-            print(f"round {i + 1}: with the pipe and a listener {piped[-1]:.0f} tok/s ({received} events), "
+            print(f"round {i + 1}: with the channel and a follower {piped[-1]:.0f} tok/s ({received} events), "
                   f"in-process without {plain[-1]:.0f} tok/s", flush=True)
         cost = per_event_cost(args.events, folder)
     step_s = statistics.median(step_times)

@@ -26,7 +26,8 @@ killer, segfault), and every request still waiting on it gets an error reply ins
 a hang. The next request starts a fresh engine. The engine, in turn, exits when the
 client's end closes, so it never outlives the UI.
 
-Ops: ``ping``; ``inspect`` (a model's layers as LoRA sees them, built on the meta device by
+Ops: ``ping``; ``preflight`` (the checks before a run, :func:`tunedeck.core.launcher.preflight`);
+``inspect`` (a model's layers as LoRA sees them, built on the meta device by
 :mod:`tunedeck.core.inspect`); ``lora_summary`` (what a project's [lora] settings, or a pick
 of layers, train: the parameters peft will report, the adapter's size, the estimated peak
 memory, and why training would refuse). The engine keeps one Inspection per model, so after
@@ -547,8 +548,19 @@ def op_lora_summary(project_text: str, project_path: str | None = None, layers: 
     return lora_summary(project, layers=layers, hardware=_hardware(hardware))
 
 
+def op_preflight(project_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The pre-flight of a run (:func:`tunedeck.core.launcher.preflight`, targets included),
+    for the app's Train screen: it refuses, in one line, before anything is created."""
+    from .launcher import load_project, preflight
+
+    project = load_project(project_path, overrides or [])
+    found = preflight(project, inspection=project_inspection(project))
+    return {"counts": found.counts, "processes": found.resolved.processes}
+
+
 OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "ping": op_ping,
+    "preflight": op_preflight,
     "inspect": op_inspect,
     "lora_summary": op_lora_summary,
     **PREVIEW_OPS,  # dataset preview

@@ -4,6 +4,8 @@ Every event has ``type``, ``time`` (Unix seconds) and ``step`` (the optimizer st
 belongs to), plus fields by type:
 
 =============  ================================================================================
+launched       name, resume, processes (written by whoever started this session of the run,
+               before the trainer exists: a new session begins here)
 run_started    config (the project's settings), resolved ("auto" made concrete), versions,
                device, trainable_params, total_params, train_rows, eval_rows, max_steps,
                resumed_from ({checkpoint, step} or null), run_dir, pid
@@ -21,13 +23,17 @@ warning        message
 finished       adapter, run_dir, checkpoints, final_loss, train_loss, runtime_s, tokens and
                tokens_per_s (this session's), stopped
 alarm          kind, message, action (see tunedeck.core.health)
-failed         reason (one line), traceback (null for user errors), user_error, and for a
-               trainer that vanished: died = true, exit_code
+control        action (stop | save | abort), message: a control the trainer has taken
+failed         reason (one line), failure (user_error | aborted | terminated | disk_full |
+               out_of_memory | crash | died), traceback (null for user errors), user_error,
+               aborted, and for a trainer that vanished: died = true, exit_code
 =============  ================================================================================
 
-:class:`EventLog` appends events to ``runs/<name>/events.jsonl`` (line-buffered, flushed
-per event, so the file is readable while a run is going); :func:`read_events` and
-:class:`EventReader` read it back, skipping a half-written last line.
+:class:`EventLog` appends events to ``runs/<name>/events.jsonl`` (one write per event, so
+the file is readable while a run is going, and it knows the file's length after each
+event: followers of a live run take the events up to that point from the file and the
+rest live); :func:`read_events` and :class:`EventReader` read it back, skipping a
+half-written last line.
 
 Light on purpose: no torch here (the UI process imports this module).
 """
@@ -52,7 +58,9 @@ WARNING = "warning"
 FINISHED = "finished"
 FAILED = "failed"
 ALARM = "alarm"  # a health alarm (tunedeck.core.health): kind, message, action
-TYPES = (RUN_STARTED, STEP, EVAL, CHECKPOINT, SYSTEM, WARNING, ALARM, FINISHED, FAILED)
+LAUNCHED = "launched"  # a session of the run begins (before its trainer process exists)
+CONTROL = "control"  # a control the trainer has taken: action, message
+TYPES = (LAUNCHED, RUN_STARTED, STEP, EVAL, CHECKPOINT, SYSTEM, WARNING, ALARM, CONTROL, FINISHED, FAILED)
 #: events that end a run (the last event of a trainer process)
 FINAL = (FINISHED, FAILED)
 
@@ -89,31 +97,57 @@ def is_final(ev: dict[str, Any]) -> bool:
 
 
 class EventLog:
-    """Appends events to a JSONL file, one line each, flushed as written. Thread-safe."""
+    """Appends events to a JSONL file, one line each, written as one ``write`` call. Thread-safe.
+
+    :attr:`offset` is the file's length after the last event written here (a follower that
+    reads the file up to it has every event before it). A write that fails (a full disk)
+    raises OSError; the offset is then read back from the file.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self.offset = os.fstat(self._fd).st_size
         self._lock = threading.Lock()
 
     def write(self, ev: dict[str, Any]) -> None:
-        line = json.dumps(ev, ensure_ascii=False, default=str)
+        data = encode_line(ev)
         with self._lock:
-            if self._fh.closed:
+            if self._fd < 0:
                 return
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(self._fd, data[written:])
+            except OSError:
+                self.offset = os.fstat(self._fd).st_size
+                raise
+            self.offset += len(data)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> EventLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def encode_line(ev: dict[str, Any]) -> bytes:
+    """One event as a line of UTF-8 JSON (text with a lone surrogate is written escaped)."""
+    try:
+        return (json.dumps(ev, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(ev, default=str) + "\n").encode("ascii")
 
 
 def append_event(path: str | os.PathLike[str], ev: dict[str, Any]) -> None:
@@ -128,17 +162,21 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class EventReader:
-    """Reads the events appended to a file since the last call (to follow a run's file)."""
+    """Reads the events appended to a file since the last call (to follow a run's file).
+    :attr:`offset` is how many bytes were taken, always at a line's end."""
 
     def __init__(self, path: str | os.PathLike[str], offset: int = 0) -> None:
         self.path = Path(path)
-        self._offset = offset  # bytes already read
+        self.offset = offset
 
-    def read_new(self) -> list[dict[str, Any]]:
+    def read_new(self, upto: int | None = None) -> list[dict[str, Any]]:
+        """The complete events after :attr:`offset` (and before byte ``upto``, when given)."""
+        if upto is not None and upto <= self.offset:
+            return []
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
+                fh.seek(self.offset)
+                data = fh.read() if upto is None else fh.read(upto - self.offset)
         except FileNotFoundError:
             return []
         out: list[dict[str, Any]] = []
@@ -149,11 +187,11 @@ class EventReader:
             consumed += len(line)
             try:
                 ev = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 continue  # a torn line (e.g. a full disk): skip it, keep the rest
             if isinstance(ev, dict) and "type" in ev:
                 out.append(ev)
-        self._offset += consumed
+        self.offset += consumed
         return out
 
 

@@ -815,10 +815,10 @@ def project_choice(project: Any, ins: Inspection, targets: str | list[str] | Non
                            use_dora=lora["use_dora"], bias=lora["bias"], modules_to_save=lora["modules_to_save"])
 
 
-def project_counts(project: Any) -> dict[str, int]:
+def project_counts(project: Any, inspection: Inspection | None = None) -> dict[str, int]:
     """``trainable_params`` and ``total_params`` of a project, as peft will report them
     after wrapping, and ``target_layers``. Raises UserError when training would refuse."""
-    choice = project_choice(project, inspect_project(project))
+    choice = project_choice(project, inspection or inspect_project(project))
     if choice.errors:
         raise UserError(f"lora.{choice.errors[0]}")
     return {"trainable_params": choice.trainable_params, "total_params": choice.total_params,

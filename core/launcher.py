@@ -1,38 +1,40 @@
-"""Starting a run and watching it: the parent side of the trainer process.
+"""Starting a run and following it: the side of the run that is not the trainer.
 
-Used by ``tunedeck train`` and by the app. :func:`start_run` checks what it can without
-heavy imports (project, model files, dataset, settings against the machine), creates
-``runs/<name>/`` with the project snapshot, and starts the trainer in a new process
-(multiprocessing "spawn"). It returns a :class:`RunHandle`:
+Used by ``tunedeck train``, ``tunedeck attach`` and the app.
 
-- events come back through a one-way pipe; a watchdog thread in this process drains it
-  into a local queue (so the trainer never blocks on a slow reader), and notices a
-  trainer that is gone without a final event (SIGKILL, the OOM killer, a segfault) as
-  soon as its end of the pipe closes. That death is reported as a ``failed`` event with
-  ``died = true`` and the exit code, and appended to ``events.jsonl``;
-- control messages go through :func:`tunedeck.core.runs.send_control` (stop and save: the
-  run's control file, read between steps; abort: SIGUSR1), the one path that also works
-  for a run this process did not start;
-- the trainer runs in its own session (``setsid``): the terminal's SIGHUP and Ctrl-C do
-  not reach it. The caller decides what Ctrl-C means (``tunedeck train``: stop, then
-  abort). :meth:`RunHandle.detach` lets the run outlive this process (``tunedeck train
-  --detach``, or quitting the app with the run left going);
-- :func:`attach` follows a run this process did not start: its history from
-  ``events.jsonl``, then new events as they are appended, and its death by its pid.
-
-Refusals found in the trainer (target modules that match nothing, a dataset left empty
-after masking ...) come back as a ``failed`` event with ``user_error = true``.
+- :func:`preflight` is the one set of refusals before a run: the settings against this
+  machine, the model's files, the dataset, and the target modules against the model's
+  real layers (built on the meta device). ``tunedeck check``, ``tunedeck train`` and the
+  Train screen (through the engine process, so the UI stays light) all call it, before
+  anything is created.
+- :func:`prepare_run` makes the run folder: a new one is set up under a hidden name and
+  renamed into place in one step (two runs cannot take the same name, and a folder that
+  could not be set up is removed); a resumed one is locked first, so a second trainer on
+  the same run is refused. It appends the ``launched`` event that begins a session.
+- :func:`start_run` starts the trainer as a program of its own
+  (``python -m tunedeck.core.trainer``, through torchrun or accelerate for several
+  processes) with plain :mod:`subprocess`, in its own session, its output in the run's
+  ``trainer.log``. The trainer inherits the run's lock and holds it while it lives.
+- :class:`Follower` follows any run, the one started here (:class:`RunHandle`) or one
+  started elsewhere (:func:`attach`) alike: the history from ``events.jsonl``, then live
+  events through the trainer's channel (:mod:`tunedeck.core.channel`), whose controls
+  (stop, save, abort) are answered once the trainer has taken them. A trainer that is
+  gone without a final event is found at once (the channel closes) and, once certain,
+  its end is written to the run's events (:func:`tunedeck.core.runs.record_death`).
 
 No torch here: this module is imported by the UI process.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import errno
+import json
 import os
-import queue
 import re
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,44 +42,49 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .channel import ChannelError, Client, default_address, ensure_key, private_dir
 from .errors import UserError
-from .events import EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, EventReader, append_event, event, is_final
+from .events import EVENTS_FILE, LAUNCHED, EventReader, append_event, event
 from .runs import (
-    LOG_FILE, SNAPSHOT, checkpoint_steps, latest_checkpoint, send_control, trainer_alive, write_pid_file,
+    CONTROLS, LOG_FILE, PRIVATE_DIR, SNAPSHOT, Liveness, RunLock, RunState, checkpoint_steps,
+    latest_checkpoint, liveness, oom_kills, process_start, read_record, record_death, write_record,
 )
-
-# exit codes of the trainer process
-EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_ABORTED = 0, 1, 2, 130
-
-STARTING, RUNNING, STOPPING = "starting", "running", "stopping"
-FINISHED_STATUS, FAILED_STATUS, DIED = "finished", "failed", "died"
-TERMINAL = (FINISHED_STATUS, FAILED_STATUS, DIED)
 
 # keys that must not change when a run is resumed (the checkpoint's weights depend on them)
 RESUME_FIXED = ("model.source", "model.trust_remote_code", "quantization.mode", "quantization.quant_type",
                 "quantization.double_quant", "lora.r", "lora.target_modules", "lora.use_dora",
                 "lora.modules_to_save", "lora.bias")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# how long a trainer may take to exit after its final event before it is killed
-EXIT_GRACE_S = 60.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SETUP_PREFIX = ".setup-"  # a run folder being set up, renamed into place when complete
+LOCK_WAIT_S = 1.0  # an observer holds a run's lock for a moment (record_death): wait that long
+CONNECT_S = 10.0  # how long a control waits for a trainer that is still starting to listen
+POLL_S = 0.1  # how often a follower without a live channel reads the file
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What the trainer process needs to know; plain values (it crosses a process boundary)."""
+    """What the trainer process needs to know; plain values (passed on its command line)."""
 
     run_dir: str
     name: str
     resume: bool
     project_path: str
     warnings: tuple[str, ...] = ()
-    cuda_visible_devices: str | None = None  # set in the trainer before torch starts
+    processes: int = 1
+    gpus: tuple[int, ...] | None = None  # NVML indices: the trainer's CUDA_VISIBLE_DEVICES
+    accelerate_config: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        gpus = data.get("gpus")
+        return cls(**{**data, "warnings": tuple(data.get("warnings") or ()),
+                      "gpus": tuple(gpus) if gpus is not None else None})
 
-# -- checks and the run folder (no heavy imports) -------------------------------------------
+
+# -- the checks before a run (no heavy imports but the target check's) ---------------------------
 
 
 def load_project(project_path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -90,17 +97,22 @@ def load_project(project_path: str | os.PathLike[str], overrides: list[str] | tu
 
 @dataclass
 class Preflight:
-    """What the checks before a run found: the model's files, the resolved settings, the rows."""
+    """What the checks before a run found: the model's files, the resolved settings, the
+    rows, and (when targets were checked) the parameters that will train."""
 
     ref: Any  # tunedeck.core.models.ModelRef
     resolved: Any  # tunedeck.core.resolve.Resolved
     splits: Any  # tunedeck.core.datafile.Splits
+    counts: dict[str, int] | None = None  # trainable_params, total_params, target_layers
 
 
-def preflight(project: Any) -> Preflight:
-    """The checks that need no torch: settings against this machine, model files, dataset.
-    `tunedeck check` runs the same ones, so a project it passes is not refused here.
+def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> Preflight:
+    """Every refusal a run can know before it starts: `tunedeck check`, `tunedeck train`
+    and the Train screen call this, so a project one of them passes none refuses.
 
+    ``targets``: also match ``lora.target_modules`` against the model's layers (builds the
+    model on the meta device: imports torch, transformers and peft; the UI asks the engine
+    process to run this). ``inspection``: the model's Inspection when the caller keeps one.
     Raises UserError with one line.
     """
     from .datafile import load_splits
@@ -116,11 +128,38 @@ def preflight(project: Any) -> Preflight:
             "already quantized and load dequantized, not through bitsandbytes; convert the model to a safetensors "
             'folder first, or set quantization.mode = "none"'
         )
-    return Preflight(ref, resolved, load_splits(project))
+    config = project["training.accelerate_config"]
+    if config and not project.resolve_path(config).is_file():
+        raise UserError(f"training.accelerate_config: {project.resolve_path(config)} is not a file; write one with "
+                        "`accelerate config --config_file FILE`, or leave it empty for plain data parallel")
+    splits = load_splits(project)
+    counts = None
+    if targets:
+        from .inspect import project_counts
+
+        counts = project_counts(project, inspection)
+    return Preflight(ref, resolved, splits, counts)
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
+@dataclass
+class Prepared:
+    """A run folder ready for its trainer, and the run's lock (held until the trainer has it)."""
+
+    spec: RunSpec
+    lock: RunLock
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def prepare_run(
@@ -128,34 +167,103 @@ def prepare_run(
     overrides: list[str] | tuple[str, ...] = (),
     run_name: str | None = None,
     resume: bool = False,
-) -> RunSpec:
-    """Check the project, pick the run folder and write its snapshot. Raises UserError."""
+    *,
+    targets: bool = True,
+) -> Prepared:
+    """Check the project (:func:`preflight`), then make or lock the run folder, write its
+    snapshot and begin a session. Raises UserError (one line) and leaves nothing behind.
+
+    ``targets=False`` when the caller has just run the full pre-flight elsewhere (the app,
+    through the engine process)."""
     project = load_project(project_path, overrides)
-    found = preflight(project)
+    found = preflight(project, targets=targets)
     runs_dir = project.resolve_path(project["output.runs_dir"])
-    if run_name is not None and not _NAME.match(run_name):
-        raise UserError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-' (no slashes or spaces)")
+    if run_name is not None and not _NAME.fullmatch(run_name):
+        raise UserError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-' (no slashes, spaces or "
+                        "line breaks), starting with a letter or digit")
+    resolved = found.resolved
+    config = project["training.accelerate_config"]
+
+    def spec_for(run_dir: Path) -> RunSpec:
+        return RunSpec(run_dir=str(run_dir), name=run_dir.name, resume=resume, project_path=str(project.path),
+                       processes=resolved.processes, gpus=resolved.gpus,
+                       accelerate_config=str(project.resolve_path(config)) if config else None)
+
     if resume:
         run_dir = _run_to_resume(runs_dir, project, run_name)
         _check_resume_compatible(run_dir, project)
-    else:
-        if run_name is None:
-            base = f"{slug(project.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run_name, n = base, 2
-            while (runs_dir / run_name).exists():
-                run_name, n = f"{base}-{n}", n + 1
-        run_dir = runs_dir / run_name
-        if run_dir.exists():
-            raise UserError(f"{run_dir}: this run already exists; pick another --run-name, or pass --resume "
-                            "to continue it")
+        lock = _lock_run(run_dir)
+        try:
+            for stale in (run_dir / PRIVATE_DIR).glob("rank-*"):  # the ranks of an earlier session
+                stale.unlink()
+            write_snapshot(project, run_dir)
+            ensure_key(run_dir)
+            append_event(run_dir / EVENTS_FILE, event(LAUNCHED, resume=True, processes=resolved.processes))
+        except (OSError, ChannelError) as exc:
+            lock.release()
+            raise UserError(f"{run_dir}: cannot write to the run folder ({_why(exc)})") from None
+        return Prepared(spec_for(run_dir), lock)
+    run_dir, lock = _new_run_folder(runs_dir, project, run_name, resolved.processes)
+    return Prepared(spec_for(run_dir), lock)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror}: the disk is full; free some space or set output.runs_dir elsewhere"
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _new_run_folder(runs_dir: Path, project: Any, run_name: str | None, processes: int) -> tuple[Path, RunLock]:
+    """Set a run folder up under a hidden name, then rename it into place: the name is taken
+    by a complete folder or not at all, and a folder that could not be set up is removed."""
+    setup = runs_dir / f"{SETUP_PREFIX}{secrets.token_hex(8)}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        setup.mkdir()
     except OSError as exc:
-        raise UserError(f"{run_dir}: cannot create the run folder ({exc.strerror})") from None
-    write_snapshot(project, run_dir)
-    warnings, visible = _gpu_choice(found.resolved.device)
-    return RunSpec(run_dir=str(run_dir), name=run_dir.name, resume=resume, project_path=str(project.path),
-                   warnings=tuple(warnings), cuda_visible_devices=visible)
+        raise UserError(f"{runs_dir}: cannot create the run folder ({_why(exc)})") from None
+    lock = RunLock(setup)
+    if run_name is not None:
+        names = iter([run_name])
+    else:
+        base = f"{slug(project.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        names = iter([base, *(f"{base}-{n}" for n in range(2, 10_000))])
+    try:
+        lock.acquire()
+        ensure_key(setup)
+        append_event(setup / EVENTS_FILE, event(LAUNCHED, resume=False, processes=processes))
+        for name in names:
+            target = runs_dir / name
+            if target.exists() or target.is_symlink():  # rename() would replace an empty folder
+                continue
+            write_snapshot(project, setup, target)
+            try:
+                os.rename(setup, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                continue  # taken meanwhile
+            return target, lock
+        assert run_name is not None
+        raise UserError(f"{runs_dir / run_name}: this run already exists; pick another --run-name, or pass "
+                        "--resume to continue it")
+    except BaseException as exc:
+        lock.release()
+        shutil.rmtree(setup, ignore_errors=True)
+        if isinstance(exc, (OSError, ChannelError)):
+            raise UserError(f"{runs_dir}: cannot set up the run folder ({_why(exc)})") from None
+        raise
+
+
+def _lock_run(run_dir: Path) -> RunLock:
+    lock = RunLock(run_dir)
+    if lock.acquire(wait=LOCK_WAIT_S):
+        return lock
+    lock.release()
+    record = read_record(run_dir) or {}
+    who = f" (pid {record['pid']} on {record.get('host') or 'this host'})" if record.get("pid") else ""
+    raise UserError(f"--resume: {run_dir.name} is being trained by another trainer{who}; follow it with "
+                    f"`tunedeck attach {run_dir}`, or stop it first")
 
 
 def _run_to_resume(runs_dir: Path, project: Any, run_name: str | None) -> Path:
@@ -165,17 +273,14 @@ def _run_to_resume(runs_dir: Path, project: Any, run_name: str | None) -> Path:
             raise UserError(f"--resume: no run {run_name!r} in {runs_dir}")
         if not checkpoint_steps(run_dir):
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-    else:
-        prefix = slug(project.name) + "-"
-        candidates = [p for p in (runs_dir.iterdir() if runs_dir.is_dir() else [])
-                      if p.is_dir() and p.name.startswith(prefix) and checkpoint_steps(p)]
-        if not candidates:
-            raise UserError(f"--resume: no run of {project.name!r} with a checkpoint in {runs_dir}; "
-                            "name one with --run-name")
-        run_dir = max(candidates, key=lambda p: latest_checkpoint(p).stat().st_mtime)  # type: ignore[union-attr]
-    if trainer_alive(run_dir):
-        raise UserError(f"--resume: {run_dir.name} is still running")
-    return run_dir
+        return run_dir
+    prefix = slug(project.name) + "-"
+    candidates = [p for p in (runs_dir.iterdir() if runs_dir.is_dir() else [])
+                  if p.is_dir() and p.name.startswith(prefix) and checkpoint_steps(p)]
+    if not candidates:
+        raise UserError(f"--resume: no run of {project.name!r} with a checkpoint in {runs_dir}; "
+                        "name one with --run-name")
+    return max(candidates, key=lambda p: latest_checkpoint(p).stat().st_mtime)  # type: ignore[union-attr]
 
 
 def _check_resume_compatible(run_dir: Path, project: Any) -> None:
@@ -202,14 +307,17 @@ def _check_resume_compatible(run_dir: Path, project: Any) -> None:
                         "resume with the same model, quantization and LoRA shape, or start a new run")
 
 
-def write_snapshot(project: Any, run_dir: Path) -> Path:
-    """Write the project as run: overrides applied, paths rewritten relative to the run folder,
-    so ``runs/<name>/project.toml`` loads and trains as is."""
+def write_snapshot(project: Any, folder: Path, run_dir: Path | None = None) -> Path:
+    """Write the project as run into ``folder``: overrides applied, paths rewritten relative
+    to the run folder (``run_dir``, default ``folder``), so ``runs/<name>/project.toml``
+    loads and trains as is."""
     from .models import resolve_source
     from .project import Project, atomic_write_text
 
+    run_dir = run_dir or folder
     snap = Project.from_text(project.text(), project.path)
-    for key in ("model.source", "dataset.path", "dataset.eval_split", "output.runs_dir"):
+    for key in ("model.source", "dataset.path", "dataset.eval_split", "output.runs_dir",
+                "training.accelerate_config"):
         value = snap[key]
         if not isinstance(value, str) or not value:
             continue
@@ -223,262 +331,35 @@ def write_snapshot(project: Any, run_dir: Path) -> Path:
         snap.set(key, os.path.relpath(target, run_dir))
     header = (f"# tunedeck run {run_dir.name}: the project as trained, from {project.path}\n"
               "# (overrides applied; paths relative to this folder)\n")
-    path = run_dir / SNAPSHOT
+    path = folder / SNAPSHOT
     atomic_write_text(path, header + snap.text())
     return path
 
 
-def _gpu_choice(device: str) -> tuple[list[str], str | None]:
-    """One process trains on one GPU; with several visible, use the first and say how to use all."""
-    if device != "cuda":
-        return [], None
-    from .hardware import detect
-
-    gpus = detect().gpus
-    if len(gpus) < 2:
-        return [], None
-    note = (f"{len(gpus)} GPUs are visible; this run uses GPU {gpus[0].index} only. To train on all of them, "
-            "run it with `accelerate launch -m tunedeck.core.trainer PROJECT.toml` (see the README)")
-    return [note], str(gpus[0].index)
+# -- starting the trainer ---------------------------------------------------------------------------
 
 
-# -- the trainer process --------------------------------------------------------------------
+def trainer_command(spec: RunSpec, python: str = sys.executable) -> list[str]:
+    """The command line of a run's trainer: one process, or several through torchrun
+    (data parallel) or accelerate (an accelerate config: FSDP, DeepSpeed)."""
+    program = ["-m", "tunedeck.core.trainer", "--run-dir", spec.run_dir, "--launch", json.dumps(spec.as_dict())]
+    if spec.accelerate_config:
+        return [python, "-m", "accelerate.commands.launch", "--config_file", spec.accelerate_config,
+                "--num_processes", str(spec.processes), "--num_machines", "1", *program]
+    if spec.processes > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec.processes),
+                "--local-addr", "127.0.0.1", *program]
+    return [python, *program]
 
 
-EARLY_ABORT = threading.Event()  # SIGUSR1 before the trainer took over its signal
-
-
-def _note_abort(signum: int, frame: Any) -> None:
-    EARLY_ABORT.set()
-
-
-def _trainer_entry(spec: dict[str, Any], events_conn: Any, control_conn: Any) -> None:
-    """Runs in the spawned process: isolate it from the terminal, then train."""
-    signal.signal(signal.SIGUSR1, _note_abort)  # an abort while the libraries import
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to interpret
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        os.setsid()  # its own session: the run outlives the terminal it was started from
-    except OSError:
-        pass
-    run_dir = Path(spec["run_dir"])
-    log = open(run_dir / LOG_FILE, "a", buffering=1, encoding="utf-8")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(log.fileno(), 1)  # library output (progress bars, warnings) goes to trainer.log
-    os.dup2(log.fileno(), 2)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # nothing of the terminal (or a caller's pipe) stays open in a run that outlives it
-    os.close(null)
-    if spec.get("cuda_visible_devices") is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
-    from .trainer import run_spawned
-
-    code = run_spawned(RunSpec(**{**spec, "warnings": tuple(spec["warnings"])}), events_conn, control_conn)
-    sys.exit(code)
-
-
-class _RunControls:
-    """What RunHandle and AttachedRun share: the status and final event (set as events arrive),
-    and the controls, requests through the run's control file and SIGUSR1
-    (:func:`tunedeck.core.runs.send_control`), whoever started the run."""
-
-    run_dir: Path
-    _status: str
-    _final: dict[str, Any] | None
-    _lock: threading.Lock
-
-    @property
-    def status(self) -> str:
-        """"starting" | "running" | "stopping" | "finished" | "failed" | "died"."""
-        return self._status
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """The run's last event (``finished`` or ``failed``) once it has ended."""
-        return self._final
-
-    def _send(self, message: str, stopping: bool = True) -> None:
-        with self._lock:
-            if self._status in TERMINAL:
-                return
-            if stopping:
-                self._status = STOPPING
-        try:
-            send_control(self.run_dir, message)
-        except UserError:  # the trainer is gone; the next read reports it
-            pass
-
-    def stop(self) -> None:
-        """Save a checkpoint at the end of the current step, then end cleanly (with the adapter)."""
-        self._send("stop")
-
-    def save_now(self) -> None:
-        """Save a checkpoint at the end of the current step and keep training."""
-        self._send("save", stopping=False)
-
-    def abort(self) -> None:
-        """End at once, saving nothing."""
-        self._send("abort")
-
-
-class RunHandle(_RunControls):
-    """A running trainer: its events, its controls and its status. See :func:`start_run`."""
-
-    def __init__(self, spec: RunSpec, process: Any, events_conn: Any, control_conn: Any = None) -> None:
-        self.spec = spec
-        self.run_dir = Path(spec.run_dir)
-        self.name = spec.name
-        self._process = process
-        self._events_conn = events_conn
-        self._control_conn = control_conn
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._lock = threading.Lock()
-        self._status = STARTING
-        self._final: dict[str, Any] | None = None
-        self._last_step = 0
-        self._done = threading.Event()
-        self._log_offset = self._events_size()
-        self._watchdog = threading.Thread(target=self._watch, name=f"tunedeck-watch-{self.name}", daemon=True)
-        self._watchdog.start()
-
-    # -- what callers use ----------------------------------------------------------------------
-
-    @property
-    def ended(self) -> bool:
-        """True once the run has ended and its process is gone."""
-        return self._done.is_set()
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
-    def exit_code(self) -> int | None:
-        return self._process.exitcode
-
-    def events(self, timeout: float = 0.2) -> list[dict[str, Any]]:
-        """The events that arrived since the last call, waiting at most ``timeout`` seconds for one."""
-        out: list[dict[str, Any]] = []
-        if not (self._done.is_set() and self._queue.empty()):
-            try:
-                out.append(self._queue.get(timeout=max(0.0, timeout)))
-            except queue.Empty:
-                return out
-        while True:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                return out
-
-    def kill(self) -> None:
-        """Kill the trainer process (SIGKILL); the watchdog reports it as died."""
-        if self._process.is_alive():
-            self._process.kill()
-
-    def detach(self) -> None:
-        """Let the run outlive this process: it is not waited for at exit; it goes on
-        reporting to its events.jsonl, and :func:`attach` follows it again."""
-        mp.process._children.discard(self._process)  # multiprocessing joins its children at exit
-
-    def wait(self, timeout: float | None = None) -> str:
-        """Wait until the run has ended and its process is gone; returns the status."""
-        self._done.wait(timeout)
-        return self._status
-
-    # -- the watchdog ------------------------------------------------------------------------
-
-    def _accept(self, ev: dict[str, Any]) -> None:
-        with self._lock:
-            self._last_step = max(self._last_step, int(ev.get("step") or 0))
-            if ev.get("type") == RUN_STARTED and self._status == STARTING:
-                self._status = RUNNING
-            elif is_final(ev) and self._final is None:
-                self._final = ev
-                if ev["type"] == FINISHED:
-                    self._status = FINISHED_STATUS
-                else:
-                    self._status = DIED if ev.get("died") else FAILED_STATUS
-            elif is_final(ev):
-                return  # only the first final event counts
-        self._queue.put(ev)
-
-    def _watch(self) -> None:
-        try:
-            self._read_until_closed()
-            self._reap()
-            if self._final is None:
-                self._recover_or_report_death()
-        finally:
-            for conn in (self._events_conn, self._control_conn):
-                try:
-                    if conn is not None:
-                        conn.close()
-                except OSError:
-                    pass
-            self._done.set()
-
-    def _read_until_closed(self) -> None:
-        """Pass events on until the trainer closes its end of the pipe (it exited or died)."""
-        conn = self._events_conn
-        while True:
-            try:
-                if not conn.poll(0.2):
-                    if not self._process.is_alive() and not conn.poll(0):
-                        return
-                    continue
-                ev = conn.recv()
-            except (EOFError, OSError):  # closed, or a message cut short by a kill
-                return
-            if isinstance(ev, dict):
-                self._accept(ev)
-
-    def _reap(self) -> None:
-        """Wait for the process to exit; one that hangs after its final event is killed."""
-        grace = EXIT_GRACE_S if self._final is not None else 5.0
-        self._process.join(grace)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5.0)
-
-    def _recover_or_report_death(self) -> None:
-        # a final event the trainer wrote to its file but could not send
-        for ev in EventReader(self.run_dir / EVENTS_FILE, offset=self._log_offset).read_new():
-            if is_final(ev):
-                self._accept(ev)
-                return
-        code = self._process.exitcode
-        ev = event(FAILED, self._last_step, reason=death_reason(code, self.run_dir), traceback=None,
-                   user_error=False, died=True, exit_code=code)
-        try:
-            append_event(self.run_dir / EVENTS_FILE, ev)
-        except OSError:
-            pass
-        self._accept(ev)
-
-    def _events_size(self) -> int:
-        try:
-            return (self.run_dir / EVENTS_FILE).stat().st_size
-        except OSError:
-            return 0
-
-
-def death_reason(exit_code: int | None, run_dir: Path) -> str:
-    """One line for a trainer that ended without saying why."""
-    log = run_dir / LOG_FILE
-    if exit_code is not None and exit_code < 0:
-        try:
-            name = signal.Signals(-exit_code).name
-        except ValueError:
-            name = f"signal {-exit_code}"
-        if exit_code == -signal.SIGUSR1:
-            return "aborted while the trainer process was starting; nothing saved"
-        hint = "; often the out-of-memory killer (see `dmesg`)" if exit_code == -signal.SIGKILL else ""
-        return f"the trainer process was killed by {name} (exit code {exit_code}) before it finished{hint}"
-    return f"the trainer process exited with code {exit_code} without a final event; see {log}"
+def trainer_env(spec: RunSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    if spec.gpus is not None:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpus)
+    return env
 
 
 def start_run(
@@ -486,163 +367,356 @@ def start_run(
     overrides: list[str] | tuple[str, ...] = (),
     run_name: str | None = None,
     resume: bool = False,
+    *,
+    targets: bool = True,
 ) -> RunHandle:
-    """Check the project, create ``runs/<name>/`` and start the trainer process.
+    """Check the project, make the run folder and start its trainer process.
 
-    Raises UserError (one line) when the project cannot train; problems the trainer finds
-    later arrive as a ``failed`` event with ``user_error = true``.
+    Raises UserError (one line) when the project cannot train, before anything is created;
+    problems the trainer finds later arrive as a ``failed`` event with ``user_error``.
     """
-    spec = prepare_run(project_path, overrides, run_name, resume)
-    _start_resource_tracker()
-    ctx = mp.get_context("spawn")
-    events_read, events_write = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_trainer_entry, args=(spec.as_dict(), events_write, None),
-                          name=f"tunedeck-trainer-{spec.name}", daemon=False)
-    process.start()
-    _write_parent_pid(Path(spec.run_dir), process.pid)
-    # keep only our end: the events pipe reads EOF the moment the trainer is gone
-    events_write.close()
-    return RunHandle(spec, process, events_read)
-
-
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (which lives as long as the trainer) without
-    our stderr: a detached run must not hold the terminal or a caller's pipe open."""
-    from multiprocessing import resource_tracker
-
-    saved = [os.dup(fd) for fd in (0, 1, 2)]
-    null = os.open(os.devnull, os.O_RDWR)
+    prepared = prepare_run(project_path, overrides, run_name, resume, targets=targets)
+    spec = prepared.spec
+    run_dir = Path(spec.run_dir)
     try:
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        resource_tracker.ensure_running()
+        with open(run_dir / LOG_FILE, "ab") as log:
+            process = subprocess.Popen(
+                trainer_command(spec), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, pass_fds=(prepared.lock.fileno(),),
+                env=trainer_env(spec), cwd=run_dir,
+            )
+        write_record(run_dir, process.pid, leader=process.pid, leader_start=process_start(process.pid),
+                     world_size=spec.processes, address=default_address(run_dir), oom_kills=oom_kills())
+    except OSError as exc:
+        _abandon(prepared, f"cannot start the trainer process ({_why(exc)})")
+        raise UserError(f"{spec.name}: cannot start the trainer process ({_why(exc)})") from None
     finally:
-        for fd, old in zip((0, 1, 2), saved):
-            os.dup2(old, fd)
-            os.close(old)
-        os.close(null)
+        prepared.release()  # the trainer holds the run's lock now (it inherited it)
+    return RunHandle(spec, process)
 
 
-def _write_parent_pid(run_dir: Path, pid: int | None) -> None:
-    """Name the trainer in trainer.pid at once (the trainer rewrites it when it starts), so
-    ``tunedeck runs`` sees the run as running while the trainer imports its libraries."""
-    if pid is None:
+def _abandon(prepared: Prepared, reason: str) -> None:
+    """A session that never got a trainer: a new run's folder goes, a resumed one is ended."""
+    run_dir = Path(prepared.spec.run_dir)
+    if not prepared.spec.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
         return
     try:
-        write_pid_file(run_dir, pid)
-        (run_dir / EVENTS_FILE).touch()
+        append_event(run_dir / EVENTS_FILE, event("failed", reason=reason, failure="crash", traceback=None,
+                                                  user_error=False))
     except OSError:
         pass
 
 
-# -- following a run this process did not start ----------------------------------------------
-
-POLL_S = 0.1  # how often an attached run's file is read
+# -- following a run ---------------------------------------------------------------------------
 
 
-class AttachedRun(_RunControls):
-    """A run started elsewhere (``--detach``, another window, an app that quit): the same
-    surface as :class:`RunHandle`, fed from its ``events.jsonl``. Its history comes first,
-    then the events appended since; a trainer that is gone without a final event is
-    reported as died (exit code unknown: it was not our child) and recorded in the file."""
+class Follower:
+    """A run followed from outside its trainer: its events, status and controls.
+
+    The history comes from ``events.jsonl``; while the trainer lives, later events come
+    live through its channel (the file is read up to the position the trainer names when
+    the connection opens, then every event carries its own position, so none is missed or
+    taken twice). Without a channel (the trainer is starting, or on another host) the file
+    is read every :data:`POLL_S`. A trainer gone without a final event is reported as died
+    (and recorded so in the file, once that is certain).
+    """
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(run_dir)
         self.name = self.run_dir.name
+        self.state = RunState()
         self._reader = EventReader(self.run_dir / EVENTS_FILE)
-        self._status = STARTING
-        self._final: dict[str, Any] | None = None
-        self._last_step = 0
         self._lock = threading.Lock()
+        self._client: Client | None = None
+        self._live: Liveness | None = None
+        self._next_connect = 0.0
+        self._detached = False
         self._pending: list[dict[str, Any]] = []
-        self._ended = False
-        self.exit_code: int | None = None
-        self._pending = self._take(self._reader.read_new())
-        if self._final is None and not trainer_alive(self.run_dir):
-            self._pending.extend(self._death())
+        self._connect()
+        self._pending = self._take(self._reader.read_new(self._client.offset if self._client else None))
+        if self._client is None:
+            self._pending.extend(self._check_liveness())
+
+    # -- what callers use -----------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """starting | running | stopping | finished | stopped | aborted | failed | died | unknown."""
+        return self.state.status(self._live)
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The session's final event (``finished`` or ``failed``) once it has ended."""
+        return self.state.final
 
     @property
     def ended(self) -> bool:
-        return self._ended
+        return self.state.ended
 
     @property
     def pid(self) -> int | None:
-        from .runs import trainer_pid
+        live = self._live or liveness(self.run_dir)
+        return live.pid if live.alive else None
 
-        return trainer_pid(self.run_dir)
+    @property
+    def project_path(self) -> str | None:
+        """The project file the run was started from (its run_started event says)."""
+        return self.state.project
 
     def events(self, timeout: float = 0.2) -> list[dict[str, Any]]:
-        """History on the first call, then what was appended, waiting at most ``timeout`` seconds."""
+        """History on the first call, then what came since, waiting at most ``timeout`` seconds."""
         with self._lock:
             if self._pending:
                 out, self._pending = self._pending, []
                 return out
         deadline = time.monotonic() + max(0.0, timeout)
-        while not self._ended:
-            out = self._poll()
-            if out or time.monotonic() >= deadline:
+        while not self._detached:
+            out = self._poll(max(0.0, min(POLL_S, deadline - time.monotonic())))
+            if out or self.ended or time.monotonic() >= deadline:
                 return out
-            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
         return []
 
-    def _poll(self) -> list[dict[str, Any]]:
-        alive = trainer_alive(self.run_dir)  # before reading: a final event written just before exit is seen
-        out = self._take(self._reader.read_new())
-        if self._final is None and not alive:
-            out.extend(self._take(self._reader.read_new()) or self._death())
-        return out
+    def wait(self, timeout: float | None = None) -> str:
+        """Follow the run until it has ended (or ``timeout``); returns its status. The
+        events read meanwhile stay for :meth:`events`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ended and (deadline is None or time.monotonic() < deadline):
+            new = self._poll(POLL_S)
+            with self._lock:
+                self._pending.extend(new)
+        return self.status
+
+    def stop(self) -> str:
+        """Save a checkpoint at the end of the current step, then end (with the adapter)."""
+        return self.control("stop")
+
+    def save_now(self) -> str:
+        """Save a checkpoint at the end of the current step and keep training."""
+        return self.control("save")
+
+    def abort(self) -> str:
+        """End at once, saving nothing more."""
+        return self.control("abort")
+
+    def control(self, action: str) -> str:
+        """Send a control; returns once the trainer has taken it (its answer, one line).
+        Raises UserError when the run has ended or its trainer cannot be reached."""
+        if self.ended:
+            raise UserError(f"{self.name} has ended ({self.status}); nothing to {action}")
+        client = self._client
+        if client is not None and not client.closed.is_set():
+            try:
+                return _answer(self.name, action, client.control(action))
+            except ChannelError:
+                pass
+        return send_control(self.run_dir, action)
+
+    def detach(self) -> None:
+        """Stop following: the channel closes and nothing more is kept for this follower;
+        the run goes on, and :func:`attach` follows it again."""
+        self._detached = True
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        with self._lock:
+            self._pending = []
 
     def kill(self) -> None:
-        pid = self.pid
-        if pid is not None:
+        """Kill the trainer and every process of the run (SIGKILL)."""
+        kill_run(self.run_dir)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _take(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for ev in events:
+            self.state.take(ev)
+        return events
+
+    def _connect(self) -> None:
+        try:
+            self._client = Client.connect(self.run_dir, timeout=1.0)
+        except ChannelError:
+            self._client = None
+        self._next_connect = time.monotonic() + 0.5
+
+    def _poll(self, timeout: float) -> list[dict[str, Any]]:
+        if self._detached:
+            return []
+        client = self._client
+        if client is not None:
+            out = []
+            for frame in client.events(timeout):
+                if isinstance(frame.get("at"), int) and frame["at"] >= self._reader.offset:
+                    out.append(frame["event"])
+                    self._reader.offset = max(self._reader.offset, int(frame.get("end") or 0))
+            self._take(out)
+            if client.closed.is_set():  # the trainer ended (or dropped us): the file has the rest
+                self._client = None
+                out += self._take(self._reader.read_new())
+                if not self.ended:
+                    out += self._check_liveness()
+            return out
+        out = self._take(self._reader.read_new())
+        if not self.ended:
+            out += self._check_liveness()
+            if not self.ended and self._live is not None and self._live.alive \
+                    and time.monotonic() >= self._next_connect:
+                self._connect()
+                if self._client is not None:
+                    out += self._take(self._reader.read_new(self._client.offset))
+        if not out and timeout > 0:
+            time.sleep(timeout)
+        return out
+
+    def _gone(self) -> bool:
+        """Whether the trainer is certainly gone (the run's record says so on this host)."""
+        return self._live is not None and self._live.dead
+
+    def _check_liveness(self) -> list[dict[str, Any]]:
+        """Look at the trainer; when it is gone, take its end from the file or write it."""
+        self._live = liveness(self.run_dir)
+        if not self._gone():
+            return []
+        out = self._take(self._reader.read_new())  # a final event written just before it ended
+        if self.ended:
+            return out
+        written = self._record_death()
+        if written is not None:
+            self._reader.read_new()  # step over the line just written
+            out += self._take([written])
+        else:
+            out += self._take(self._reader.read_new())  # another observer wrote it
+        return out
+
+    def _record_death(self) -> dict[str, Any] | None:
+        return record_death(self.run_dir)
+
+
+class RunHandle(Follower):
+    """A run whose trainer this process started: a :class:`Follower` that also reaps the
+    trainer process (in a thread, whether or not anyone follows it: no zombie is left) and
+    knows its exit code. See :func:`start_run`."""
+
+    def __init__(self, spec: RunSpec, process: subprocess.Popen[bytes]) -> None:
+        self.spec = spec
+        self._process = process
+        self._exited = threading.Event()
+        threading.Thread(target=self._reap, name=f"tunedeck-reap-{spec.name}", daemon=True).start()
+        super().__init__(spec.run_dir)
+
+    def _reap(self) -> None:
+        self._process.wait()
+        self._exited.set()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.returncode if self._exited.is_set() else None
+
+    @property
+    def ended(self) -> bool:
+        """The run has ended and its trainer process is gone."""
+        return self.state.ended and self._exited.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        status = super().wait(timeout)
+        if self.state.ended:
+            self._exited.wait(None if timeout is None else max(0.0, timeout))
+        return status
+
+    def _gone(self) -> bool:
+        return self._exited.is_set() or super()._gone()
+
+    def _record_death(self) -> dict[str, Any] | None:
+        if not self._exited.wait(5.0):  # the run's reporter is gone; its launcher tears the rest down
+            return None
+        return record_death(self.run_dir, self._process.returncode)
+
+    def _poll(self, timeout: float) -> list[dict[str, Any]]:
+        out = super()._poll(timeout)
+        if self.state.ended and not self._exited.is_set():
+            self._exited.wait(min(timeout, 0.2))
+        return out
+
+
+def _answer(name: str, action: str, ack: dict[str, Any]) -> str:
+    message = str(ack.get("message") or "")
+    if not ack.get("taken"):
+        raise UserError(f"{name}: {message or f'{action} refused'}")
+    return message
+
+
+def send_control(run_dir: str | os.PathLike[str], action: str, timeout: float = CONNECT_S) -> str:
+    """Ask a run's trainer to stop, save or abort; returns once it has taken the request
+    (its answer). Raises UserError when the run is not going or cannot be reached."""
+    run_dir = Path(run_dir)
+    if action not in CONTROLS:
+        raise UserError(f"{action!r}: the controls are {', '.join(CONTROLS)}")
+    deadline = time.monotonic() + timeout
+    why = ""
+    while True:
+        live = liveness(run_dir)
+        if live.state == "unknown":
+            raise UserError(f"{run_dir.name} trains on {live.host}; send controls from that machine")
+        if not live.alive:
+            raise UserError(f"{run_dir.name} is not running; nothing to {action}")
+        try:
+            client = Client.connect(run_dir, timeout=2.0, keep=0)
+        except ChannelError as exc:
+            why = str(exc)
+        else:
+            try:
+                return _answer(run_dir.name, action, client.control(action))
+            except ChannelError as exc:
+                why = str(exc)
+            finally:
+                client.close()
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)  # a trainer that is still starting: its channel opens in a moment
+    if action == "abort" and live.pid is not None:
+        try:
+            os.kill(live.pid, signal.SIGUSR1)  # the trainer aborts on SIGUSR1, even while it loads the model
+            return "abort signalled (the trainer's channel did not answer)"
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+    raise UserError(f"{run_dir.name}: cannot reach its trainer ({why}); see {run_dir / LOG_FILE}")
+
+
+def kill_run(run_dir: str | os.PathLike[str]) -> None:
+    """SIGKILL every live process of a run on this host: its trainer, every rank, and the
+    launcher's process group."""
+    from .runs import process_alive
+
+    run_dir = Path(run_dir)
+    record = read_record(run_dir) or {}
+    targets: list[tuple[int, Any]] = []
+    if isinstance(record.get("pid"), int):
+        targets.append((record["pid"], record.get("start")))
+    try:
+        for path in private_dir(run_dir).glob("rank-*.json"):
+            info = json.loads(path.read_text(encoding="utf-8"))
+            targets.append((int(info["pid"]), info.get("start")))
+    except (ChannelError, OSError, ValueError, KeyError, TypeError):
+        pass
+    live = liveness(run_dir)
+    if live.state == "unknown":
+        return
+    for pid, start in targets:
+        if process_alive(pid, start):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-
-    def detach(self) -> None:
-        """Nothing to let go of: the run was never this process's child."""
-
-    def wait(self, timeout: float | None = None) -> str:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ended and (deadline is None or time.monotonic() < deadline):
-            new = self._poll()
-            with self._lock:
-                self._pending.extend(new)
-            if not new:
-                time.sleep(POLL_S)
-        return self._status
-
-    def _take(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for ev in events:
-            self._last_step = max(self._last_step, int(ev.get("step") or 0))
-            kind = ev.get("type")
-            if kind == RUN_STARTED:  # a resumed run starts again after an earlier ending
-                self._final, self._ended = None, False
-                if self._status not in (STOPPING,):
-                    self._status = RUNNING
-            elif is_final(ev):
-                self._final, self._ended = ev, True
-                self._status = FINISHED_STATUS if kind == FINISHED else (DIED if ev.get("died") else FAILED_STATUS)
-            out.append(ev)
-        return out
-
-    def _death(self) -> list[dict[str, Any]]:
-        if not self._reader.path.exists():
-            self._ended, self._status = True, DIED
-            return []
-        ev = event(FAILED, self._last_step, reason="the trainer process is gone without a final event (killed, "
-                   f"out of memory or crashed); see {self.run_dir / LOG_FILE}", traceback=None, user_error=False,
-                   died=True, exit_code=None)
+    leader = record.get("leader")
+    if isinstance(leader, int) and process_alive(leader, record.get("leader_start")):
         try:
-            append_event(self.run_dir / EVENTS_FILE, ev)
+            os.killpg(leader, signal.SIGKILL)
         except OSError:
             pass
-        return self._take([ev])
 
 
-def attach(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] | None = None) -> AttachedRun:
+def attach(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] | None = None) -> Follower:
     """Follow a run given as its folder, or as its name in ``runs_dir``. Raises UserError."""
     path = Path(run)
     if not (path / EVENTS_FILE).is_file() and runs_dir is not None and (Path(runs_dir) / str(run)).is_dir():
@@ -652,5 +726,5 @@ def attach(run: str | os.PathLike[str], runs_dir: str | os.PathLike[str] | None 
         raise UserError(f"{run}: no such run folder{where}; give a run folder (runs/NAME) or see `tunedeck runs`")
     if not (path / EVENTS_FILE).is_file():
         raise UserError(f"{path}: not a run folder (it has no {EVENTS_FILE})")
-    return AttachedRun(path)
+    return Follower(path)
 

@@ -1,8 +1,11 @@
 """"auto" settings made concrete for the machine at hand, and the checks between them.
 
-On a CPU: fp32 and no gradient checkpointing (bf16 is ~16x slower there and memory is
-rarely the limit for the models that train on a CPU). On a GPU: bf16 where every
-visible GPU supports it, else fp16; gradient checkpointing on.
+On a CPU: fp32 and no gradient checkpointing (memory is rarely the limit for the models
+that train on a CPU). On a GPU: bf16 where every visible GPU supports it, else fp16;
+gradient checkpointing on.
+
+``training.devices`` becomes the processes of the run: on a GPU machine one per chosen GPU
+("auto": every visible one); on a CPU, the number asked for (1 for "auto"), over gloo.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ class Resolved:
     gradient_checkpointing: bool
     compute_dtype: str  # bfloat16 | float16 | float32 (for quantized layers)
     target_modules: str | list[str]
-    effective_batch: int
+    effective_batch: int  # rows per optimizer step, over every process
     hardware: str
+    processes: int = 1  # trainer processes (data parallel when more than one)
+    gpus: tuple[int, ...] | None = None  # NVML indices of the GPUs the run uses (None on a CPU)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,12 +58,39 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
     if mode != "none" and hw.device == "cpu" and compute == "float16":
         raise ProjectError("quantization.compute_dtype", '"float16" is not supported on a CPU; use "auto", '
                            '"float32" or "bfloat16"', label)
+    processes, gpus = _devices(project["training.devices"], hw, label)
     return Resolved(
         device=hw.device,
         precision=precision,
         gradient_checkpointing=bool(gc),
         compute_dtype=compute,
         target_modules=project["lora.target_modules"],
-        effective_batch=project["training.batch_size"] * project["training.grad_accum"],
+        effective_batch=project["training.batch_size"] * project["training.grad_accum"] * processes,
         hardware=hw.describe(),
+        processes=processes,
+        gpus=gpus,
     )
+
+
+def _devices(devices: Any, hw: Hardware, label: str | None) -> tuple[int, tuple[int, ...] | None]:
+    """(processes, GPU indices) for ``training.devices`` on this machine."""
+    if hw.device == "cpu":
+        if isinstance(devices, list):
+            raise ProjectError("training.devices", f"{devices} names GPUs, but this machine has none that tunedeck "
+                               'can use; give a number of processes (on a CPU they train over gloo) or "auto"', label)
+        return (1 if devices == "auto" else int(devices)), None
+    visible = [g.index for g in hw.gpus]
+    if devices == "auto":
+        chosen = visible
+    elif isinstance(devices, int):
+        if devices > len(visible):
+            raise ProjectError("training.devices", f"{devices} GPUs asked for, {len(visible)} visible "
+                               f"({hw.describe()}); lower it or use \"auto\"", label)
+        chosen = visible[:devices]
+    else:
+        missing = [i for i in devices if i not in visible]
+        if missing:
+            raise ProjectError("training.devices", f"GPU {', '.join(map(str, missing))} is not visible here; the "
+                               f"visible GPUs are {', '.join(map(str, visible))}", label)
+        chosen = list(devices)
+    return len(chosen), tuple(chosen)

@@ -26,7 +26,7 @@ class Field:
 
     section: str
     name: str
-    kind: str  # int | float | bool | str | choice | auto_bool | targets | split | mapping | str_list
+    kind: str  # int | float | bool | str | choice | auto_bool | targets | split | mapping | str_list | devices
     default: Any
     help: str
     choices: tuple[str, ...] = ()
@@ -56,6 +56,8 @@ class Field:
             return 'a table of strings such as {messages = "dialog"}'
         if self.kind == "str_list":
             return "a list of strings"
+        if self.kind == "devices":
+            return '"auto", a number of processes such as 2, or a list of GPU indices such as [0, 1]'
         if self.kind in ("int", "float"):
             noun = "an integer" if self.kind == "int" else "a number"
             parts = []
@@ -194,6 +196,12 @@ FIELDS: tuple[Field, ...] = (
        min=0, group="Training"),
     _f("training", "save_total_limit", "int", 3, "Checkpoints kept; older ones are deleted.", min=1,
        group="Training"),
+    _f("training", "devices", "devices", "auto",
+       'GPUs to train on: "auto" (every visible GPU), a count, or GPU indices; on a CPU, a number of '
+       "processes (gloo). Several run data parallel.", group="Training"),
+    _f("training", "accelerate_config", "str", "",
+       "An accelerate config file (FSDP, DeepSpeed) for a run on several GPUs; empty: plain data parallel.",
+       group="Training"),
     # [output]
     _f("output", "runs_dir", "str", "runs", "Where runs are written, relative to the project file.",
        group="Output"),
@@ -274,6 +282,15 @@ def check_value(fld: Field, value: Any, source: str | None = None) -> Any:
         raise _bad(fld, value, source)
     if kind == "str_list":
         if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+            return list(value)
+        raise _bad(fld, value, source)
+    if kind == "devices":
+        if value == AUTO:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024:
+            return value
+        if (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1024
+                                                      for v in value) and len(set(value)) == len(value)):
             return list(value)
         raise _bad(fld, value, source)
     if kind == "split":

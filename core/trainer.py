@@ -1,52 +1,39 @@
-"""The trainer process: one LoRA / QLoRA run with trl's SFTTrainer, reporting events.
+"""The trainer process: a program of its own, one per session of a run.
 
-Started by :func:`tunedeck.core.launcher.start_run` (multiprocessing spawn, through
-:func:`run_spawned`), or on its own for several processes::
+Started by :func:`tunedeck.core.launcher.start_run` (``tunedeck train`` and the app), in
+its own process session, with the run folder already made and locked::
 
-    accelerate launch -m tunedeck.core.trainer PROJECT.toml [--set k=v ...] [--run-name N] [--resume]
+    python -m tunedeck.core.trainer --run-dir runs/NAME --launch SPEC_JSON
+    python -m torch.distributed.run --nproc_per_node 2 -m tunedeck.core.trainer --run-dir ...
+
+or by hand, when it makes the run folder itself (rank 0, after the same pre-flight)::
+
+    python -m tunedeck.core.trainer PROJECT.toml [--set k=v ...] [--run-name N] [--resume]
     torchrun --nproc_per_node 4 -m tunedeck.core.trainer PROJECT.toml
 
-What a run does, in order (anything the user can fix stops it with one line, as a
-``failed`` event with ``user_error = true``, before training starts):
+Before it imports anything heavy, rank 0 records itself in the run's record (pid, start
+time, host, process group), opens its channel (:mod:`tunedeck.core.channel`: events out
+to every follower, controls in) and keeps a little room on the run's disk, so that a full
+disk still gets its final event. Then :class:`~tunedeck.core.finetune.Run` trains.
 
-1. loads ``runs/<name>/project.toml`` (the snapshot the launcher wrote) and resolves the
-   "auto" settings for this machine;
-2. loads the tokenizer, picks the chat template, and renders every row through
-   :func:`tunedeck.core.render.render_rows` (the same code as the dataset preview);
-   refuses a dataset with no trainable token left;
-3. loads the model: full precision for LoRA (fp32 on a CPU, bf16/fp16 on a GPU), or
-   4-bit / 8-bit through bitsandbytes for QLoRA, then ``prepare_model_for_kbit_training``;
-   weights come from safetensors (or GGUF) only, unless ``model.allow_pickle``;
-4. wraps it with peft (``LoraConfig`` from ``[lora]``), refusing target modules that
-   match nothing (and listing the ones that exist) or zero trainable parameters; the
-   trainable (adapter) weights are kept in fp32 while the frozen base stays in the
-   training precision;
-5. trains with ``SFTTrainer`` on the pre-tokenized examples with ``skip_prepare_dataset``
-   (trl neither re-masks, re-truncates nor re-pads them) and :class:`PadCollator`
-   (dynamic padding). With ``dataset.packing`` trl packs the same examples (best-fit,
-   padding-free) and keeps their labels;
-6. writes checkpoints to ``checkpoints/`` (resume continues from the latest, at its step)
-   and the final adapter to ``adapter/`` in the standard PEFT layout with the tokenizer
-   and its chat template, so ``PeftModel.from_pretrained(base, "runs/<name>/adapter")``
-   loads it with no tunedeck code.
+Every way out of a session ends with one final event, with its reason in words:
+finished (or stopped early), aborted, failed (bad input, a crash, a full disk, out of
+memory, terminated). Controls: stop and save are taken between optimizer steps (rank 0
+sends them to every rank); abort (a control, or SIGUSR1) ends at once, and under several
+processes rank 0 ends every other rank too. A rank other than 0 that fails writes its
+reason to the run's private folder, where rank 0 reads it when it is terminated.
 
-Control (from the parent, between optimizer steps): stop = save a checkpoint, write the
-adapter and end; save = checkpoint now and go on; abort = end at once, saving nothing.
-Losses that turn NaN/inf are reported as warnings; three logged in a row end the run as
-failed ("diverged").
-
-Under several processes every rank trains; only rank 0 writes events and files.
+Light until it trains: nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import math
 import os
-import platform
+import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -54,36 +41,48 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback, TrainerCallback
-
 from .errors import UserError
 from .events import (
-    ALARM, CHECKPOINT, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, EventLog, event,
-    library_versions, system_fields,
+    CHECKPOINT, CONTROL, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, ALARM, EventLog,
+    event,
 )
 from .health import Health
-from .launcher import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, RunSpec, prepare_run
-from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint, take_control, write_pid_file
+from .runs import (
+    EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, PRIVATE_DIR, latest_checkpoint, process_alive,
+    process_start, read_record, write_record,
+)
 
-SYSTEM_EVERY_S = 5.0  # seconds between system events
-NAN_LIMIT = 3  # logged non-finite losses in a row that end a run
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+RESERVE_BYTES = 1 << 20  # kept free on the run's disk for the final event
+EXIT_TERMINATED = 143
+
+
+class Aborted(BaseException):
+    """Raised in the main thread when the run is aborted (a BaseException, like
+    KeyboardInterrupt, so that no library's ``except Exception`` swallows it)."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (torchrun ends the other ranks so when one fails)."""
 
 
 # -- reporting ------------------------------------------------------------------------------
 
 
 class Emitter:
-    """Writes events to the run's events.jsonl and sends them to the parent, if any.
+    """Writes the session's events (rank 0): to events.jsonl and, through the channel's
+    :class:`~tunedeck.core.channel.Server`, to every follower. One final event per session.
 
-    Only rank 0 has a log; on other ranks the emitter does nothing. A parent that went
-    away is dropped quietly: the run goes on and its file stays complete.
+    Ranks other than 0 have no log; their final event (a failure) is written to
+    ``rank_error`` instead, for rank 0 to tell.
     """
 
-    def __init__(self, log: EventLog | None, conn: Any = None, echo: Any = None) -> None:
+    def __init__(self, log: EventLog | None, echo: Any = None, server: Any = None,
+                 rank_error: Path | None = None) -> None:
         self.log = log
-        self.conn = conn
         self.echo = echo
+        self.server = server
+        self.rank_error = rank_error
+        self.reserve: Reserve | None = None
         self.lock = threading.RLock()
         self.step = 0
         self.final_sent = False
@@ -93,16 +92,17 @@ class Emitter:
         if step is not None:
             self.step = max(self.step, step)
         ev = event(type, self.step if step is None else step, **fields)
-        self.final_sent = self.final_sent or type in (FINISHED, FAILED)
+        final = type in (FINISHED, FAILED)
         if self.log is None:
+            if final and type == FAILED and self.rank_error is not None and not self.final_sent:
+                _write_quietly(self.rank_error, json.dumps(ev))
+            self.final_sent = self.final_sent or final
             return ev
         with self.lock:
-            self.log.write(ev)
-            if self.conn is not None:
-                try:
-                    self.conn.send(ev)
-                except (OSError, ValueError):
-                    self.conn = None
+            if final and self.final_sent:
+                return ev
+            self._write(ev, final)
+            self.final_sent = self.final_sent or final
             if self.echo is not None:
                 self.echo(ev)
             if type in (STEP, EVAL, SYSTEM):
@@ -110,552 +110,282 @@ class Emitter:
                     self(ALARM, ev["step"], **alarm.fields())
         return ev
 
+    def _write(self, ev: dict[str, Any], final: bool) -> None:
+        try:
+            if self.server is not None:
+                self.server.emit(ev)
+            else:
+                self.log.write(ev)  # type: ignore[union-attr]
+        except OSError as exc:
+            if not (final and disk_full(exc) and self.reserve is not None):
+                raise
+            self.reserve.release()  # the room kept for this very event
+            self.log.write(ev)  # type: ignore[union-attr]
+
     def warn(self, message: str) -> None:
         self(WARNING, message=message)
 
 
-class Aborted(BaseException):
-    """Raised in the main thread when the parent asks to abort (a BaseException, like
-    KeyboardInterrupt, so that no library's ``except Exception`` swallows it)."""
+def _write_quietly(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError:
+        pass
+
+
+class Reserve:
+    """A file of :data:`RESERVE_BYTES` in the run's private folder, given back when the
+    disk fills up so that the run's final event (with the reason) can still be written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path: Path | None = folder / "reserve"
+        try:
+            with open(self.path, "wb") as fh:
+                fh.write(bytes(RESERVE_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            self.release()
+
+    def release(self) -> None:
+        if self.path is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            self.path = None
 
 
 class Controls:
-    """Stop / save / abort requests, read from the parent's control pipe by a thread.
+    """The controls of a session: stop and save (flags read between optimizer steps), abort
+    (SIGUSR1 to this process: :class:`Aborted` in the main thread at once, even while the
+    model loads). Rank 0 takes them from its channel (:meth:`take`) and reports each as a
+    ``control`` event; every rank learns them at the step's end (finetune's EventsCallback)."""
 
-    Stop and save are flags the training callback reads between optimizer steps. Abort
-    interrupts the main thread at once (SIGUSR1 to this process, turned into
-    :class:`Aborted`), so it also works while the model loads or in the middle of a step.
-
-    A run that outlives its parent (``tunedeck train --detach``, or the app quit with the
-    run left going) has no pipe: :func:`tunedeck.core.runs.send_control` writes the request
-    to the run's control file, read here between steps (:meth:`poll`), and abort is SIGUSR1.
-    """
-
-    def __init__(self, conn: Any = None, emit: Emitter | None = None, run_dir: Path | None = None) -> None:
+    def __init__(self, emit: Emitter | None = None) -> None:
         self.stop = threading.Event()
         self.save = threading.Event()
-        self._conn = conn
+        self.abort = threading.Event()
         self._emit = emit
-        self._run_dir = run_dir
-        if conn is not None or run_dir is not None:
-            signal.signal(signal.SIGUSR1, self._interrupt)
-            from .launcher import EARLY_ABORT
 
-            if EARLY_ABORT.is_set():  # asked while the libraries imported
-                raise Aborted()
-        if conn is not None:
-            threading.Thread(target=self._listen, name="tunedeck-controls", daemon=True).start()
-
-    def poll(self) -> None:
-        """Take a request from the run's control file, if one is there."""
-        if self._run_dir is None:
-            return
-        message = take_control(self._run_dir)
-        if message == "stop":
+    def take(self, action: str) -> tuple[bool, str]:
+        """A control from a follower; returns (taken, what happens now)."""
+        emit = self._emit
+        if emit is not None and emit.final_sent:
+            return False, "the run has ended"
+        if action == "stop":
             self.stop.set()
-        elif message == "save":
+            message = "stop taken: a checkpoint and the adapter are saved at the end of this step, then the run ends"
+        elif action == "save":
             self.save.set()
-
-    def _interrupt(self, signum: int, frame: Any) -> None:
-        if self._emit is None or not self._emit.final_sent:  # too late once the run has reported its end
-            raise Aborted()
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                return  # the parent is gone: the run goes on, reported in its files
-            if message == "stop":
-                self.stop.set()
-            elif message == "save":
-                self.save.set()
-            elif message == "abort":
-                os.kill(os.getpid(), signal.SIGUSR1)
+            message = "save taken: a checkpoint is saved at the end of this step; training goes on"
+        elif action == "abort":
+            self.abort.set()
+            message = "abort taken: the run ends now, saving nothing more"
+        else:
+            return False, f"{action!r} is not a control (stop, save, abort)"
+        if emit is not None:
+            emit(CONTROL, action=action, message=message)
+        if action == "abort":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return True, message
 
 
-# -- the run --------------------------------------------------------------------------------
+_SESSION: dict[str, Any] = {}  # the emitter of this process's session, for the signal handlers
 
 
-def run_spawned(spec: RunSpec, events_conn: Any, control_conn: Any) -> int:
-    """Entry point of the spawned trainer process; returns its exit code."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, and nothing waits on a network
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def _session_ended() -> bool:
+    emit = _SESSION.get("emit")
+    return emit is not None and emit.final_sent
+
+
+def _on_abort(signum: int, frame: Any) -> None:
+    if not _session_ended():  # too late once the run has reported its end
+        raise Aborted()
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    if not _session_ended():
+        raise Terminated()
+
+
+def install_signals(started_by_tunedeck: bool) -> None:
+    """SIGUSR1 aborts, SIGTERM ends with a reason; the terminal's hang-up never reaches a
+    run, and Ctrl-C is the launcher's to interpret when tunedeck started the trainer."""
+    signal.signal(signal.SIGUSR1, _on_abort)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if started_by_tunedeck:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -- why a run failed ----------------------------------------------------------------------------
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 20:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _free(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def failure_of(exc: BaseException, spec: Any, step: int) -> tuple[str, str]:
+    """(failure, one line saying what happened and what to do) for an exception that ended
+    a run: ``disk_full``, ``out_of_memory`` or ``crash``."""
     run_dir = Path(spec.run_dir)
-    write_pid_file(run_dir)
-    log = EventLog(run_dir / EVENTS_FILE)
-    emit = Emitter(log, events_conn)
-    try:
-        return run(spec, emit, Controls(control_conn, emit, run_dir))
-    except Aborted:  # before run() took over, or while it was reporting another ending
-        if not emit.final_sent:
-            emit(FAILED, reason="aborted before training started", traceback=None, user_error=False, aborted=True)
-        return EXIT_ABORTED
-    finally:
-        log.close()
+    free = _free(run_dir)
+    resume = _resume_hint(spec)
+    for e in _chain(exc):
+        text = str(e)
+        if disk_full(e) or "No space left on device" in text or (
+                "file write failed" in text and free is not None and free < 64 * 2**20):
+            shown = "" if free is None else f" ({free / 2**20:.1f} MiB free now)"
+            return "disk_full", (f"the disk is full: writing to {run_dir} failed at step {step} (No space left on "
+                                 f"device){shown}; free some space there, then {resume}")
+        if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+            return "out_of_memory", (f"out of GPU memory at step {step}: lower training.batch_size or "
+                                     "dataset.max_length, turn on training.gradient_checkpointing, or train in "
+                                     f'4-bit (quantization.mode = "4bit"); then {resume}')
+        if isinstance(e, MemoryError) or "can't allocate memory" in text or "not enough memory" in text:
+            return "out_of_memory", (f"out of memory (RAM) at step {step}: lower training.batch_size or "
+                                     f"dataset.max_length, or train in 4-bit; then {resume}")
+    return "crash", one_line(exc)
 
 
-def run(spec: RunSpec, emit: Emitter, controls: Controls) -> int:
-    """Train, reporting through ``emit``; every way out ends with one final event. Returns an exit code."""
-    for message in spec.warnings:
-        emit.warn(message)
-    try:
-        final = Run(spec, emit, controls).execute()
-    except Aborted:
-        emit(FAILED, reason=f"aborted at step {emit.step}; nothing saved", traceback=None, user_error=False,
-             aborted=True)
-        return EXIT_ABORTED
-    except UserError as exc:
-        emit(FAILED, reason=exc.message, traceback=None, user_error=True)
-        return EXIT_USER_ERROR
-    except Exception as exc:
-        emit(FAILED, reason=_one_line(exc), traceback=traceback.format_exc(), user_error=False)
-        return EXIT_FAILED
-    return EXIT_OK if final["type"] == FINISHED else EXIT_FAILED
+def _resume_hint(spec: Any) -> str:
+    run_dir = Path(spec.run_dir)
+    if latest_checkpoint(run_dir) is None:
+        return "start the run again"
+    return (f"resume from the last checkpoint: tunedeck train {spec.project_path} --resume "
+            f"--run-name {run_dir.name}")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0][:300] if lines else ""
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
-class Run:
-    """One training run, from the snapshot to the adapter."""
-
-    def __init__(self, spec: RunSpec, emit: Emitter, controls: Controls) -> None:
-        from .project import Project
-
-        self.spec = spec
-        self.emit = emit
-        self.controls = controls
-        self.run_dir = Path(spec.run_dir)
-        self.project = Project.load(self.run_dir / SNAPSHOT)
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.env: dict[str, Any] = {}  # env.json, once written
-        self.params = (0, 0)  # trainable, total; once the adapter is on
-        self.resolved: Any = None  # "auto" settings made concrete (tunedeck.core.resolve.Resolved)
-        self.ref: Any = None  # where the model's files are (tunedeck.core.models.ModelRef)
-        self.callback: EventsCallback | None = None
-
-    def execute(self) -> dict[str, Any]:
-        trainer, has_eval = self.build()
-        checkpoint = latest_checkpoint(self.run_dir) if self.spec.resume else None
-        if self.spec.resume and checkpoint is None:
-            raise UserError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        self.callback.resumed_from = checkpoint
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        return self._finish(trainer, has_eval)
-
-    def build(self) -> tuple[Any, bool]:
-        """Everything up to a ready SFTTrainer (the refusals happen here); returns it and
-        whether there is an eval set."""
-        from .models import load_tokenizer, resolve_source
-        from .resolve import resolve
-
-        project = self.project
-        self.resolved = resolve(project)
-        self.ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
-        if self.rank == 0:
-            self._write_env()
-        tokenizer = load_tokenizer(self.ref, trust_remote_code=project["model.trust_remote_code"])
-        train_ds, eval_ds, data_info = self._datasets(tokenizer)
-        model = self._adapt(self._model())
-        return self._trainer(model, tokenizer, train_ds, eval_ds, data_info), eval_ds is not None
-
-    # -- data -------------------------------------------------------------------------------
-
-    def _datasets(self, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
-        from datasets import Dataset
-
-        from .datafile import load_splits
-        from .render import dataset_refusal, is_text_row, missing_template_tokens, render_rows, resolve_chat_template
-
-        p = self.project
-        splits = load_splits(p)
-        summary, train_rows, eval_rows = splits.summary, splits.train, splits.eval
-        if summary.skipped:
-            first = summary.skipped[0]
-            self.emit.warn(f"{len(summary.skipped)} of {summary.rows} rows skipped (row {first.row}: {first.reason})")
-
-        template_name = p["model.chat_template"]
-        needs_template = any(not is_text_row(m) for _, m in train_rows + eval_rows)
-        template = None
-        if needs_template:
-            template = resolve_chat_template(tokenizer, template_name, model_label=f"model {self.ref.display}")
-            tokenizer.chat_template = template  # saved with the adapter: chat uses what trained
-            missing = missing_template_tokens(tokenizer, template_name)
-            if missing:
-                self.emit.warn(f"chat template {template_name} uses {', '.join(missing)}, which this tokenizer "
-                               "does not have as tokens; they are trained as plain text pieces")
-        max_length, loss_on = p["dataset.max_length"], p["dataset.loss_on"]
-        render_opts = dict(max_length=max_length, loss_on=loss_on, chat_template=template)
-        train_examples, stats = render_rows(tokenizer, train_rows, **render_opts)
-        refusal = dataset_refusal(stats, max_length=max_length)
-        if refusal:
-            raise UserError(refusal)
-        self._report_render(stats, "training", max_length)
-        eval_ds = None
-        eval_stats = None
-        if eval_rows:
-            eval_examples, eval_stats = render_rows(tokenizer, eval_rows, **render_opts)
-            refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
-            if refusal:
-                raise UserError(refusal)
-            self._report_render(eval_stats, "eval", max_length)
-            eval_ds = Dataset.from_list(eval_examples)
-        info = {"format": summary.format, "train": stats.as_dict(),
-                "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name}
-        return Dataset.from_list(train_examples), eval_ds, info
-
-    def _report_render(self, stats: Any, which: str, max_length: int) -> None:
-        if stats.fully_masked:
-            self.emit.warn(f"{len(stats.fully_masked)} {which} row(s) left out: nothing to train after truncation "
-                           f"to {max_length} tokens (first: row {stats.fully_masked[0]})")
-        if stats.failed:
-            number, reason = stats.failed[0]
-            self.emit.warn(f"{len(stats.failed)} {which} row(s) left out: the chat template cannot render them "
-                           f"(row {number}: {reason})")
-        if stats.truncated:
-            self.emit.warn(f"{stats.truncated} of {stats.rows} {which} rows are longer than dataset.max_length = "
-                           f"{max_length} and were truncated (longest: {stats.longest} tokens)")
-        if stats.no_stop:
-            self.emit.warn(f"the chat template puts no end-of-turn token after answers in {stats.no_stop} {which} "
-                           "row(s); the model may not learn to stop")
-
-    # -- model ------------------------------------------------------------------------------
-
-    def _model(self) -> Any:
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        from .models import load_model
-
-        p, r = self.project, self.resolved
-        mode = p["quantization.mode"]
-        kwargs: dict[str, Any] = {}
-        if mode == "none":
-            kwargs["dtype"] = getattr(torch, TORCH_DTYPES[r.precision])
-        else:
-            compute = getattr(torch, r.compute_dtype)
-            if mode == "4bit":
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type=p["quantization.quant_type"],
-                    bnb_4bit_use_double_quant=p["quantization.double_quant"], bnb_4bit_compute_dtype=compute,
-                )
-            else:
-                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-            kwargs["dtype"] = compute
-        if mode != "none" or (r.device == "cuda" and self.world_size == 1):
-            # straight to the device; quantized weights must be placed at load time (one copy per process).
-            # Full-precision weights under several processes are placed by accelerate (DDP, FSDP, DeepSpeed).
-            kwargs["device_map"] = {"": self.local_rank if r.device == "cuda" else "cpu"}
-        model = load_model(self.ref, trust_remote_code=p["model.trust_remote_code"],
-                           allow_pickle=p["model.allow_pickle"], **kwargs)
-        if mode != "none":
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.gradient_checkpointing)
-        model.config.use_cache = False
-        return model
-
-    def _adapt(self, model: Any) -> Any:
-        from peft import get_peft_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from .inspect import lora_config
-
-        p = self.project
-        target = p["lora.target_modules"]
-        config = lora_config(p.values["lora"])
-        existing = ", ".join(linear_module_names(model))
+def _terminated_reason(run_dir: Path) -> tuple[str, str]:
+    """Why rank 0 got SIGTERM: another rank's failure when one wrote it, else in general."""
+    for path in sorted((run_dir / PRIVATE_DIR).glob("rank-*.error")):
         try:
-            model = get_peft_model(model, config)
-        except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-            message = str(exc)
-            if "not found in the base model" in message or "No modules were targeted" in message:
-                raise UserError(f"lora.target_modules = {_toml(target)} matches no module of this model; "
-                                f"its linear layers are: {existing}") from None
-            if message.startswith("Target module"):
-                raise UserError(f"lora.target_modules = {_toml(target)}: {message.splitlines()[0]} "
-                                f"Pick linear layers: {existing}") from None
-            raise
-        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-            raise UserError(f"lora.target_modules = {_toml(target)} includes the output layer (lm_head), which trl "
-                            'cannot train through an adapter; train it in full with lora.modules_to_save = ["lm_head"]')
-        trainable, total = model.get_nb_trainable_parameters()
-        check_trainable(trainable, target)
-        self.params = (trainable, total)
-        return model
-
-    # -- trainer ----------------------------------------------------------------------------
-
-    def _trainer(self, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, data_info: dict[str, Any]) -> Any:
-        from trl import SFTConfig, SFTTrainer
-
-        from .render import PadCollator
-
-        p, r = self.project, self.resolved
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        packing = p["dataset.packing"]
-        eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
-        warmup = p["training.warmup_ratio"]
-        args = SFTConfig(
-            output_dir=str(self.run_dir / CHECKPOINTS),
-            num_train_epochs=p["training.epochs"],
-            max_steps=p["training.max_steps"],
-            per_device_train_batch_size=p["training.batch_size"],
-            per_device_eval_batch_size=p["training.batch_size"],
-            gradient_accumulation_steps=p["training.grad_accum"],
-            learning_rate=p["training.learning_rate"],
-            lr_scheduler_type=p["training.lr_scheduler"],
-            warmup_steps=min(warmup, 0.9999),  # a float < 1 is a ratio of the total steps
-            optim=p["training.optim"],
-            weight_decay=p["training.weight_decay"],
-            max_grad_norm=p["training.max_grad_norm"],
-            seed=p["training.seed"],
-            data_seed=p["training.seed"],
-            bf16=r.precision == "bf16",
-            fp16=r.precision == "fp16",
-            activation_checkpointing=r.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-            use_cpu=r.device == "cpu",
-            logging_strategy="steps",
-            logging_steps=p["training.logging_steps"],
-            logging_nan_inf_filter=False,  # NaN losses are reported, not averaged away
-            eval_strategy=("steps" if eval_steps else "epoch") if eval_ds is not None else "no",
-            eval_steps=eval_steps or None,
-            save_strategy="steps" if save_steps else "epoch",
-            save_steps=save_steps or 500,
-            save_total_limit=p["training.save_total_limit"],
-            prediction_loss_only=True,
-            include_num_input_tokens_seen="non_padding",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_pin_memory=r.device == "cuda",
-            ddp_find_unused_parameters=False if self.world_size > 1 else None,
-            max_length=p["dataset.max_length"],
-            packing=packing,
-            # the examples are rendered, masked and truncated by tunedeck.core.render: trl leaves them as they are
-            dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
-        )
-        self.callback = EventsCallback(self, data_info)
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-            data_collator=None if packing else PadCollator(tokenizer.pad_token_id),
-            callbacks=[self.callback],
-        )
-        trainer.remove_callback(PrinterCallback)  # its log dicts on stdout; the events carry them
-        upcast_trainable(trainer.model)
-        return trainer
-
-    # -- the end ----------------------------------------------------------------------------
-
-    def _finish(self, trainer: Any, has_eval: bool) -> dict[str, Any]:
-        cb = self.callback
-        step = trainer.state.global_step
-        if cb.diverged:
-            return self.emit(FAILED, step, reason=f"training diverged: the loss was NaN/inf for {NAN_LIMIT} logged "
-                             "steps in a row; lower training.learning_rate or use precision fp32",
-                             traceback=None, user_error=False, diverged=True)
-        if has_eval and cb.last_eval_step != step and not self.controls.stop.is_set():
-            trainer.evaluate()
-        adapter = self.run_dir / ADAPTER
-        trainer.save_model(str(adapter))  # rank 0 writes; gathers shards under FSDP / DeepSpeed
-        if trainer.is_world_process_zero():
-            (adapter / "training_args.bin").unlink(missing_ok=True)  # a pickle; the snapshot holds the settings
-        self.emit(SYSTEM, step, **cb.system())
-        tokens = trainer.state.num_input_tokens_seen - cb.tokens_at_start
-        runtime = cb.train_runtime or (time.time() - cb.t_begin)
-        return self.emit(
-            FINISHED, step, adapter=str(adapter), run_dir=str(self.run_dir),
-            checkpoints=str(self.run_dir / CHECKPOINTS), final_loss=cb.last_loss, train_loss=cb.train_loss,
-            runtime_s=runtime, tokens=tokens, tokens_per_s=tokens / runtime if runtime > 0 else None,
-            stopped=self.controls.stop.is_set(),
-        )
-
-    def _write_env(self) -> None:
-        import torch
-
-        device: dict[str, Any] = {"type": self.resolved.device, "hardware": self.resolved.hardware,
-                                  "torch_threads": torch.get_num_threads()}
-        if torch.cuda.is_available():
-            device["cuda"] = torch.version.cuda
-            device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        env = {"versions": library_versions(), "device": device, "platform": platform.platform(),
-               "host": socket.gethostname(), "world_size": self.world_size, "time": time.time()}
-        self.env = env
-        (self.run_dir / ENV_FILE).write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
-
-
-def linear_module_names(model: Any) -> list[str]:
-    """The distinct last name parts of the model's linear layers (what target_modules matches)."""
-    import torch
-
-    names: dict[str, None] = {}
-    for name, module in model.named_modules():
-        if not name or list(module.children()):
+            ev = json.loads(path.read_text(encoding="utf-8"))
+            rank = path.name.split("-")[1].split(".")[0]
+        except (OSError, ValueError, IndexError):
             continue
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-            names[name.rsplit(".", 1)[-1]] = None
-    return list(names)
+        if isinstance(ev, dict) and ev.get("failure") not in ("terminated", "aborted"):
+            return str(ev.get("failure") or "crash"), f"rank {rank} failed: {ev.get('reason')}"
+    return "terminated", ("the trainer was terminated (SIGTERM): another process of the run failed, or the run "
+                          f"was stopped from outside; see {run_dir / 'trainer.log'}")
 
 
-def upcast_trainable(model: Any) -> None:
-    """Keep the trainable (adapter) weights in fp32 while the frozen base stays in the training
-    precision: fp32 master weights for the optimizer (trl would leave QLoRA adapters in bf16,
-    and fp16 AMP cannot unscale fp16 gradients)."""
-    import torch
-
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+# -- the session ------------------------------------------------------------------------------
 
 
-def check_trainable(trainable: int, target: Any) -> None:
-    if trainable == 0:
-        raise UserError(f"lora.target_modules = {_toml(target)} leaves no trainable parameter; "
-                        "target linear layers (e.g. \"all-linear\")")
-
-
-def _toml(value: Any) -> str:
-    from .schema import toml_repr
-
-    return toml_repr(value)
-
-
-class EventsCallback(TrainerCallback):
-    """Turns the trainer's progress into events and the parent's requests into control flags."""
-
-    def __init__(self, run: Run, data_info: dict[str, Any]) -> None:
-        self.run = run
-        self.emit = run.emit
-        self.controls = run.controls
-        self.data_info = data_info
-        self.resumed_from: Path | None = None
-        self.t_begin = time.time()
-        self.t_last_log = self.t_begin
-        self.tokens_last_log = 0
-        self.tokens_at_start = 0
-        self.step_at_start = 0
-        self.last_loss: float | None = None
-        self.train_loss: float | None = None
-        self.train_runtime: float | None = None
-        self.last_eval_step = -1
-        self.last_saved_step = -1
-        self.bad_losses = 0
-        self.diverged = False
-        self.t_system = 0.0
-
-    # -- events -----------------------------------------------------------------------------
-
-    def system(self) -> dict[str, Any]:
-        import torch
-
-        if torch.cuda.is_available():
-            index = torch.cuda.current_device()
-            return system_fields(index, int(torch.cuda.max_memory_allocated(index)))
-        return system_fields(None, None)
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.t_begin = self.t_last_log = self.t_system = time.time()
-        self.step_at_start = state.global_step
-        self.tokens_at_start = self.tokens_last_log = state.num_input_tokens_seen
-        run = self.run
-        trainable, total = run.params
-        resumed = {"checkpoint": str(self.resumed_from), "step": state.global_step} if self.resumed_from else None
-        self.emit(
-            RUN_STARTED, state.global_step, name=run.spec.name, run_dir=str(run.run_dir),
-            project=run.spec.project_path, config=run.project.as_dict(), resolved=run.resolved.as_dict(),
-            versions=run.env.get("versions") or library_versions(),
-            device=run.env.get("device", {"type": run.resolved.device}),
-            trainable_params=trainable, total_params=total, max_steps=state.max_steps,
-            train_rows=self.data_info["train"]["kept"],
-            eval_rows=(self.data_info["eval"] or {}).get("kept", 0), data=self.data_info,
-            world_size=run.world_size, resumed_from=resumed, pid=os.getpid(),
-        )
-        self.emit(SYSTEM, state.global_step, **self.system())
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        logs = logs or {}
-        if "train_loss" in logs:  # the summary at the end of train()
-            self.train_runtime = _float(logs.get("train_runtime"))
-            self.train_loss = _float(logs.get("train_loss"))
-            return
-        if "loss" not in logs:
-            return
-        now = time.time()
-        tokens = state.num_input_tokens_seen
-        elapsed = now - self.t_last_log
-        rate = (tokens - self.tokens_last_log) / elapsed if elapsed > 0 else None
-        self.t_last_log, self.tokens_last_log = now, tokens
-        done = state.global_step - self.step_at_start
-        per_step = (now - self.t_begin) / done if done > 0 else None
-        eta = per_step * (state.max_steps - state.global_step) if per_step is not None else None
-        loss = _float(logs.get("loss"))
-        extra = {k: _float(logs[k]) for k in ("mean_token_accuracy", "entropy") if k in logs}
-        self.emit(STEP, state.global_step, loss=loss, learning_rate=_float(logs.get("learning_rate")),
-                  grad_norm=_float(logs.get("grad_norm")), tokens=tokens, tokens_per_s=rate,
-                  epoch=_float(logs.get("epoch")),
-                  eta_s=eta, max_steps=state.max_steps, **extra)
-        if loss is None or not math.isfinite(loss):
-            self.bad_losses += 1
-            self.emit.warn(f"the loss is {loss if loss is not None else 'NaN'} at step {state.global_step}")
-            if self.bad_losses >= NAN_LIMIT:
-                self.diverged = True
-                control.should_training_stop = True
-                control.should_save = False
-        else:
-            self.last_loss = loss
-            self.bad_losses = 0
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
-                    **kwargs: Any) -> None:
-        metrics = {k: _float(v) for k, v in (metrics or {}).items() if k.startswith("eval_")}
-        self.last_eval_step = state.global_step
-        self.emit(EVAL, state.global_step, **metrics)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.last_saved_step = state.global_step
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.emit(CHECKPOINT, state.global_step, path=str(path))
-
-    # -- control ----------------------------------------------------------------------------
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        c = self.controls
-        c.poll()
-        if c.stop.is_set():
-            control.should_training_stop = True
-            control.should_save = True
-        if c.save.is_set():
-            c.save.clear()
-            control.should_save = True
-        if state.global_step >= state.max_steps:
-            control.should_save = True  # a final checkpoint, so the run can be resumed for more steps
-        now = time.time()
-        if now - self.t_system >= SYSTEM_EVERY_S:
-            self.t_system = now
-            self.emit(SYSTEM, state.global_step, **self.system())
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.diverged:
-            control.should_save = control.should_evaluate = False
-        elif control.should_save and state.global_step == self.last_saved_step:
-            control.should_save = False  # saved at this step already
-
-
-def _float(value: Any) -> float | None:
+def run(spec: Any, emit: Emitter, controls: Controls) -> int:
+    """Train, reporting through ``emit``; every way out ends with one final event. Returns an exit code."""
+    _SESSION["emit"] = emit
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+        for message in spec.warnings:
+            emit.warn(message)
+        from .finetune import Run
+
+        final = Run(spec, emit, controls).execute()
+    except (Aborted, KeyboardInterrupt) as exc:
+        how = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "aborted"
+        emit(FAILED, reason=f"{how} at step {emit.step}; nothing more saved", failure="aborted", traceback=None,
+             user_error=False, aborted=True)
+        return EXIT_ABORTED
+    except Terminated:
+        failure, reason = _terminated_reason(Path(spec.run_dir))
+        emit(FAILED, reason=reason, failure=failure, traceback=None, user_error=False)
+        return EXIT_TERMINATED
+    except UserError as exc:
+        emit(FAILED, reason=exc.message, failure="user_error", traceback=None, user_error=True)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        failure, reason = failure_of(exc, spec, emit.step)
+        if failure == "disk_full" and emit.reserve is not None:
+            emit.reserve.release()
+        emit(FAILED, reason=reason, failure=failure, traceback=traceback.format_exc(), user_error=False)
+        return EXIT_FAILED
+    return EXIT_OK if final["type"] == FINISHED else EXIT_FAILED
 
 
-# -- python -m tunedeck.core.trainer (accelerate launch / torchrun) ---------------------------
+def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
+    """One process of a session: rank 0 records itself, opens the channel and reports; every
+    rank trains. Returns the exit code."""
+    run_dir = Path(spec.run_dir)
+    private = run_dir / PRIVATE_DIR
+    _write_quietly(private / f"rank-{rank}.json", json.dumps({"pid": os.getpid(), "start": process_start(os.getpid())}))
+    if rank != 0:
+        return run(spec, Emitter(None, rank_error=private / f"rank-{rank}.error"), Controls())
+    from .channel import ChannelError, Server
+
+    log = EventLog(run_dir / EVENTS_FILE)
+    emit = Emitter(log, echo=echo)
+    _SESSION["emit"] = emit
+    controls = Controls(emit)
+    server = None
+    try:
+        try:
+            server = Server(run_dir, log, controls.take)
+            emit.server = server
+        except (ChannelError, OSError) as exc:
+            emit.warn(f"the run's channel could not open ({exc}); followers read its events file")
+        before = read_record(run_dir) or {}
+        carried = {k: before[k] for k in ("leader", "leader_start", "oom_kills") if k in before}
+        if "leader" not in carried:  # started by hand: the launcher is torchrun (or nothing)
+            carried["leader"] = os.getppid() if world > 1 else os.getpid()
+            carried["leader_start"] = process_start(carried["leader"])
+        write_record(run_dir, world_size=world, address=server.address if server else None, **carried)
+        emit.reserve = Reserve(private)
+        code = run(spec, emit, controls)
+    except Aborted:  # before run() took over
+        emit(FAILED, reason="aborted before training started", failure="aborted", traceback=None, user_error=False,
+             aborted=True)
+        code = EXIT_ABORTED
+    finally:
+        if emit.reserve is not None:
+            emit.reserve.release()
+        if server is not None:
+            server.close()
+        log.close()
+    if world > 1 and code == EXIT_ABORTED:
+        end_other_ranks(run_dir)
+    return code
+
+
+def end_other_ranks(run_dir: Path) -> None:
+    """SIGKILL every other live rank of this run (an abort saves nothing: nothing to wait for)."""
+    for path in (run_dir / PRIVATE_DIR).glob("rank-*.json"):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if pid != os.getpid() and process_alive(pid, info.get("start")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+# -- the console of a trainer started by hand ----------------------------------------------------
 
 
 def _print_event(ev: dict[str, Any]) -> None:
@@ -674,8 +404,8 @@ def _print_event(ev: dict[str, Any]) -> None:
         print(f"eval at step {step}: loss {ev.get('eval_loss')}", flush=True)
     elif kind == CHECKPOINT:
         print(f"checkpoint: {ev['path']}", flush=True)
-    elif kind == WARNING:
-        print(f"warning: {ev['message']}", file=sys.stderr, flush=True)
+    elif kind in (WARNING, CONTROL):
+        print(f"{kind}: {ev['message']}", file=sys.stderr, flush=True)
     elif kind == RUN_STARTED:
         print(f"run {ev['name']}: {ev['trainable_params']:,} trainable parameters, {ev['max_steps']} steps, "
               f"{ev['world_size']} process(es)", flush=True)
@@ -686,61 +416,65 @@ def _print_event(ev: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a project in this process (and its peers under accelerate launch / torchrun)."""
     parser = argparse.ArgumentParser(
         prog="python -m tunedeck.core.trainer",
-        description="Train a project in this process; under `accelerate launch` or `torchrun` every process "
-        "trains and rank 0 reports. `tunedeck train` is the usual way on one device.",
+        description="Train a project in this process; under torchrun or `accelerate launch` every process "
+        "trains and rank 0 reports. `tunedeck train` is the usual way (it starts this program).",
     )
-    parser.add_argument("project", help="project file")
+    parser.add_argument("project", nargs="?", help="project file (when started by hand)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-name", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # started by tunedeck
+    parser.add_argument("--launch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
-    spec: RunSpec | None = None
-    error: str | None = None
-    if rank == 0:
-        try:
-            spec = prepare_run(args.project, args.overrides, args.run_name, args.resume)
-        except UserError as exc:
-            error = exc.message
-    if distributed:
-        spec, error = _share_from_rank0(spec, error)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    install_signals(started_by_tunedeck=args.run_dir is not None)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .launcher import RunSpec
+
+    if args.run_dir is not None:
+        if not args.launch:
+            parser.error("--run-dir needs --launch")
+        return serve(RunSpec.from_dict(json.loads(args.launch)), rank, world)
+    if args.project is None:
+        parser.error("give a project file")
+    try:
+        spec, prepared, error = _prepare_by_hand(args, rank, world)
+    except (Aborted, KeyboardInterrupt, Terminated):
+        return EXIT_ABORTED
     if error is not None or spec is None:
         if rank == 0:
             print(f"tunedeck: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    return serve(spec, rank, world, echo=_print_event if rank == 0 else None)  # rank 0 holds `prepared`'s lock
+
+
+def _prepare_by_hand(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any, str | None]:
+    """Rank 0 checks the project and makes the run folder; every rank gets its spec."""
+    from .launcher import RunSpec, prepare_run
+
+    spec: Any = None
+    prepared = None
+    error: str | None = None
     if rank == 0:
-        write_pid_file(Path(spec.run_dir))
-        log: EventLog | None = EventLog(Path(spec.run_dir) / EVENTS_FILE)
-    else:
-        log = None
-    emit = Emitter(log, echo=_print_event)
-    try:
-        return run(spec, emit, Controls())
-    finally:
-        if log is not None:
-            log.close()
+        try:
+            prepared = prepare_run(args.project, args.overrides, args.run_name, args.resume)
+            spec = prepared.spec
+        except UserError as exc:
+            error = exc.message
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        from accelerate import PartialState
 
-
-def _share_from_rank0(spec: RunSpec | None, error: str | None) -> tuple[RunSpec | None, str | None]:
-    """Every rank trains the run rank 0 prepared (its name has rank 0's clock in it)."""
-    import torch
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available()
-    PartialState(cpu=cpu)  # joins the process group torchrun / accelerate set up (gloo on CPUs)
-    payload = [spec.as_dict() if spec else None, error]
-    dist.broadcast_object_list(payload, src=0)
-    shared, error = payload
-    if shared is None:
-        return None, error
-    return RunSpec(**{**shared, "warnings": tuple(shared["warnings"])}), error
+        PartialState(cpu=not torch.cuda.is_available())  # joins the group torchrun / accelerate set up
+        payload = [spec.as_dict() if spec is not None else None, error]
+        dist.broadcast_object_list(payload, src=0)
+        shared, error = payload
+        spec = RunSpec.from_dict(shared) if shared is not None else None
+    return spec, prepared, error
 
 
 if __name__ == "__main__":

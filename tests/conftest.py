@@ -78,3 +78,20 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def no_trainer_left_behind(tmp_path):
+    """A test that fails half-way never leaves a trainer running: after each test, every run
+    under its folder with a live trainer is killed (its whole process group)."""
+    yield
+    from tunedeck.core.launcher import kill_run
+    from tunedeck.core.runs import RECORD_FILE, liveness, read_record
+
+    ours = {os.getpid(), os.getppid()}
+    for path in tmp_path.rglob(RECORD_FILE):
+        record = read_record(path.parent) or {}
+        if record.get("pid") in ours or record.get("leader") in ours or record.get("pgid") == os.getpgrp():
+            continue  # a record a test wrote for this very process
+        if liveness(path.parent).alive:
+            kill_run(path.parent)

@@ -1,13 +1,14 @@
 """A scripted trainer for UI tests: ``python fake_trainer.py RUN_DIR SCRIPT.jsonl``.
 
-It behaves like the real one seen from outside (its pid in ``trainer.pid``, events appended
-to ``events.jsonl``, the control file read between steps, SIGUSR1 aborts) but its events
-come from a script, one JSON object per line:
+It behaves like the real one seen from outside, with the real parts of the trainer
+process (the run's lock and record, the channel that followers connect to, the emitter,
+the controls, SIGUSR1 for abort) but its events come from a script, one JSON object per
+line:
 
 - an event (``{"type": "step", "step": 3, "loss": 1.2}``): written with the time added;
 - ``{"sleep": 0.5}``: wait;
-- ``{"wait_for_control": true}``: wait (reading the control file) until stop or abort;
-  stop writes a checkpoint and a ``finished`` event with ``stopped``;
+- ``{"wait_for_control": true}``: wait until stop (a checkpoint and a ``finished`` event
+  with ``stopped``) or abort; save writes a checkpoint event and goes on waiting;
 - ``{"crash": "RuntimeError: boom"}``: a ``failed`` event with a traceback, exit code 1;
 - ``{"kill": true}``: SIGKILL itself, with no final event (the UI must say "died").
 """
@@ -21,26 +22,40 @@ import sys
 import time
 from pathlib import Path
 
-from tunedeck.core.events import EventLog, event
-from tunedeck.core.runs import take_control, write_pid_file
+from tunedeck.core.channel import Server
+from tunedeck.core.events import EventLog, append_event, event
+from tunedeck.core.runs import RunLock, write_record
+from tunedeck.core.trainer import Aborted, Controls, Emitter, install_signals
 
 
 def main(run_dir: Path, script: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_pid_file(run_dir)
+    lock = RunLock(run_dir)
+    assert lock.acquire(), "another trainer holds this run"
+    install_signals(started_by_tunedeck=True)
+    append_event(run_dir / "events.jsonl", event("launched", resume=False, processes=1))
     log = EventLog(run_dir / "events.jsonl")
-    step = 0
+    emit = Emitter(log)
+    emit.health.observe = lambda ev: []  # the script says which alarms come
+    controls = Controls(emit)
+    server = Server(run_dir, log, controls.take)
+    emit.server = server
+    write_record(run_dir, address=server.address)
+    from tunedeck.core import trainer
 
-    def emit(type: str, **fields) -> None:
-        log.write(event(type, step, **fields))
-
-    def aborted(signum, frame) -> None:
-        emit("failed", reason=f"aborted at step {step}; nothing saved", traceback=None, user_error=False,
-             aborted=True)
+    trainer._SESSION["emit"] = emit
+    try:
+        return play(run_dir, script, emit, controls)
+    except Aborted:
+        emit("failed", reason=f"aborted at step {emit.step}; nothing more saved", failure="aborted", traceback=None,
+             user_error=False, aborted=True)
+        return 130
+    finally:
+        server.close()
         log.close()
-        os._exit(1)
 
-    signal.signal(signal.SIGUSR1, aborted)
+
+def play(run_dir: Path, script: Path, emit: Emitter, controls: Controls) -> int:
     for line in script.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -49,28 +64,28 @@ def main(run_dir: Path, script: Path) -> int:
             time.sleep(item["sleep"])
         elif "wait_for_control" in item:
             while True:
-                control = take_control(run_dir)
-                if control == "stop":
-                    (run_dir / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
-                    emit("checkpoint", path=str(run_dir / "checkpoints" / f"checkpoint-{step}"))
+                checkpoint = run_dir / "checkpoints" / f"checkpoint-{emit.step}"
+                if controls.stop.is_set():
+                    checkpoint.mkdir(parents=True, exist_ok=True)
+                    emit("checkpoint", path=str(checkpoint))
                     emit("finished", adapter=str(run_dir / "adapter"), run_dir=str(run_dir), final_loss=None,
                          stopped=True)
                     return 0
-                if control == "save":
-                    emit("checkpoint", path=str(run_dir / "checkpoints" / f"checkpoint-{step}"))
+                if controls.save.is_set():
+                    controls.save.clear()
+                    emit("checkpoint", path=str(checkpoint))
                 time.sleep(0.05)
         elif "crash" in item:
-            emit("failed", reason=item["crash"], user_error=False,
+            emit("failed", reason=item["crash"], failure="crash", user_error=False,
                  traceback="Traceback (most recent call last):\n  File \"train.py\", line 1, in <module>\n"
                            f"    trainer.train()\n{item['crash']}\n")
             return 1
         elif "kill" in item:
             os.kill(os.getpid(), signal.SIGKILL)
         else:
-            step = int(item.get("step", step))
+            step = int(item.get("step", emit.step))
             fields = {k: v for k, v in item.items() if k not in ("type", "step")}
-            emit(item["type"], **fields)
-    log.close()
+            emit(item["type"], step, **fields)
     return 0
 
 

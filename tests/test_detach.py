@@ -61,16 +61,18 @@ def test_detach_returns_and_attach_stops_the_run(tiny_model_dir, tmp_path):
     # attach from Python: history first, then the run still going
     handle = attach("bg", runs_dir=tmp_path / "runs")
     history = handle.events(0)
-    assert history[0]["type"] == "run_started" and handle.status == "running" and not handle.ended
-    # stop from the command line; it follows the run to its end
-    stopped = tunedeck("attach", str(run_dir), "--stop", cwd=tmp_path)
+    assert [e["type"] for e in history[:2]] == ["launched", "run_started"]
+    assert handle.status == "running" and not handle.ended
+    # stop from the command line: it returns once the trainer has taken the request, and
+    # --wait follows the run to its end
+    stopped = tunedeck("attach", str(run_dir), "--stop", "--wait", cwd=tmp_path)
     assert stopped.returncode == 0, stopped.stderr
-    assert "stopped at step" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert "stop taken" in stopped.stderr and "stopped at step" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert f"tunedeck train {project} --resume --run-name bg" in stopped.stderr
     info = statuses(project, tmp_path)["bg"]
-    assert info["status"] == "finished" and info["note"] == "stopped"
+    assert info["status"] == "stopped"
     assert checkpoint_steps(run_dir) == [info["step"]] and (run_dir / "adapter" / "adapter_config.json").is_file()
-    assert handle.wait(30) == "finished" and handle.final["stopped"] is True
-    assert not (run_dir / "control").exists()  # the trainer took the request
+    assert handle.wait(30) == "stopped" and handle.final["stopped"] is True
 
 
 def test_the_run_survives_its_terminal_hanging_up_and_is_reattached(tiny_model_dir, tmp_path):
@@ -89,11 +91,9 @@ def test_the_run_survives_its_terminal_hanging_up_and_is_reattached(tiny_model_d
     wait_until(lambda: run_info(run_dir).step > steps_then)  # still training, nobody reading
     handle = attach(run_dir)
     assert handle.status == "running"
-    handle.save_now()
-    handle.stop()
-    assert handle.status == "stopping"
-    assert handle.wait(120) == "finished", handle.final
-    assert handle.final["stopped"] is True and run_info(run_dir).status == "finished"
+    assert "save taken" in handle.save_now() and "stop taken" in handle.stop()
+    assert handle.wait(120) == "stopped", handle.final
+    assert handle.final["stopped"] is True and run_info(run_dir).status == "stopped"
     types = [e["type"] for e in read_events(run_dir / "events.jsonl")]
     assert types.count("checkpoint") >= 1 and types[-1] == "finished"
 

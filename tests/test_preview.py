@@ -61,7 +61,8 @@ def make_project(tmp_path: Path, model_dir: Path, data: str = "data.jsonl", **se
 
 def trainer_examples(project: Project, tokenizer) -> list[dict]:
     """The training examples the trainer's own data code builds for the project."""
-    from tunedeck.core.trainer import Emitter, Run
+    from tunedeck.core.finetune import Run
+    from tunedeck.core.trainer import Emitter
 
     run = Run.__new__(Run)  # only the data path: no run folder, no model
     run.project, run.emit, run.ref = project, Emitter(None), type("Ref", (), {"display": "m"})()

@@ -12,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from tunedeck.core.events import EventLog, EventReader, event, read_events, system_fields
-from tunedeck.core.launcher import death_reason
-from tunedeck.core.runs import list_runs, run_info, write_pid_file
+from tunedeck.core.runs import death_reason, list_runs, run_info, write_record
 
 
 def test_events_are_flat_json_lines_with_type_time_and_step(tmp_path):
@@ -118,7 +117,7 @@ def write_run(folder, events, pid: int | None = None):
         for ev in events:
             log.write(ev)
     if pid is not None:
-        write_pid_file(folder, pid)
+        write_record(folder, pid)
     return folder
 
 
@@ -147,6 +146,7 @@ def test_status_steps_loss_and_duration_of_runs(tmp_path):
     assert list(infos) == ["b-failed", "a-finished", "c-running", "d-died"]  # by first start
     a = infos["a-finished"]
     assert (a.status, a.step, a.max_steps, a.final_loss, a.eval_loss, a.note) == ("finished", 4, 4, 1.0, 1.2, "")
+    assert run_info(runs / "a-finished").status == "finished"
     assert a.duration_s == pytest.approx(30.0)  # two sessions: 20 s + 10 s
     assert infos["b-failed"].status == "failed" and "has no rows" in infos["b-failed"].note
     assert infos["c-running"].status == "running" and infos["c-running"].step == 1
@@ -161,10 +161,19 @@ def test_a_watchdog_death_record_reads_as_died(tmp_path):
 
 
 def test_death_reasons_name_the_signal_or_the_exit_code(tmp_path):
-    assert "killed by SIGKILL (exit code -9)" in death_reason(-9, tmp_path) and "out-of-memory" in death_reason(
-        -9, tmp_path)
-    assert "killed by SIGSEGV" in death_reason(-11, tmp_path)
-    assert "exited with code 3" in death_reason(3, tmp_path) and "trainer.log" in death_reason(3, tmp_path)
+    failure, reason = death_reason(tmp_path, -9, oom_before=None)
+    assert failure == "died" and "killed by SIGKILL (exit code -9)" in reason and "out-of-memory" in reason
+    assert "killed by SIGSEGV" in death_reason(tmp_path, -11)[1]
+    assert "exited with code 3" in death_reason(tmp_path, 3)[1] and "trainer.log" in death_reason(tmp_path, 3)[1]
+
+
+def test_a_sigkill_while_the_oom_killer_ran_is_called_out_of_memory(tmp_path, monkeypatch):
+    from tunedeck.core import runs
+
+    monkeypatch.setattr(runs, "oom_kills", lambda: 8)
+    failure, reason = death_reason(tmp_path, -9, oom_before=7)
+    assert failure == "oom_killed" and "out-of-memory killer" in reason and "ran out of RAM" in reason
+    assert death_reason(tmp_path, -9, oom_before=8)[0] == "died"  # the count did not move
 
 
 def test_cli_runs_lists_a_folder(tmp_path):

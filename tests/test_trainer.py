@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from tunedeck.core.errors import UserError
-from tunedeck.core.launcher import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, prepare_run
+from tunedeck.core.launcher import prepare_run
+from tunedeck.core.runs import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 
 from train_support import ANSWER, memorisable_rows, of_type, sharpened_copy, train_inprocess, write_project
 
@@ -41,7 +42,7 @@ def test_loss_falls_and_the_adapter_loads_in_plain_peft(sharp_model, tmp_path):
     assert finished["type"] == "finished" and finished["step"] == 10 and finished["tokens"] > 0
     # what the file says is what the emitter sent
     on_disk = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert [e["type"] for e in on_disk] == [e["type"] for e in events]
+    assert [e["type"] for e in on_disk] == ["launched"] + [e["type"] for e in events]  # launched: the session
     assert json.loads((run_dir / "env.json").read_text())["versions"]["peft"]
     # the snapshot trains as is: overrides applied, paths relative to the run folder
     from tunedeck.core.project import Project
@@ -78,14 +79,15 @@ def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_p
     """trl neither re-masks, re-truncates nor re-pads: a batch is render() + dynamic padding."""
     from tunedeck.core.events import EventLog
     from tunedeck.core.render import IGNORE, PadCollator, render
-    from tunedeck.core.trainer import Controls, Emitter, Run
+    from tunedeck.core.finetune import Run
+    from tunedeck.core.trainer import Controls, Emitter
 
     multi = {"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "first answer"},
                           {"role": "user", "content": "b?"}, {"role": "assistant", "content": "second one"}]}
     rows = [multi, {"messages": [{"role": "user", "content": "long " * 60}, {"role": "assistant", "content": "x"}]}]
     project = write_project(tmp_path, tiny_model_dir, rows, dataset={"max_length": 64},
                             training={"batch_size": 2})
-    spec = prepare_run(project, run_name="labels")
+    spec = prepare_run(project, run_name="labels").spec
     with EventLog(tmp_path / "ev.jsonl") as log:
         trainer, _ = Run(spec, Emitter(log), Controls()).build()
     tok = trainer.processing_class
@@ -120,16 +122,24 @@ def test_qlora_4bit_trains_on_the_cpu(tiny_model_dir, tmp_path):
     assert dtypes == {"torch.float32"}  # fp32 adapter weights, not trl's bf16 cast
 
 
-@pytest.mark.parametrize("overrides, line", [
+@pytest.mark.parametrize("overrides, before, line", [
     (['lora.target_modules=["query", "value"]'],
+     'lora.target_modules ["query", "value"] matches no layer of this model; its layers: embed_tokens, q_proj',
      'lora.target_modules = ["query", "value"] matches no module of this model; its linear layers are: '
      "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"),
-    (['lora.target_modules=["lm_head"]'], "includes the output layer (lm_head)"),
-    (["dataset.max_length=12"], "every row is fully masked after truncation to dataset.max_length = 12 tokens"),
+    (['lora.target_modules=["lm_head"]'], "includes the output layer lm_head", "includes the output layer (lm_head)"),
+    (["dataset.max_length=12"], None,
+     "every row is fully masked after truncation to dataset.max_length = 12 tokens"),
 ])
-def test_refusals_found_by_the_trainer(tiny_model_dir, tmp_path, overrides, line):
+def test_refusals_found_by_the_trainer(tiny_model_dir, tmp_path, overrides, before, line):
     project = write_project(tmp_path, tiny_model_dir, training={"max_steps": 1})
-    code, events, run_dir = train_inprocess(project, overrides)
+    if before is not None:  # the pre-flight refuses it, before any folder exists
+        with pytest.raises(UserError) as refused:
+            prepare_run(project, overrides, run_name="never")
+        assert before in refused.value.message and "\n" not in refused.value.message
+        assert not (tmp_path / "runs").exists()
+    # and the trainer itself, should it be given such a run
+    code, events, run_dir = train_inprocess(project, overrides, targets=False)
     assert code == EXIT_USER_ERROR
     failed = events[-1]
     assert failed["type"] == "failed" and failed["user_error"] is True and failed["traceback"] is None
@@ -153,7 +163,7 @@ def test_a_model_without_a_chat_template_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_zero_trainable_parameters_are_refused():
-    from tunedeck.core.trainer import check_trainable
+    from tunedeck.core.finetune import check_trainable
 
     with pytest.raises(UserError, match="leaves no trainable parameter"):
         check_trainable(0, ["q_proj"])
@@ -176,7 +186,7 @@ def test_refusals_found_before_starting(tiny_model_dir, tmp_path, write_jsonl):
             prepare_run(project, overrides, run_name="never")
         assert line in info.value.message and "\n" not in info.value.message
     assert not (tmp_path / "runs" / "never").exists()
-    prepare_run(project, [], run_name="once")
+    prepare_run(project, [], run_name="once").release()
     with pytest.raises(UserError, match="already exists; pick another --run-name, or pass --resume"):
         prepare_run(project, [], run_name="once")
     with pytest.raises(UserError, match="has no checkpoint to resume from"):
@@ -186,7 +196,7 @@ def test_refusals_found_before_starting(tiny_model_dir, tmp_path, write_jsonl):
 
 
 def test_nan_losses_warn_and_three_in_a_row_end_the_run():
-    from tunedeck.core.trainer import NAN_LIMIT, EventsCallback
+    from tunedeck.core.finetune import NAN_LIMIT, EventsCallback
 
     sent = []
 
@@ -209,27 +219,27 @@ def test_nan_losses_warn_and_three_in_a_row_end_the_run():
 
 
 def test_a_crash_is_reported_with_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
-    from tunedeck.core import trainer
+    from tunedeck.core import finetune
 
     def broken(self):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(trainer.Run, "_model", broken)
+    monkeypatch.setattr(finetune.Run, "_model", broken)
     project = write_project(tmp_path, tiny_model_dir)
     code, events, _ = train_inprocess(project)
     assert code == EXIT_FAILED
     failed = events[-1]
     assert failed["reason"] == "RuntimeError: boom" and "Traceback" in failed["traceback"]
-    assert failed["user_error"] is False
+    assert failed["user_error"] is False and failed["failure"] == "crash"
 
 
 def test_resume_without_a_name_picks_the_newest_run_with_a_checkpoint(tiny_model_dir, tmp_path):
     project = write_project(tmp_path, tiny_model_dir)
     for name, step in (("t-20260101-000000", 4), ("t-20260102-000000", None), ("other-20260103-000000", 2)):
-        spec = prepare_run(project, [], run_name=name)
+        prepare_run(project, [], run_name=name).release()
         if step:
             checkpoint = tmp_path / "runs" / name / "checkpoints" / f"checkpoint-{step}"
             checkpoint.mkdir(parents=True)
             (checkpoint / "trainer_state.json").write_text("{}")
-    spec = prepare_run(project, [], resume=True)
+    spec = prepare_run(project, [], resume=True).spec
     assert spec.name == "t-20260101-000000" and spec.resume

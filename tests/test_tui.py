@@ -428,14 +428,15 @@ async def test_training_from_the_palette_follows_the_run(project_path, monkeypat
         {"type": "finished", "step": 3},
     ])
 
-    def start_run(path: str, overrides: tuple[str, ...]) -> FakeRun:
+    def start_run(path: str, overrides: tuple[str, ...], **options: object) -> FakeRun:
         started.append((path, overrides))
+        assert options == {"targets": False}  # the engine ran the full pre-flight first
         return run
 
     import tunedeck.core.launcher as launcher
 
     monkeypatch.setattr(launcher, "start_run", start_run)
-    app = make_app(project_path)
+    app = make_app(project_path, InProcessEngine())  # it runs the pre-flight
     async with app.run_test(size=SIZE) as pilot:
         await edit(pilot, "training.max_steps", "3")
         await pilot.press("enter")

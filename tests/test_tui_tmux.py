@@ -128,7 +128,7 @@ def test_a_run_outlives_its_terminal_and_the_dashboard_reattaches_and_stops_it(t
     assert f"run {run_dir.name}" in screen
     tmux.wait_for("checkpoint")  # the control keys are shown: the run is controllable from here
     tmux.keys("x")
-    tmux.wait_for("FINISHED", timeout=120)
+    tmux.wait_for("STOPPED EARLY", timeout=120)
     events = read_events(run_dir / "events.jsonl")
     assert events[-1]["type"] == "finished" and events[-1]["stopped"] is True
     assert sum(e["type"] == "step" for e in events) > steps_before  # it trained while nobody watched

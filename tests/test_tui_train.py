@@ -161,10 +161,12 @@ async def test_a_live_run_alarms_and_stops_from_the_alarm(project_path, fake_tra
         assert app.training
         await pilot.press("enter")  # the focused "Stop the run"
         await until(pilot, lambda: app.run_view.ended, timeout=30)
-        assert app.run_view.status == "finished"
-        await until(pilot, lambda: numbers(app)["status"] == "finished (stopped early)")
+        assert app.run_view.status == "stopped"  # an end state of its own
+        await until(pilot, lambda: numbers(app)["status"] == "stopped early")
         assert not bar.has_class("shown")
-        assert "stop asked" in log_lines(app) and "finished (stopped early)" in log_lines(app)
+        text = log_lines(app)
+        assert "stop asked" in text and "stop taken: a checkpoint" in text and "finished (stopped early)" in text
+        assert any("stop taken" in n.message for n in app._notifications)  # the trainer's answer
         assert trainer.proc.wait(10) == 0
 
 
@@ -191,8 +193,9 @@ async def test_keep_going_dismisses_the_alarm_and_save_then_abort_reach_the_trai
         await until(pilot, lambda: isinstance(app.screen, ChoiceScreen))
         await pilot.press("enter")  # "Abort, saving nothing"
         await until(pilot, lambda: app.run_view.ended)
-        assert app.run_view.status == "failed"
+        assert app.run_view.status == "aborted"  # not "failed"
         await until(pilot, lambda: "aborted at step 2" in str(app.screen.query_one("#failure", Static).render()))
+        assert numbers(app)["status"] == "aborted" and trainer.proc.wait(10) == 130
 
 
 async def test_a_crash_shows_the_reason_and_the_traceback(project_path, fake_trainer):
@@ -294,7 +297,8 @@ async def test_a_real_run_of_the_tiny_model_from_the_screen(tiny_model_dir, tmp_
         assert numbers(app)["step"].startswith("4 / 4")
         snap = app.run_view.snapshot()
         assert snap.loss[0] == [1, 2, 3, 4] and len(snap.lr[0]) == 4
-        assert any(label == "CPU busy" or label == "device" for label, _ in snap.system)
+        system = dict(snap.system)  # the trainer has ended: no live readings stay on the panel
+        assert system["trainer"] == "ended: no live readings" and "CPU busy" not in system
         assert "finished" in log_lines(app) and (app.run_view.run_dir / "adapter").is_dir()
 
 
@@ -312,3 +316,29 @@ async def test_a_refused_start_is_one_line_and_nothing_runs(tmp_path, monkeypatc
         [refusal] = [n.message for n in app._notifications if n.severity == "error"]
         assert "gone.jsonl" in refusal and "\n" not in refusal and "Traceback" not in refusal
         assert app.run_view is None and not (tmp_path / "runs").exists()
+
+
+async def test_start_runs_the_preflight_of_tunedeck_train_before_anything_exists(tmp_path, monkeypatch):
+    """Targets the Settings screen already flags: the Train screen refuses them with the very
+    line `tunedeck train` prints, and makes no run folder and no trainer process."""
+    from tui_helpers import PROJECT_TOML
+
+    from tunedeck.core import launcher
+    from tunedeck.core.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    path = write_project(tmp_path, PROJECT_TOML.replace('target_modules = "all-linear"', 'target_modules = ["nope"]'))
+    spawned: list[Any] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *args, **kw: spawned.append(args))
+    with pytest.raises(UserError) as cli_line:
+        launcher.preflight(launcher.load_project(path))
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("s")
+        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=60)
+        [refusal] = [n.message for n in app._notifications if n.severity == "error"]
+        assert refusal == cli_line.value.message and "matches no layer" in refusal and "\n" not in refusal
+        assert app.run_view is None and not app.training
+    assert not (tmp_path / "runs").exists() and spawned == []

@@ -44,16 +44,19 @@ def write_project(folder: Path, model: Path | str, rows: list[dict[str, Any]] | 
     return path
 
 
-def train_inprocess(project: Path, overrides: list[str] | None = None, run_name: str = "r", resume: bool = False):
-    """Run the trainer in this process; returns (exit code, events, run dir)."""
+def train_inprocess(project: Path, overrides: list[str] | None = None, run_name: str = "r", resume: bool = False,
+                    targets: bool = True):
+    """Run the trainer in this process (after the pre-flight; ``targets=False`` leaves the
+    target check to the trainer); returns (exit code, events, run dir)."""
     from tunedeck.core.events import EventLog
     from tunedeck.core.launcher import prepare_run
     from tunedeck.core.trainer import Controls, Emitter, run
 
-    spec = prepare_run(project, overrides or [], run_name=run_name, resume=resume)
     events: list[dict[str, Any]] = []
-    with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
-        code = run(spec, Emitter(log, echo=events.append), Controls())
+    with prepare_run(project, overrides or [], run_name=run_name, resume=resume, targets=targets) as prepared:
+        spec = prepared.spec
+        with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
+            code = run(spec, Emitter(log, echo=events.append), Controls())
     return code, events, Path(spec.run_dir)
 
 

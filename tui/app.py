@@ -13,6 +13,7 @@ from worker threads; a frame never waits on a model.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import os
@@ -40,7 +41,7 @@ from tunedeck.core.project import Project
 from .screens.base import one_line
 from .session import Session, display_path
 from .themes import DEFAULT_THEME, bundled_themes, user_themes
-from .training import RunView
+from .training import RunView, status_label
 from .widgets.mode_tabs import SCREENS, ModeTabs
 
 if TYPE_CHECKING:
@@ -497,20 +498,30 @@ class TunedeckApp(App[int]):
     def action_stop_training(self) -> None:
         run = self._control("stop")
         if run is not None:
-            run.stop()
             self._log_control("stop asked: a checkpoint and the adapter are saved at the end of this step")
-            self.notify(f"stopping {run.name}: a checkpoint is saved at the end of this step", title="Training")
+            self._send_control(run, "stop")
 
     def action_save_checkpoint(self) -> None:
         run = self._control("save")
         if run is not None:
-            run.save_now()
             self._log_control("checkpoint asked: saved at the end of this step; training goes on")
-            self.notify(f"{run.name}: a checkpoint is saved at the end of this step", title="Training")
+            self._send_control(run, "save")
 
     def action_abort_training(self) -> None:
         if self._control("abort") is not None:
             self._abort_dialog()
+
+    @work(thread=True, group="run-control", exit_on_error=False)
+    def _send_control(self, run: Any, action: str) -> None:
+        """Send a control to the run's trainer (off the UI thread: it waits for the answer);
+        the answer, or why it could not be sent, is a notification."""
+        try:
+            message = run.control(action)
+        except UserError as exc:
+            self.notify(exc.message, title="Training", severity="warning", timeout=10)
+            return
+        self.notify(f"{run.name}: {message}", title="Training", severity="warning" if action == "abort" else
+                    "information")
 
     @work(group="dialogs", exit_on_error=False)
     async def _abort_dialog(self) -> None:
@@ -523,9 +534,8 @@ class TunedeckApp(App[int]):
             [("Abort, saving nothing", "abort"), ("Stop with a checkpoint", "stop")],
         ))
         if answer == "abort" and not run.ended:
-            run.abort()
             self._log_control("abort asked: ending now, saving nothing")
-            self.notify(f"aborting {run.name}", title="Training", severity="warning")
+            self._send_control(run, "abort")
         elif answer == "stop":
             self.action_stop_training()
 
@@ -542,9 +552,12 @@ class TunedeckApp(App[int]):
 
     @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
     def _start_run(self, project_path: str, overrides: tuple[str, ...]) -> None:
-        from tunedeck.core.launcher import start_run
+        """The pre-flight of `tunedeck train` in the engine process (the target check needs
+        torch), then the run folder and the trainer: a refusal creates nothing."""
+        from tunedeck.core import launcher
 
-        handle = start_run(project_path, overrides)
+        self.engine.call("preflight", project_path=project_path, overrides=list(overrides))
+        handle = launcher.start_run(project_path, overrides, targets=False)
         self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
 
     @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
@@ -601,9 +614,9 @@ class TunedeckApp(App[int]):
         if view is not self.run_view:
             return
         snap = view.snapshot()
-        failed = view.status != "finished"
-        note = snap.reason if failed else ("stopped early" if view.stopped else "")
-        self.notify(f"{view.name} {view.status}" + (f": {note}" if note else ""),
+        failed = view.status not in ("finished", "stopped")
+        note = snap.reason if failed else ""
+        self.notify(f"{view.name} {status_label(view.status)}" + (f": {note}" if note else ""),
                     severity="error" if failed else "information", title="Training", timeout=15)
 
     # -- quitting -----------------------------------------------------------------------------
@@ -649,7 +662,10 @@ class TunedeckApp(App[int]):
                 run.detach()
                 self._left_running = True
             elif not run.ended:
-                run.stop()
+                try:
+                    await asyncio.to_thread(run.stop)  # returns once the trainer has taken it
+                except UserError as exc:
+                    self.notify(exc.message, severity="warning")
         self.exit(0)
 
 

@@ -55,6 +55,8 @@ def parse_text(fld: Field, text: str) -> Any:
             return raw
         names = [n for n in re.split(r"[,\s]+", raw) if n]
         return names if (names or fld.kind == "str_list") else raw
+    if fld.kind == "devices" and "," in raw and not raw.startswith("["):
+        return _as_toml(fld, f"[{raw}]")
     if fld.kind == "mapping":
         if raw.startswith("{"):
             return _as_toml(fld, raw)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunedeck.core.runs import ENDED, LIVE, RunState
+
 from .session import display_path
 
-ENDED = ("finished", "failed", "died")
-LIVE = ("starting", "running", "stopping")
 POINTS = 600  # per plotted series, before thinning
 LOG_LINES = 400
 SMOOTHING = 0.9  # exponential moving average of the training loss
@@ -95,6 +95,14 @@ def _finite(value: Any) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
+STATUS_LABELS = {"stopped": "stopped early", "unknown": "unknown (another host)"}
+
+
+def status_label(status: str) -> str:
+    """A status as the dashboard says it."""
+    return STATUS_LABELS.get(status, status)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "-"
@@ -110,7 +118,12 @@ def gib(n: Any) -> str:
 
 class RunView:
     """Everything the dashboard shows of one run. ``fold`` runs on the follower thread,
-    ``snapshot`` on the UI thread; ``revision`` says whether anything changed since."""
+    ``snapshot`` on the UI thread; ``revision`` says whether anything changed since.
+
+    The step and the numbers of the run list come from :class:`tunedeck.core.runs.RunState`,
+    the fold every view uses; the status is the follower's (the same fold, with the
+    trainer's liveness). The ETA is recomputed at each snapshot from the measured time per
+    step, so it counts down between steps."""
 
     def __init__(self, name: str, run_dir: Path, status: str = "starting") -> None:
         self.name = name
@@ -118,13 +131,14 @@ class RunView:
         self.status = status
         self.revision = 0
         self._lock = threading.Lock()
-        self.step = 0
-        self.max_steps: int | None = None
+        self.state = RunState()
         self.epoch: float | None = None
         self.tokens_per_s: float | None = None
-        self.eta_s: float | None = None
+        self.eta_s: float | None = None  # the trainer's, at its last step event
         self.started: float | None = None
         self.last_time: float | None = None
+        self._pace: tuple[float, int] | None = None  # (time, step) of this session's first step event
+        self._last_step: tuple[float, int] | None = None  # (time, step) of the latest step event
         self.last_checkpoint: str = ""
         self.stopped = False
         self.reason = ""
@@ -148,6 +162,14 @@ class RunView:
     def ended(self) -> bool:
         return self.status in ENDED
 
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.state.max_steps
+
     def fold(self, events: list[dict[str, Any]], status: str | None = None) -> list[dict[str, Any]]:
         """Take a batch of events (and the run's status after them); returns the alarms among them."""
         alarms: list[dict[str, Any]] = []
@@ -169,15 +191,17 @@ class RunView:
 
     def _take(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         self.events_seen += 1
+        self.state.take(ev)
         kind = ev.get("type")
-        step = int(ev.get("step") or 0)
-        self.step = max(self.step, step)
+        step = ev["step"] if isinstance(ev.get("step"), int) else 0
         t = _float(ev.get("time"))
         if t is not None:
             self.last_time = t
-        if ev.get("max_steps"):
-            self.max_steps = int(ev["max_steps"])
         if kind == "step":
+            if t is not None:
+                if self._pace is None:
+                    self._pace = (t, step)
+                self._last_step = (t, step)
             loss = _float(ev.get("loss"))
             # a step with a null loss: the trainer's NaN/inf (JSON has neither)
             self.loss_value = math.nan if loss is None and "loss" in ev else loss
@@ -216,7 +240,10 @@ class RunView:
             self.last_alarm = dict(ev)
             self._note(ev, "alarm", str(ev.get("message", "")))
             return ev
+        elif kind == "control":
+            self._note(ev, "control", str(ev.get("message", "")))
         elif kind == "run_started":
+            self._pace = self._last_step = None
             if self.started is None or ev.get("resumed_from"):
                 self.started = t  # a resumed run's elapsed time counts from the resume
             self.reason, self.traceback, self.stopped = "", [], False
@@ -234,7 +261,8 @@ class RunView:
             self.reason = str(ev.get("reason") or "")
             tb = ev.get("traceback")
             self.traceback = str(tb).rstrip().splitlines()[-TRACEBACK_LINES:] if tb else []
-            self._note(ev, "failed", ("died: " if ev.get("died") else "failed: ") + self.reason)
+            how = "died" if ev.get("died") else "aborted" if ev.get("aborted") else "failed"
+            self._note(ev, "failed", f"{how}: {self.reason}")
         return None
 
     def note(self, kind: str, text: str) -> None:
@@ -257,6 +285,23 @@ class RunView:
                 reason=self.reason, traceback=list(self.traceback),
             )
 
+    def _eta(self, now: float) -> float | None:
+        """Seconds left: the steps to go at the measured time per step, less the time since
+        the last step (so it counts down between steps); the trainer's own until a second
+        step has been timed."""
+        if self.max_steps is None or self._last_step is None:
+            return self.eta_s
+        t_last, step = self._last_step
+        left = max(0, self.max_steps - step)
+        per_step = None
+        if self._pace is not None and step > self._pace[1]:
+            per_step = (t_last - self._pace[0]) / (step - self._pace[1])
+        if per_step is None:
+            if self.eta_s is None:
+                return None
+            return max(0.0, self.eta_s - max(0.0, now - t_last))
+        return max(0.0, left * per_step - max(0.0, now - t_last))
+
     def _numbers(self, now: float) -> list[tuple[str, str]]:
         live = self.status in LIVE
         end = now if live else (self.last_time or now)
@@ -264,9 +309,8 @@ class RunView:
         steps = f"{self.step} / {self.max_steps}" if self.max_steps else str(self.step)
         if self.max_steps:
             steps += f"  ({100 * self.step / self.max_steps:.0f}%)"
-        status = self.status + (" (stopped early)" if self.status == "finished" and self.stopped else "")
         rows = [
-            ("status", status),
+            ("status", status_label(self.status)),
             ("step", steps),
             ("epoch", "-" if self.epoch is None else f"{self.epoch:.2f}"),
             ("loss", "-" if self.loss_value is None else ("NaN/inf" if not math.isfinite(self.loss_value)
@@ -276,7 +320,7 @@ class RunView:
             ("grad norm", "-" if self.grad_norm.last is None else f"{self.grad_norm.last:.3g}"),
             ("tokens/s", "-" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}"),
             ("elapsed", duration(elapsed)),
-            ("ETA", duration(self.eta_s) if live else "-"),
+            ("ETA", duration(self._eta(now)) if live else "-"),
             ("last checkpoint", self.last_checkpoint or "none yet"),
             ("folder", display_path(self.run_dir)),
         ]
@@ -284,6 +328,13 @@ class RunView:
 
     def _system(self) -> list[tuple[str, str]]:
         s = self.system
+        if self.ended:  # no live readings once the trainer is gone: what it measured, and that it ended
+            rows = [("trainer", "ended: no live readings")]
+            if s.get("torch_peak_memory"):
+                rows.append(("torch peak", gib(s.get("torch_peak_memory"))))
+            if s.get("rss"):
+                rows.append(("last trainer RSS", gib(s.get("rss"))))
+            return rows
         if not s:
             return [("device", "waiting for the trainer's first report")]
         rows: list[tuple[str, str]] = []

@@ -6,9 +6,10 @@ snapshot when the project file has moved): the history from events.jsonl, then l
 the controls. ``--text`` (or output that is not a terminal) prints the history and the
 progress instead, until the run ends; Ctrl-C leaves it (the run goes on). ``--stop`` asks
 the run to save a checkpoint and the adapter at the end of the current step and end;
-``--save`` to save a checkpoint and go on; ``--abort`` to end at once, saving nothing. A
-trainer that is gone without a final report is shown as died, and recorded so in the
-run's events.jsonl.
+``--save`` to save a checkpoint and go on; ``--abort`` to end at once, saving nothing.
+Each returns once the trainer has taken the request; ``--wait`` then follows the run to
+its end (and exits with its code). A trainer that is gone without a final report is shown
+as died, and recorded so in the run's events.jsonl; a run on another host is "unknown".
 """
 
 from __future__ import annotations
@@ -29,29 +30,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, text in (("stop", "save a checkpoint and the adapter at the end of this step, then end"),
                        ("save", "save a checkpoint now and go on"), ("abort", "end at once, saving nothing")):
         group.add_argument(f"--{name}", dest="control", action="store_const", const=name, help=text)
+    p.add_argument("--wait", action="store_true", help="with --stop, --save or --abort: follow the run to its end")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.text import Text
 
     from ..launcher import attach
-    from ..runs import send_control
-    from .train import Progress
+    from .train import Progress, project_of
 
     handle = attach(args.run, runs_dir="runs")
     console = Console(stderr=True, highlight=False)
     if args.control is not None:
-        if handle.ended:
-            raise UserError(f"{handle.name} has ended ({handle.status}); nothing to {args.control}")
-        send_control(handle.run_dir, args.control)
-        console.print(f"{handle.name}: {args.control} requested")
-        if args.control == "save":
+        message = handle.control(args.control)  # returns once the trainer has taken it
+        console.print(Text(f"{handle.name}: {message}"))
+        if not args.wait:
+            if args.control == "stop":
+                console.print(Text(f"follow it to its end: tunedeck attach {handle.run_dir}; then continue it with: "
+                                   f"tunedeck train {project_of(handle)} --resume --run-name {handle.name}"),
+                              soft_wrap=True)
             return 0
+    elif args.wait:
+        raise UserError("--wait goes with --stop, --save or --abort")
     if not args.text and args.control is None and sys.stdout.isatty() and sys.stdin.isatty():
         from tunedeck.tui.app import run_app
 
+        handle.detach()
         return run_app(str(run_project(handle.run_dir)), attach=handle.run_dir)
-    console.print(f"run [bold]{handle.name}[/] in {handle.run_dir} (Ctrl-C leaves it running)")
+    console.print(Text.assemble("run ", (handle.name, "bold"), f" in {handle.run_dir} (Ctrl-C leaves it running)"),
+                  soft_wrap=True)
     progress = Progress(console, handle)
     try:
         with progress.bar:
@@ -61,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
                 if handle.ended:
                     break
     except KeyboardInterrupt:
-        console.print(f"left {handle.name} running; attach again with: tunedeck attach {handle.run_dir}")
+        handle.detach()
+        console.print(Text(f"left {handle.name} running; attach again with: tunedeck attach {handle.run_dir}"),
+                      soft_wrap=True)
         return 0
     return progress.result()
 

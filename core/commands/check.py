@@ -1,7 +1,9 @@
 """`tunedeck check PROJECT.toml [--set key=value ...] [--json]`: validate a project.
 
-Checks the schema, finds the model, reads the dataset, and prints the resolved settings
-("auto" made concrete for this machine). Exit 0 when the project can train, 2 when not.
+Runs the pre-flight of a run (the schema, the settings against this machine, the model's
+files, the dataset, the target modules against the model's layers) and prints the resolved
+settings ("auto" made concrete for this machine). Exit 0 when the project can train, 2
+when not: `tunedeck train` refuses exactly what this refuses.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_set_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--params", action="store_true",
-                   help="also count the trainable parameters, as peft will (builds the model on the meta device)")
+                   help="also print the trainable parameters, as peft will count them")
 
 
 def collect(project_path: str, overrides: list[str], params: bool = False) -> dict[str, Any]:
@@ -57,10 +59,8 @@ def collect(project_path: str, overrides: list[str], params: bool = False) -> di
         "settings": project.as_dict(),
         "sources": sources,
     }
-    if params:
-        from ..inspect import project_counts
-
-        report.update(project_counts(project))
+    if params and found.counts is not None:
+        report.update(found.counts)
     return report
 
 

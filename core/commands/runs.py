@@ -51,20 +51,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console(highlight=False)
     if not infos:
         console.print(f"no runs in {folder}")
         return 0
-    colours = {"running": "cyan", "finished": "green", "failed": "red", "died": "red"}
-    table = Table(title=f"runs in {folder}", header_style="bold")
+    colours = {"starting": "cyan", "running": "cyan", "stopping": "yellow", "finished": "green", "stopped": "green",
+               "aborted": "yellow", "failed": "red", "died": "red", "unknown": "magenta"}
+    table = Table(title=Text(f"runs in {folder}"), header_style="bold")
     for col in ("run", "status", "steps", "loss", "eval loss", "duration", "note"):
         table.add_column(col, overflow="fold")
     for i in infos:
         steps = f"{i.step}/{i.max_steps}" if i.max_steps else str(i.step)
         table.add_row(
-            i.name, f"[{colours.get(i.status, 'white')}]{i.status}[/]", steps, _num(i.final_loss),
-            _num(i.eval_loss), _duration(i.duration_s), i.note,
+            Text(i.name), Text(i.status, style=colours.get(i.status, "white")), steps, _num(i.final_loss),
+            _num(i.eval_loss), _duration(i.duration_s), Text(i.note),
         )
     console.print(table)
     return 0

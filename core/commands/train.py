@@ -2,10 +2,11 @@
 
 Runs the same trainer process as the app and shows its progress (step, loss, tokens/s,
 ETA). Ctrl-C once stops at the end of the current step, saving a checkpoint and the
-adapter; twice aborts without saving; a third time kills the trainer.
+adapter; twice aborts without saving; a third time kills the trainer. With
+``training.devices`` above 1 the run trains data parallel in several processes.
 
-Exit 0 when the run finished (or was stopped and saved), 2 for a bad project or input,
-1 when training failed, 130 when it was aborted.
+Exit 0 when the run finished (or was stopped and saved), 2 for a bad project or input
+(nothing is created), 1 when training failed, 130 when it was aborted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from ..cli import add_set_option
+from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,12 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.text import Text
 
     from ..launcher import start_run
 
     console = Console(stderr=True, highlight=False)
     handle = start_run(args.project, args.overrides, run_name=args.run_name, resume=args.resume)
-    console.print(f"run [bold]{handle.name}[/] in {handle.run_dir}")
+    processes = f" ({handle.spec.processes} processes)" if handle.spec.processes > 1 else ""
+    console.print(Text.assemble("run ", (handle.name, "bold"), f" in {handle.run_dir}{processes}"), soft_wrap=True)
     if args.detach:
         return detach(console, handle)
     return Progress(console, handle).follow()
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 def detach(console: Any, handle: Any) -> int:
     """Wait until the trainer has started (or refused), then leave it running and return."""
+    from rich.text import Text
+
     progress = Progress(console, handle)
     try:
         while not handle.ended:
@@ -56,13 +62,17 @@ def detach(console: Any, handle: Any) -> int:
             if any(ev["type"] == "run_started" for ev in events):
                 break
     except KeyboardInterrupt:
-        handle.abort()
+        try:
+            handle.abort()
+        except UserError:
+            pass
         handle.wait(30)
     if handle.ended:
         return progress.result()
     handle.detach()
-    console.print(f"running detached (it survives this terminal). Follow it: tunedeck attach {handle.run_dir}\n"
-                  f"stop it: tunedeck attach {handle.run_dir} --stop; status: tunedeck runs {handle.run_dir.parent}")
+    console.print(Text(f"running detached (it survives this terminal). Follow it: tunedeck attach {handle.run_dir}\n"
+                       f"stop it: tunedeck attach {handle.run_dir} --stop; "
+                       f"status: tunedeck runs {handle.run_dir.parent}"), soft_wrap=True)
     return 0
 
 
@@ -98,26 +108,36 @@ class Progress:
         return self.result()
 
     def interrupt(self) -> None:
+        from rich.text import Text
+
         self.interrupts += 1
-        if self.interrupts == 1:
-            self.handle.stop()
-            self.console.print("[yellow]stopping at the end of this step: saving a checkpoint and the adapter "
-                               "(Ctrl-C again to abort without saving)[/]")
-        elif self.interrupts == 2:
-            self.handle.abort()
-            self.console.print("[yellow]aborting: nothing more is saved (Ctrl-C again to kill the trainer)[/]")
-        else:
-            self.handle.kill()
+        try:
+            if self.interrupts == 1:
+                self.handle.stop()
+                self.console.print("[yellow]stopping at the end of this step: saving a checkpoint and the adapter "
+                                   "(Ctrl-C again to abort without saving)[/]")
+            elif self.interrupts == 2:
+                self.handle.abort()
+                self.console.print("[yellow]aborting: nothing more is saved (Ctrl-C again to kill the trainer)[/]")
+            else:
+                self.handle.kill()
+        except UserError as exc:  # the run ended meanwhile, or its trainer does not answer
+            self.console.print(Text(f"{exc.message}", style="yellow"))
 
     def show(self, ev: dict[str, Any]) -> None:
+        from rich.text import Text
+
         kind = ev["type"]
         if kind == "run_started":
             resumed = ev.get("resumed_from")
             where = f", resumed at step {resumed.get('step')}" if isinstance(resumed, dict) else ""
             device = ev.get("device") if isinstance(ev.get("device"), dict) else {}
-            self.console.print(f"{_count(ev.get('trainable_params'))} trainable of {_count(ev.get('total_params'))} "
-                               f"parameters; {ev.get('train_rows', '?')} rows, {ev.get('max_steps', '?')} steps on "
-                               f"{device.get('hardware', device.get('type', ''))}{where}")
+            processes = ev.get("world_size") if isinstance(ev.get("world_size"), int) else 1
+            on = f"{device.get('hardware', device.get('type', ''))}" + (f", {processes} processes" if processes > 1
+                                                                        else "")
+            self.console.print(Text(f"{_count(ev.get('trainable_params'))} trainable of "
+                                    f"{_count(ev.get('total_params'))} parameters; {ev.get('train_rows', '?')} rows, "
+                                    f"{ev.get('max_steps', '?')} steps on {on}{where}"))
             self.bar.update(self.task, description="training", total=ev.get("max_steps"), completed=ev.get("step", 0))
         elif kind == "step":
             fields = {"loss": _num(ev.get("loss")), "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"),
@@ -126,36 +146,55 @@ class Progress:
         elif kind == "eval":
             self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}")
         elif kind == "checkpoint":
-            self.console.print(f"step {ev.get('step')}: checkpoint {ev.get('path', '')}")
+            self.console.print(Text(f"step {ev.get('step')}: checkpoint {ev.get('path', '')}"))
         elif kind == "warning":
-            self.console.print(f"[yellow]warning:[/] {ev.get('message', '')}")
+            self.console.print(Text.assemble(("warning:", "yellow"), f" {ev.get('message', '')}"))
+        elif kind == "control":
+            self.console.print(Text(f"step {ev.get('step')}: {ev.get('message', '')}", style="blue"))
         elif kind == "alarm":
             hint = "Ctrl-C stops the run" if ev.get("action") == "stop" else "the run goes on"
-            self.console.print(f"[bold red]alarm:[/] {ev.get('message', '')} ({hint})")
+            self.console.print(Text.assemble(("alarm:", "bold red"), f" {ev.get('message', '')} ({hint})"))
         elif kind == "finished":
             self.bar.update(self.task, description="stopped" if ev.get("stopped") else "done")
         elif kind == "failed":
-            self.bar.update(self.task, description="failed")
+            self.bar.update(self.task, description="aborted" if ev.get("aborted") else "failed")
 
     def result(self) -> int:
+        """Print the end of the run; returns the exit code for it."""
+        from rich.text import Text
+
         final = self.handle.final or {}
-        if self.handle.status == "finished":
-            how = "stopped" if final.get("stopped") else "finished"
-            self.console.print(f"[green]{how}[/] at step {final.get('step')}: loss {_num(final.get('final_loss'))}, "
-                               f"{_duration(final.get('runtime_s'))}; adapter in {final.get('adapter')}")
-            if final.get("stopped"):
-                self.console.print(f"continue with: tunedeck train PROJECT --resume --run-name {self.handle.name}")
+        status = self.handle.status
+        if status in ("finished", "stopped"):
+            how = "stopped" if status == "stopped" else "finished"
+            self.console.print(Text.assemble((how, "green"), f" at step {final.get('step')}: loss "
+                                             f"{_num(final.get('final_loss'))}, {_duration(final.get('runtime_s'))}; "
+                                             f"adapter in {final.get('adapter')}"))
+            if status == "stopped":
+                self.console.print(Text(f"continue with: tunedeck train {project_of(self.handle)} --resume "
+                                        f"--run-name {self.handle.name}"), soft_wrap=True)
             return 0
         reason = final.get("reason", "the trainer ended without a report")
         print(f"tunedeck: error: {reason}", file=sys.stderr)
         if final.get("user_error"):
             return 2
-        if final.get("aborted"):
+        if status == "aborted":
             return 130
         if final.get("traceback"):
-            self.console.print(f"(traceback in {self.handle.run_dir / 'events.jsonl'}; library output in "
-                               f"{self.handle.run_dir / 'trainer.log'})")
+            self.console.print(Text(f"(traceback in {self.handle.run_dir / 'events.jsonl'}; library output in "
+                                    f"{self.handle.run_dir / 'trainer.log'})"))
         return 1
+
+
+def project_of(handle: Any) -> str:
+    """The project file a run was started from, for the commands printed; the run's own
+    snapshot (which trains as is) when that file is gone."""
+    from pathlib import Path
+
+    path = getattr(getattr(handle, "spec", None), "project_path", None) or handle.project_path
+    if isinstance(path, str) and Path(path).is_file():
+        return path
+    return str(Path(handle.run_dir) / "project.toml")
 
 
 def _count(value: Any) -> str:

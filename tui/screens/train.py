@@ -33,7 +33,7 @@ from textual_plotext import PlotextPlot
 
 from tunedeck.core.runs import RunInfo, list_runs
 
-from ..training import LIVE, LOG_LINES, LogLine, RunView, Snapshot
+from ..training import LIVE, LOG_LINES, LogLine, RunView, Snapshot, status_label
 from ..widgets.facts import Facts
 from .base import ProjectScreen
 
@@ -41,7 +41,8 @@ TICK_S = 0.5  # numbers, machine panel, log
 PLOT_EVERY_S = 1.0  # plots, while the run is live
 
 STATUS_STYLE = {"starting": "$text-warning", "running": "$text-success", "stopping": "$text-warning",
-                "finished": "$text-primary", "failed": "$text-error", "died": "$text-error"}
+                "finished": "$text-primary", "stopped": "$text-primary", "aborted": "$text-warning",
+                "failed": "$text-error", "died": "$text-error", "unknown": "$text-muted"}
 LOG_STYLE = {"warning": "yellow", "alarm": "bold red", "failed": "bold red", "checkpoint": "cyan",
              "eval": "magenta", "finished": "green", "started": "green", "control": "blue"}
 
@@ -50,7 +51,8 @@ def run_option(info: RunInfo, followed: Path | None) -> Option:
     loss = "" if info.final_loss is None else f"  loss {info.final_loss:.4f}"
     mark = "●" if followed is not None and Path(info.path).resolve() == followed.resolve() else " "
     style = STATUS_STYLE.get(info.status, "")
-    prompt = Content.assemble(f"{mark} {info.name}  ", (info.status, style), f"  step {info.step}{loss}")
+    prompt = Content.assemble(f"{mark} {info.name}  ", (status_label(info.status), style),
+                              f"  step {info.step}{loss}")
     return Option(prompt, id=str(info.path))
 
 
@@ -233,7 +235,8 @@ class TrainScreen(ProjectScreen):
         if head != self._head:  # the one-line header is re-laid only when it changes
             self._head = head
             self.query_one("#run-head", Static).update(Content.assemble(
-                ("run ", "$text-muted"), (snap.name, "bold"), "  ", (snap.status.upper(), f"bold {style}"),
+                ("run ", "$text-muted"), (snap.name, "bold"), "  ",
+                (status_label(snap.status).upper(), f"bold {style}"),
                 ("  ·  " + keys, "$text-muted")), layout=False)
         self.query_one("#numbers", Facts).show(snap.numbers)
         self.query_one("#system", Facts).show(snap.system)
@@ -266,7 +269,7 @@ class TrainScreen(ProjectScreen):
 
     def _draw_failure(self, snap: Snapshot) -> None:
         failure = self.query_one("#failure", Static)
-        if snap.status in ("failed", "died"):
+        if snap.status in ("failed", "died", "aborted"):
             lines = [f"{snap.status}: {snap.reason}"]
             if snap.traceback:
                 lines += ["last lines of the traceback (full in trainer.log and events.jsonl):",

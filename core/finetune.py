@@ -1,0 +1,510 @@
+"""One fine-tuning run inside the trainer process: LoRA / QLoRA with trl's SFTTrainer.
+
+:class:`Run` goes from the run's snapshot to its adapter, in order (anything the user can
+fix stops it with one line, a :class:`~tunedeck.core.errors.UserError`, before training
+starts):
+
+1. loads ``runs/<name>/project.toml`` (the snapshot the launcher wrote) and resolves the
+   "auto" settings for this machine;
+2. loads the tokenizer, picks the chat template, and renders every row through
+   :func:`tunedeck.core.render.render_rows` (the same code as the dataset preview);
+   refuses a dataset with no trainable token left;
+3. loads the model: full precision for LoRA (fp32 on a CPU, bf16/fp16 on a GPU), or
+   4-bit / 8-bit through bitsandbytes for QLoRA, then ``prepare_model_for_kbit_training``;
+   weights come from safetensors (or GGUF) only, unless ``model.allow_pickle``;
+4. wraps it with peft (``LoraConfig`` from ``[lora]``), refusing target modules that
+   match nothing (and listing the ones that exist) or zero trainable parameters; the
+   trainable (adapter) weights are kept in fp32 while the frozen base stays in the
+   training precision;
+5. trains with ``SFTTrainer`` on the pre-tokenized examples with ``skip_prepare_dataset``
+   (trl neither re-masks, re-truncates nor re-pads them) and :class:`PadCollator`
+   (dynamic padding). With ``dataset.packing`` trl packs the same examples (best-fit,
+   padding-free) and keeps their labels;
+6. writes checkpoints to ``checkpoints/`` (resume continues from the latest, at its step)
+   and the final adapter to ``adapter/`` in the standard PEFT layout with the tokenizer
+   and its chat template, so ``PeftModel.from_pretrained(base, "runs/<name>/adapter")``
+   loads it with no tunedeck code.
+
+:class:`EventsCallback` turns the trainer's progress into events and applies the controls
+between optimizer steps (stop = save a checkpoint, write the adapter and end; save =
+checkpoint now and go on). Under several processes rank 0 takes the controls and sends
+them to every rank at each step, so all ranks stop and save together. Losses that turn
+NaN/inf are reported as warnings; three logged in a row end the run as failed ("diverged").
+
+The trainer process itself (signals, the channel, the run's record) is
+:mod:`tunedeck.core.trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback, TrainerCallback
+
+from .errors import UserError
+from .events import CHECKPOINT, EVAL, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, library_versions, system_fields
+from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint
+
+SYSTEM_EVERY_S = 5.0  # seconds between system events
+NAN_LIMIT = 3  # logged non-finite losses in a row that end a run
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class Run:
+    """One training run, from the snapshot to the adapter."""
+
+    def __init__(self, spec: Any, emit: Any, controls: Any) -> None:
+        """``spec``: the :class:`~tunedeck.core.launcher.RunSpec`; ``emit`` and ``controls``:
+        the trainer process's :class:`~tunedeck.core.trainer.Emitter` and
+        :class:`~tunedeck.core.trainer.Controls`."""
+        from .project import Project
+
+        self.spec = spec
+        self.emit = emit
+        self.controls = controls
+        self.run_dir = Path(spec.run_dir)
+        self.project = Project.load(self.run_dir / SNAPSHOT)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.env: dict[str, Any] = {}  # env.json, once written
+        self.params = (0, 0)  # trainable, total; once the adapter is on
+        self.resolved: Any = None  # "auto" settings made concrete (tunedeck.core.resolve.Resolved)
+        self.ref: Any = None  # where the model's files are (tunedeck.core.models.ModelRef)
+        self.callback: EventsCallback | None = None
+
+    def execute(self) -> dict[str, Any]:
+        trainer, has_eval = self.build()
+        checkpoint = latest_checkpoint(self.run_dir) if self.spec.resume else None
+        if self.spec.resume and checkpoint is None:
+            raise UserError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        self.callback.resumed_from = checkpoint
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        return self._finish(trainer, has_eval)
+
+    def build(self) -> tuple[Any, bool]:
+        """Everything up to a ready SFTTrainer (the refusals happen here); returns it and
+        whether there is an eval set."""
+        from .models import load_tokenizer, resolve_source
+        from .resolve import resolve
+
+        project = self.project
+        self.resolved = resolve(project)
+        self.ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
+        if self.rank == 0:
+            self._write_env()
+        tokenizer = load_tokenizer(self.ref, trust_remote_code=project["model.trust_remote_code"])
+        train_ds, eval_ds, data_info = self._datasets(tokenizer)
+        model = self._adapt(self._model())
+        return self._trainer(model, tokenizer, train_ds, eval_ds, data_info), eval_ds is not None
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _datasets(self, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+        from datasets import Dataset
+
+        from .datafile import load_splits
+        from .render import dataset_refusal, is_text_row, missing_template_tokens, render_rows, resolve_chat_template
+
+        p = self.project
+        splits = load_splits(p)
+        summary, train_rows, eval_rows = splits.summary, splits.train, splits.eval
+        if summary.skipped:
+            first = summary.skipped[0]
+            self.emit.warn(f"{len(summary.skipped)} of {summary.rows} rows skipped (row {first.row}: {first.reason})")
+
+        template_name = p["model.chat_template"]
+        needs_template = any(not is_text_row(m) for _, m in train_rows + eval_rows)
+        template = None
+        if needs_template:
+            template = resolve_chat_template(tokenizer, template_name, model_label=f"model {self.ref.display}")
+            tokenizer.chat_template = template  # saved with the adapter: chat uses what trained
+            missing = missing_template_tokens(tokenizer, template_name)
+            if missing:
+                self.emit.warn(f"chat template {template_name} uses {', '.join(missing)}, which this tokenizer "
+                               "does not have as tokens; they are trained as plain text pieces")
+        max_length, loss_on = p["dataset.max_length"], p["dataset.loss_on"]
+        render_opts = dict(max_length=max_length, loss_on=loss_on, chat_template=template)
+        train_examples, stats = render_rows(tokenizer, train_rows, **render_opts)
+        refusal = dataset_refusal(stats, max_length=max_length)
+        if refusal:
+            raise UserError(refusal)
+        self._report_render(stats, "training", max_length)
+        eval_ds = None
+        eval_stats = None
+        if eval_rows:
+            eval_examples, eval_stats = render_rows(tokenizer, eval_rows, **render_opts)
+            refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
+            if refusal:
+                raise UserError(refusal)
+            self._report_render(eval_stats, "eval", max_length)
+            eval_ds = Dataset.from_list(eval_examples)
+        info = {"format": summary.format, "train": stats.as_dict(),
+                "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name}
+        return Dataset.from_list(train_examples), eval_ds, info
+
+    def _report_render(self, stats: Any, which: str, max_length: int) -> None:
+        if stats.fully_masked:
+            self.emit.warn(f"{len(stats.fully_masked)} {which} row(s) left out: nothing to train after truncation "
+                           f"to {max_length} tokens (first: row {stats.fully_masked[0]})")
+        if stats.failed:
+            number, reason = stats.failed[0]
+            self.emit.warn(f"{len(stats.failed)} {which} row(s) left out: the chat template cannot render them "
+                           f"(row {number}: {reason})")
+        if stats.truncated:
+            self.emit.warn(f"{stats.truncated} of {stats.rows} {which} rows are longer than dataset.max_length = "
+                           f"{max_length} and were truncated (longest: {stats.longest} tokens)")
+        if stats.no_stop:
+            self.emit.warn(f"the chat template puts no end-of-turn token after answers in {stats.no_stop} {which} "
+                           "row(s); the model may not learn to stop")
+
+    # -- model ------------------------------------------------------------------------------
+
+    def _model(self) -> Any:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        from .models import load_model
+
+        p, r = self.project, self.resolved
+        mode = p["quantization.mode"]
+        kwargs: dict[str, Any] = {}
+        if mode == "none":
+            kwargs["dtype"] = getattr(torch, TORCH_DTYPES[r.precision])
+        else:
+            compute = getattr(torch, r.compute_dtype)
+            if mode == "4bit":
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type=p["quantization.quant_type"],
+                    bnb_4bit_use_double_quant=p["quantization.double_quant"], bnb_4bit_compute_dtype=compute,
+                )
+            else:
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["dtype"] = compute
+        if mode != "none" or (r.device == "cuda" and self.world_size == 1):
+            # straight to the device; quantized weights must be placed at load time (one copy per process).
+            # Full-precision weights under several processes are placed by accelerate (DDP, FSDP, DeepSpeed).
+            kwargs["device_map"] = {"": self.local_rank if r.device == "cuda" else "cpu"}
+        model = load_model(self.ref, trust_remote_code=p["model.trust_remote_code"],
+                           allow_pickle=p["model.allow_pickle"], **kwargs)
+        if mode != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.gradient_checkpointing)
+        model.config.use_cache = False
+        return model
+
+    def _adapt(self, model: Any) -> Any:
+        from peft import get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from .inspect import lora_config
+
+        p = self.project
+        target = p["lora.target_modules"]
+        config = lora_config(p.values["lora"])
+        existing = ", ".join(linear_module_names(model))
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+            message = str(exc)
+            if "not found in the base model" in message or "No modules were targeted" in message:
+                raise UserError(f"lora.target_modules = {_toml(target)} matches no module of this model; "
+                                f"its linear layers are: {existing}") from None
+            if message.startswith("Target module"):
+                raise UserError(f"lora.target_modules = {_toml(target)}: {message.splitlines()[0]} "
+                                f"Pick linear layers: {existing}") from None
+            raise
+        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+            raise UserError(f"lora.target_modules = {_toml(target)} includes the output layer (lm_head), which trl "
+                            'cannot train through an adapter; train it in full with lora.modules_to_save = ["lm_head"]')
+        trainable, total = model.get_nb_trainable_parameters()
+        check_trainable(trainable, target)
+        self.params = (trainable, total)
+        return model
+
+    # -- trainer ----------------------------------------------------------------------------
+
+    def _trainer(self, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, data_info: dict[str, Any]) -> Any:
+        from trl import SFTConfig, SFTTrainer
+
+        from .render import PadCollator
+
+        p, r = self.project, self.resolved
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        packing = p["dataset.packing"]
+        eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
+        warmup = p["training.warmup_ratio"]
+        args = SFTConfig(
+            output_dir=str(self.run_dir / CHECKPOINTS),
+            num_train_epochs=p["training.epochs"],
+            max_steps=p["training.max_steps"],
+            per_device_train_batch_size=p["training.batch_size"],
+            per_device_eval_batch_size=p["training.batch_size"],
+            gradient_accumulation_steps=p["training.grad_accum"],
+            learning_rate=p["training.learning_rate"],
+            lr_scheduler_type=p["training.lr_scheduler"],
+            warmup_steps=min(warmup, 0.9999),  # a float < 1 is a ratio of the total steps
+            optim=p["training.optim"],
+            weight_decay=p["training.weight_decay"],
+            max_grad_norm=p["training.max_grad_norm"],
+            seed=p["training.seed"],
+            data_seed=p["training.seed"],
+            bf16=r.precision == "bf16",
+            fp16=r.precision == "fp16",
+            activation_checkpointing=r.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+            use_cpu=r.device == "cpu",
+            logging_strategy="steps",
+            logging_steps=p["training.logging_steps"],
+            logging_nan_inf_filter=False,  # NaN losses are reported, not averaged away
+            eval_strategy=("steps" if eval_steps else "epoch") if eval_ds is not None else "no",
+            eval_steps=eval_steps or None,
+            save_strategy="steps" if save_steps else "epoch",
+            save_steps=save_steps or 500,
+            save_total_limit=p["training.save_total_limit"],
+            prediction_loss_only=True,
+            include_num_input_tokens_seen="non_padding",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=r.device == "cuda",
+            ddp_find_unused_parameters=False if self.world_size > 1 else None,
+            max_length=p["dataset.max_length"],
+            packing=packing,
+            # the examples are rendered, masked and truncated by tunedeck.core.render: trl leaves them as they are
+            dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
+        )
+        self.callback = EventsCallback(self, data_info)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            data_collator=None if packing else PadCollator(tokenizer.pad_token_id),
+            callbacks=[self.callback],
+        )
+        trainer.remove_callback(PrinterCallback)  # its log dicts on stdout; the events carry them
+        upcast_trainable(trainer.model)
+        return trainer
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self, trainer: Any, has_eval: bool) -> dict[str, Any]:
+        cb = self.callback
+        step = trainer.state.global_step
+        if cb.diverged:
+            return self.emit(FAILED, step, reason=f"training diverged: the loss was NaN/inf for {NAN_LIMIT} logged "
+                             "steps in a row; lower training.learning_rate or use precision fp32",
+                             traceback=None, user_error=False, diverged=True)
+        if has_eval and cb.last_eval_step != step and not self.controls.stop.is_set():
+            trainer.evaluate()
+        adapter = self.run_dir / ADAPTER
+        trainer.save_model(str(adapter))  # rank 0 writes; gathers shards under FSDP / DeepSpeed
+        if trainer.is_world_process_zero():
+            (adapter / "training_args.bin").unlink(missing_ok=True)  # a pickle; the snapshot holds the settings
+        self.emit(SYSTEM, step, **cb.system())
+        tokens = trainer.state.num_input_tokens_seen - cb.tokens_at_start
+        runtime = cb.train_runtime or (time.time() - cb.t_begin)
+        return self.emit(
+            FINISHED, step, adapter=str(adapter), run_dir=str(self.run_dir),
+            checkpoints=str(self.run_dir / CHECKPOINTS), final_loss=cb.last_loss, train_loss=cb.train_loss,
+            runtime_s=runtime, tokens=tokens, tokens_per_s=tokens / runtime if runtime > 0 else None,
+            stopped=self.controls.stop.is_set(),
+        )
+
+    def _write_env(self) -> None:
+        import torch
+
+        device: dict[str, Any] = {"type": self.resolved.device, "hardware": self.resolved.hardware,
+                                  "torch_threads": torch.get_num_threads()}
+        if torch.cuda.is_available():
+            device["cuda"] = torch.version.cuda
+            device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env = {"versions": library_versions(), "device": device, "platform": platform.platform(),
+               "host": socket.gethostname(), "world_size": self.world_size, "time": time.time()}
+        self.env = env
+        (self.run_dir / ENV_FILE).write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct last name parts of the model's linear layers (what target_modules matches)."""
+    import torch
+
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if not name or list(module.children()):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            names[name.rsplit(".", 1)[-1]] = None
+    return list(names)
+
+
+def upcast_trainable(model: Any) -> None:
+    """Keep the trainable (adapter) weights in fp32 while the frozen base stays in the training
+    precision: fp32 master weights for the optimizer (trl would leave QLoRA adapters in bf16,
+    and fp16 AMP cannot unscale fp16 gradients)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def check_trainable(trainable: int, target: Any) -> None:
+    if trainable == 0:
+        raise UserError(f"lora.target_modules = {_toml(target)} leaves no trainable parameter; "
+                        "target linear layers (e.g. \"all-linear\")")
+
+
+def _toml(value: Any) -> str:
+    from .schema import toml_repr
+
+    return toml_repr(value)
+
+
+class EventsCallback(TrainerCallback):
+    """Turns the trainer's progress into events and the parent's requests into control flags."""
+
+    def __init__(self, run: Run, data_info: dict[str, Any]) -> None:
+        self.run = run
+        self.emit = run.emit
+        self.controls = run.controls
+        self.data_info = data_info
+        self.resumed_from: Path | None = None
+        self.t_begin = time.time()
+        self.t_last_log = self.t_begin
+        self.tokens_last_log = 0
+        self.tokens_at_start = 0
+        self.step_at_start = 0
+        self.last_loss: float | None = None
+        self.train_loss: float | None = None
+        self.train_runtime: float | None = None
+        self.last_eval_step = -1
+        self.last_saved_step = -1
+        self.bad_losses = 0
+        self.diverged = False
+        self.t_system = 0.0
+
+    # -- events -----------------------------------------------------------------------------
+
+    def system(self) -> dict[str, Any]:
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            return system_fields(index, int(torch.cuda.max_memory_allocated(index)))
+        return system_fields(None, None)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.t_begin = self.t_last_log = self.t_system = time.time()
+        self.step_at_start = state.global_step
+        self.tokens_at_start = self.tokens_last_log = state.num_input_tokens_seen
+        run = self.run
+        trainable, total = run.params
+        resumed = {"checkpoint": str(self.resumed_from), "step": state.global_step} if self.resumed_from else None
+        self.emit(
+            RUN_STARTED, state.global_step, name=run.spec.name, run_dir=str(run.run_dir),
+            project=run.spec.project_path, config=run.project.as_dict(), resolved=run.resolved.as_dict(),
+            versions=run.env.get("versions") or library_versions(),
+            device=run.env.get("device", {"type": run.resolved.device}),
+            trainable_params=trainable, total_params=total, max_steps=state.max_steps,
+            train_rows=self.data_info["train"]["kept"],
+            eval_rows=(self.data_info["eval"] or {}).get("kept", 0), data=self.data_info,
+            world_size=run.world_size, resumed_from=resumed, pid=os.getpid(),
+        )
+        self.emit(SYSTEM, state.global_step, **self.system())
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "train_loss" in logs:  # the summary at the end of train()
+            self.train_runtime = _float(logs.get("train_runtime"))
+            self.train_loss = _float(logs.get("train_loss"))
+            return
+        if "loss" not in logs:
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen
+        elapsed = now - self.t_last_log
+        rate = (tokens - self.tokens_last_log) / elapsed if elapsed > 0 else None
+        self.t_last_log, self.tokens_last_log = now, tokens
+        done = state.global_step - self.step_at_start
+        per_step = (now - self.t_begin) / done if done > 0 else None
+        eta = per_step * (state.max_steps - state.global_step) if per_step is not None else None
+        loss = _float(logs.get("loss"))
+        extra = {k: _float(logs[k]) for k in ("mean_token_accuracy", "entropy") if k in logs}
+        self.emit(STEP, state.global_step, loss=loss, learning_rate=_float(logs.get("learning_rate")),
+                  grad_norm=_float(logs.get("grad_norm")), tokens=tokens, tokens_per_s=rate,
+                  epoch=_float(logs.get("epoch")),
+                  eta_s=eta, max_steps=state.max_steps, **extra)
+        if loss is None or not math.isfinite(loss):
+            self.bad_losses += 1
+            self.emit.warn(f"the loss is {loss if loss is not None else 'NaN'} at step {state.global_step}")
+            if self.bad_losses >= NAN_LIMIT:
+                self.diverged = True
+                control.should_training_stop = True
+                control.should_save = False
+        else:
+            self.last_loss = loss
+            self.bad_losses = 0
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        metrics = {k: _float(v) for k, v in (metrics or {}).items() if k.startswith("eval_")}
+        self.last_eval_step = state.global_step
+        self.emit(EVAL, state.global_step, **metrics)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_saved_step = state.global_step
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.emit(CHECKPOINT, state.global_step, path=str(path))
+
+    # -- control ----------------------------------------------------------------------------
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        stop, save = self.agreed_controls(args)
+        if stop:
+            control.should_training_stop = True
+            control.should_save = True
+        if save:
+            control.should_save = True
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # a final checkpoint, so the run can be resumed for more steps
+        now = time.time()
+        if now - self.t_system >= SYSTEM_EVERY_S:
+            self.t_system = now
+            self.emit(SYSTEM, state.global_step, **self.system())
+
+    def agreed_controls(self, args: Any) -> tuple[bool, bool]:
+        """(stop, save) as rank 0 took them, the same on every rank: under several processes
+        rank 0 sends its flags to all at each step, so they stop and save together."""
+        c = self.controls
+        flags = [int(c.stop.is_set()), int(c.save.is_set())]
+        c.save.clear()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            sent = torch.tensor(flags, dtype=torch.int32, device=args.device)
+            dist.broadcast(sent, src=0)
+            flags = [int(v) for v in sent.tolist()]
+            if flags[0]:
+                c.stop.set()
+        return bool(flags[0]), bool(flags[1])
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.diverged:
+            control.should_save = control.should_evaluate = False
+        elif control.should_save and state.global_step == self.last_saved_step:
+            control.should_save = False  # saved at this step already
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
