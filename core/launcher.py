@@ -58,6 +58,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SETUP_PREFIX = ".setup-"  # a run folder being set up, renamed into place when complete
 LOCK_WAIT_S = 1.0  # an observer holds a run's lock for a moment (record_death): wait that long
 CONNECT_S = 10.0  # how long a control waits for a trainer that is still starting to listen
+EXIT_GRACE_S = 60.0  # a trainer that has reported its end but does not exit is killed after this
 POLL_S = 0.1  # how often a follower without a live channel reads the file
 
 
@@ -219,6 +220,7 @@ def _new_run_folder(runs_dir: Path, project: Any, run_name: str | None, processe
     setup = runs_dir / f"{SETUP_PREFIX}{secrets.token_hex(8)}"
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_setups(runs_dir)
         setup.mkdir()
     except OSError as exc:
         raise UserError(f"{runs_dir}: cannot create the run folder ({_why(exc)})") from None
@@ -253,6 +255,25 @@ def _new_run_folder(runs_dir: Path, project: Any, run_name: str | None, processe
         if isinstance(exc, (OSError, ChannelError)):
             raise UserError(f"{runs_dir}: cannot set up the run folder ({_why(exc)})") from None
         raise
+
+
+def _sweep_setups(runs_dir: Path) -> None:
+    """Remove the set-up folders of launchers that were killed half-way (unlocked, and older
+    than a minute: a live launcher locks its folder the moment it makes it)."""
+    for folder in runs_dir.glob(f"{SETUP_PREFIX}*"):
+        try:
+            if time.time() - folder.stat().st_mtime < 60 or folder.is_symlink():
+                continue
+        except OSError:
+            continue
+        lock = RunLock(folder)
+        try:
+            if lock.acquire():
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            lock.release()
 
 
 def _lock_run(run_dir: Path) -> RunLock:
@@ -602,6 +623,7 @@ class RunHandle(Follower):
         self.spec = spec
         self._process = process
         self._exited = threading.Event()
+        self._ended_at: float | None = None
         threading.Thread(target=self._reap, name=f"tunedeck-reap-{spec.name}", daemon=True).start()
         super().__init__(spec.run_dir)
 
@@ -635,7 +657,15 @@ class RunHandle(Follower):
     def _poll(self, timeout: float) -> list[dict[str, Any]]:
         out = super()._poll(timeout)
         if self.state.ended and not self._exited.is_set():
+            if self._ended_at is None:
+                self._ended_at = time.monotonic()
             self._exited.wait(min(timeout, 0.2))
+            if not self._exited.is_set() and time.monotonic() - self._ended_at > EXIT_GRACE_S:
+                kill_run(self.run_dir)  # it said its last word long ago and hangs on exit
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                except OSError:
+                    pass
         return out
 
 

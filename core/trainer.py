@@ -195,8 +195,10 @@ _SESSION: dict[str, Any] = {}  # the emitter of this process's session, for the 
 
 
 def _session_ended() -> bool:
+    """Whether the session is reporting its end, or has: a signal then changes nothing
+    (the final event being written is not cut short)."""
     emit = _SESSION.get("emit")
-    return emit is not None and emit.final_sent
+    return bool(_SESSION.get("ending")) or (emit is not None and emit.final_sent)
 
 
 def _on_abort(signum: int, frame: Any) -> None:
@@ -306,19 +308,31 @@ def run(spec: Any, emit: Emitter, controls: Controls) -> int:
 
         final = Run(spec, emit, controls).execute()
     except (Aborted, KeyboardInterrupt) as exc:
+        _SESSION["ending"] = True
         how = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "aborted"
         emit(FAILED, reason=f"{how} at step {emit.step}; nothing more saved", failure="aborted", traceback=None,
              user_error=False, aborted=True)
         return EXIT_ABORTED
     except Terminated:
+        _SESSION["ending"] = True
         failure, reason = _terminated_reason(Path(spec.run_dir))
         emit(FAILED, reason=reason, failure=failure, traceback=None, user_error=False)
         return EXIT_TERMINATED
     except UserError as exc:
+        _SESSION["ending"] = True
         emit(FAILED, reason=exc.message, failure="user_error", traceback=None, user_error=True)
         return EXIT_USER_ERROR
     except Exception as exc:
+        _SESSION["ending"] = True
         failure, reason = failure_of(exc, spec, emit.step)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and emit.log is not None and _lost_a_peer(exc):  # another rank went away: say which
+            deadline = time.monotonic() + 2.0
+            other = failed_rank(Path(spec.run_dir), world)
+            while other is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                other = failed_rank(Path(spec.run_dir), world)
+            failure, reason = other or (failure, reason)
         if failure == "disk_full" and emit.reserve is not None:
             emit.reserve.release()
         emit(FAILED, reason=reason, failure=failure, traceback=traceback.format_exc(), user_error=False)
@@ -333,7 +347,9 @@ def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
     private = run_dir / PRIVATE_DIR
     _write_quietly(private / f"rank-{rank}.json", json.dumps({"pid": os.getpid(), "start": process_start(os.getpid())}))
     if rank != 0:
-        return run(spec, Emitter(None, rank_error=private / f"rank-{rank}.error"), Controls())
+        code = run(spec, Emitter(None, rank_error=private / f"rank-{rank}.error"), Controls())
+        _write_quietly(private / f"rank-{rank}.exit", str(code))
+        return code
     from .channel import ChannelError, Server
 
     log = EventLog(run_dir / EVENTS_FILE)
@@ -354,8 +370,11 @@ def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
             carried["leader_start"] = process_start(carried["leader"])
         write_record(run_dir, world_size=world, address=server.address if server else None, **carried)
         emit.reserve = Reserve(private)
+        if world > 1:
+            RankWatch(run_dir, world, emit, server).start()
         code = run(spec, emit, controls)
     except Aborted:  # before run() took over
+        _SESSION["ending"] = True
         emit(FAILED, reason="aborted before training started", failure="aborted", traceback=None, user_error=False,
              aborted=True)
         code = EXIT_ABORTED
@@ -368,6 +387,73 @@ def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
     if world > 1 and code == EXIT_ABORTED:
         end_other_ranks(run_dir)
     return code
+
+
+class RankWatch(threading.Thread):
+    """Rank 0's watch over the other ranks of the run. A rank that is gone without ending
+    cleanly ends the run at once, with its reason: its own report (``rank-N.error``), or
+    that it died. Rank 0 cannot wait for torchrun's SIGTERM to say so: stuck in a
+    collective with the dead rank, it would be killed before it could write a word."""
+
+    def __init__(self, run_dir: Path, world: int, emit: Emitter, server: Any) -> None:
+        super().__init__(name="tunedeck-rank-watch", daemon=True)
+        self.private = run_dir / PRIVATE_DIR
+        self.run_dir = run_dir
+        self.world = world
+        self.emit = emit
+        self.server = server
+
+    def run(self) -> None:
+        while not self.emit.final_sent:
+            time.sleep(1.0)
+            ended = failed_rank(self.run_dir, self.world)
+            if ended is not None and not self.emit.final_sent:
+                failure, reason = ended
+                self.emit(FAILED, reason=reason, failure=failure, traceback=None, user_error=False)
+                end_other_ranks(self.run_dir)
+                if self.server is not None:
+                    self.server.close()
+                os._exit(EXIT_FAILED)
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another process of the run went away."""
+    for e in _chain(exc):
+        text = str(e)
+        if type(e).__name__ in ("DistBackendError", "DistNetworkError") or any(
+                words in text for words in ("Connection closed by peer", "remote worker", "Connection reset by peer",
+                                            "NCCL communicator was aborted", "collective operation timeout")):
+            return True
+    return False
+
+
+def failed_rank(run_dir: Path, world: int) -> tuple[str, str] | None:
+    """(failure, reason) of the first rank other than 0 that is gone without a clean exit:
+    its own report (``rank-N.error``), or that it died; None while they all live."""
+    private = run_dir / PRIVATE_DIR
+    for rank in range(1, world):
+        try:
+            info = json.loads((private / f"rank-{rank}.json").read_text(encoding="utf-8"))
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not started yet
+        if process_alive(pid, info.get("start")):
+            continue
+        try:
+            if int((private / f"rank-{rank}.exit").read_text(encoding="utf-8")) == EXIT_OK:
+                continue
+        except (OSError, ValueError):
+            pass
+        try:
+            ev = json.loads((private / f"rank-{rank}.error").read_text(encoding="utf-8"))
+            if ev.get("failure") in ("terminated", "aborted"):
+                continue  # ended by the launcher, not the cause
+            return str(ev.get("failure") or "crash"), f"rank {rank} failed: {ev.get('reason')}"
+        except (OSError, ValueError, AttributeError):
+            return "died", (f"rank {rank} (pid {pid}) ended without a report: killed (kill -9, the out-of-memory "
+                            f"killer) or crashed; see {run_dir / 'trainer.log'}")
+    return None
+
 
 
 def end_other_ranks(run_dir: Path) -> None:

@@ -299,3 +299,20 @@ def test_attach_follows_a_run_started_elsewhere_live_through_its_channel(tiny_mo
     follower.detach()
     handle.abort()
     assert handle.wait(60) == "aborted"
+
+
+def test_a_rank_that_dies_ends_the_run_with_its_reason(tiny_model_dir, tmp_path):
+    project = write_project(tmp_path, tiny_model_dir, training={"max_steps": 100000, "batch_size": 2, "devices": 2})
+    handle = start_run(project, run_name="rank-dies")
+    wait_events(handle, lambda e: e["type"] == "step", timeout=240)
+    procs = run_processes(handle)
+    rank1 = json.loads((handle.run_dir / ".trainer" / "rank-1.json").read_text())["pid"]
+    os.kill(rank1, signal.SIGKILL)  # e.g. the out-of-memory killer, on one rank
+    assert handle.wait(60) == "failed", handle.final
+    assert handle.final["reason"].startswith(f"rank 1 (pid {rank1}) ended without a report")
+    deadline = time.monotonic() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    info = run_info(handle.run_dir)
+    assert info.status == "failed" and "rank 1" in info.note
