@@ -3,6 +3,7 @@ the run's lock, the channel's authentication, and the creation of run folders.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,7 +125,7 @@ def test_a_reused_pid_is_not_the_trainer(tmp_path):
     write_record(run_dir)  # this process ...
     assert liveness(run_dir).alive and run_info(run_dir).status == "starting"
     record = read_record(run_dir)
-    (run_dir / RECORD_FILE).write_text(__import__("json").dumps({**record, "start": record["start"] - 1000}))
+    (run_dir / RECORD_FILE).write_text(json.dumps({**record, "start": record["start"] - 1000}))
     assert liveness(run_dir).dead  # ... but started at another time: another process with the same pid
 
 
@@ -356,6 +357,8 @@ def test_a_run_name_with_a_line_break_is_refused(tmp_path):
     for name in ("ok\n", "a/b", ".hidden", "x y"):
         with pytest.raises(UserError, match="--run-name"):
             prepare_run(project, [], run_name=name, targets=False)
+    with pytest.raises(UserError, match="training.accelerate_config: .*nope.yaml is not a file"):
+        prepare_run(project, ["training.accelerate_config=nope.yaml"], targets=False)
     assert not (tmp_path / "runs").exists()
 
 
@@ -422,3 +425,44 @@ def test_a_trainer_started_by_tunedeck_ignores_the_terminals_hangup_and_ctrl_c()
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_devices_become_processes_and_the_launch_command():
+    from tunedeck.core.errors import ProjectError
+    from tunedeck.core.hardware import Gpu, Hardware
+    from tunedeck.core.launcher import RunSpec, trainer_command, trainer_env
+    from tunedeck.core.project import Project
+    from tunedeck.core.resolve import resolve
+
+    gpus = Hardware(gpus=tuple(Gpu(i, "H100", 80 * 2**30, (9, 0)) for i in (0, 1, 2, 3)), cpu_count=32)
+    cpu = Hardware(gpus=(), cpu_count=2)
+
+    def resolved(devices, hw):
+        project = Project.from_text(f"schema = 1\n[training]\ndevices = {devices}\nbatch_size = 2\ngrad_accum = 3\n")
+        return resolve(project, hw)
+
+    assert (resolved('"auto"', gpus).processes, resolved('"auto"', gpus).gpus) == (4, (0, 1, 2, 3))
+    assert resolved("2", gpus).gpus == (0, 1) and resolved("[1, 3]", gpus).gpus == (1, 3)
+    assert resolved("[1, 3]", gpus).effective_batch == 2 * 3 * 2
+    assert (resolved('"auto"', cpu).processes, resolved("3", cpu).processes, resolved("3", cpu).gpus) == (1, 3, None)
+    for devices, hw, line in (("5", gpus, "5 GPUs asked for, 4 visible"), ("[0, 7]", gpus, "GPU 7 is not visible"),
+                              ("[0]", cpu, "names GPUs, but this machine has none")):
+        with pytest.raises(ProjectError, match=line):
+            resolved(devices, hw)
+    with pytest.raises(ProjectError, match="training.devices"):
+        Project.from_text("schema = 1\n[training]\ndevices = [0, 0]\n")
+
+    spec = RunSpec(run_dir="/r/x", name="x", resume=False, project_path="/p.toml", processes=2, gpus=(1, 3))
+    command = trainer_command(spec, python="py")
+    assert command[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert command[command.index("-m", 2) + 1] == "tunedeck.core.trainer" and "--run-dir" in command
+    assert RunSpec.from_dict(json.loads(command[command.index("--launch") + 1])) == spec
+    env = trainer_env(spec, base={})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,3" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    fsdp = RunSpec(run_dir="/r/x", name="x", resume=False, project_path="/p.toml", processes=4,
+                   accelerate_config="/p/fsdp.yaml")
+    command = trainer_command(fsdp, python="py")
+    assert command[:7] == ["py", "-m", "accelerate.commands.launch", "--config_file", "/p/fsdp.yaml",
+                           "--num_processes", "4"]
+    assert trainer_command(RunSpec(run_dir="/r/x", name="x", resume=False, project_path="/p"), python="py")[:3] == [
+        "py", "-m", "tunedeck.core.trainer"]

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("value")
     table.add_column("from")
     auto = {"training.precision": r["precision"], "training.gradient_checkpointing": r["gradient_checkpointing"],
-            "quantization.compute_dtype": r["compute_dtype"]}
+            "quantization.compute_dtype": r["compute_dtype"], "training.devices": f"{r['processes']} process(es)"}
     overridden = {o.partition("=")[0].strip() for o in args.overrides}
     for section, values in report["settings"].items():
         if not isinstance(values, dict):
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                 shown = f"auto -> {auto[full]}"
             table.add_row(full, shown, origin)
     console.print(table)
-    console.print(f"device   {r['hardware']}; effective batch {r['effective_batch']}")
+    processes = f"; {r['processes']} processes (data parallel)" if r.get("processes", 1) > 1 else ""
+    console.print(f"device   {r['hardware']}{processes}; effective batch {r['effective_batch']}")
     if "trainable_params" in report:
         console.print(f"lora     {report['trainable_params']:,} trainable of {report['total_params']:,} params "
                       f"in {report['target_layers']} layers")

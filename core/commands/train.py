@@ -169,7 +169,7 @@ class Progress:
             how = "stopped" if status == "stopped" else "finished"
             self.console.print(Text.assemble((how, "green"), f" at step {final.get('step')}: loss "
                                              f"{_num(final.get('final_loss'))}, {_duration(final.get('runtime_s'))}; "
-                                             f"adapter in {final.get('adapter')}"))
+                                             f"adapter in {final.get('adapter')}"), soft_wrap=True)
             if status == "stopped":
                 self.console.print(Text(f"continue with: tunedeck train {project_of(self.handle)} --resume "
                                         f"--run-name {self.handle.name}"), soft_wrap=True)

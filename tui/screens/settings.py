@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 EDITED_FIELDS = tuple(f for f in FIELDS if f.section)
 # "auto" keys and the attribute of core.resolve.Resolved that makes them concrete
 AUTO_RESOLVED = {
+    "training.devices": "processes",
     "training.precision": "precision",
     "training.gradient_checkpointing": "gradient_checkpointing",
     "quantization.compute_dtype": "compute_dtype",
