@@ -204,6 +204,19 @@ def peer_uid(sock: socket.socket) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
+def _shut(sock: socket.socket, close: bool = True) -> None:
+    """End a connection: a thread blocked reading it wakes up at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    if close:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
 # -- the trainer's side ---------------------------------------------------------------------------
 
 
@@ -238,10 +251,7 @@ class _Follower:
         if self.closed.is_set():
             return
         self.closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shut(self.sock, close=False)
         try:
             self.frames.put_nowait(None)
         except queue.Full:
@@ -458,11 +468,4 @@ class Client:
 
     def close(self) -> None:
         self.closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        _shut(self.sock)

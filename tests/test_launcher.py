@@ -16,24 +16,11 @@ import pytest
 from tunedeck.core.launcher import start_run
 from tunedeck.core.runs import checkpoint_steps, run_info
 
-from train_support import of_type, write_project
+from train_support import of_type, wait_events as wait_for, write_project
 
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def wait_for(handle, predicate, timeout: float = 120.0) -> list[dict]:
-    """Collect events until one satisfies ``predicate``; fail on timeout or on the run's end."""
-    seen: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ev in handle.events(0.2):
-            seen.append(ev)
-            if predicate(ev):
-                return seen
-        assert not handle.ended, f"the run ended first: {handle.final}"
-    raise AssertionError(f"timed out; events so far: {[e['type'] for e in seen]}")
 
 
 def drain(handle, timeout: float = 120.0) -> list[dict]:

@@ -20,7 +20,7 @@ from tunedeck.core.events import read_events
 from tunedeck.core.launcher import attach, start_run
 from tunedeck.core.runs import checkpoint_steps, run_info, trainer_pid
 
-from train_support import of_type, write_project
+from train_support import of_type, wait_events, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,6 @@ def wait_until(predicate, timeout: float = 120.0, what: str = "") -> None:
 
 def steps_in(run_dir: Path) -> list[int]:
     return [e["step"] for e in read_events(run_dir / "events.jsonl") if e["type"] == "step"]
-
-
-def wait_events(handle, predicate, timeout: float = 120.0) -> list[dict]:
-    seen: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ev in handle.events(0.2):
-            seen.append(ev)
-            if predicate(ev):
-                return seen
-        assert not handle.ended, f"the run ended first: {handle.final}"
-    raise AssertionError(f"timed out; events so far: {[e['type'] for e in seen]}")
 
 
 SUBREAPER = textwrap.dedent("""
@@ -151,7 +139,7 @@ def audit_dir(tmp_path) -> Path:
     folder = tmp_path / "audit"
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, socket, sys
         LOG = {str(folder / "violations.log")!r}
         LOCAL = {{None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}}
 
@@ -165,7 +153,7 @@ def audit_dir(tmp_path) -> Path:
                 host = args[0]
                 if isinstance(host, bytes):
                     host = host.decode()
-                if host not in LOCAL and not str(host).startswith("127.") and host != __import__("socket").gethostname():
+                if host not in LOCAL and not str(host).startswith("127.") and host != socket.gethostname():
                     _record(event, host)
 
         def _record(event, what):

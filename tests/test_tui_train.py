@@ -302,32 +302,21 @@ async def test_a_real_run_of_the_tiny_model_from_the_screen(tiny_model_dir, tmp_
         assert "finished" in log_lines(app) and (app.run_view.run_dir / "adapter").is_dir()
 
 
-async def test_a_refused_start_is_one_line_and_nothing_runs(tmp_path, monkeypatch):
-    from tui_helpers import PROJECT_TOML
-
-    monkeypatch.chdir(tmp_path)
-    path = write_project(tmp_path, PROJECT_TOML.replace('path = "data.jsonl"', 'path = "gone.jsonl"'))
-    app = make_app(path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
-        await settle(pilot)
-        await pilot.press("s")
-        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=60)
-        [refusal] = [n.message for n in app._notifications if n.severity == "error"]
-        assert "gone.jsonl" in refusal and "\n" not in refusal and "Traceback" not in refusal
-        assert app.run_view is None and not (tmp_path / "runs").exists()
-
-
-async def test_start_runs_the_preflight_of_tunedeck_train_before_anything_exists(tmp_path, monkeypatch):
-    """Targets the Settings screen already flags: the Train screen refuses them with the very
-    line `tunedeck train` prints, and makes no run folder and no trainer process."""
+@pytest.mark.parametrize("edit, words", [
+    (('path = "data.jsonl"', 'path = "gone.jsonl"'), "gone.jsonl"),
+    # targets the Settings screen already flags: refused here too, before a trainer exists
+    (('target_modules = "all-linear"', 'target_modules = ["nope"]'), "matches no layer"),
+])
+async def test_a_refused_start_is_the_line_of_tunedeck_train_and_nothing_runs(tmp_path, monkeypatch, edit, words):
+    """The Train screen runs the pre-flight of `tunedeck train`: the same line, and no run
+    folder, no trainer process."""
     from tui_helpers import PROJECT_TOML
 
     from tunedeck.core import launcher
     from tunedeck.core.errors import UserError
 
     monkeypatch.chdir(tmp_path)
-    path = write_project(tmp_path, PROJECT_TOML.replace('target_modules = "all-linear"', 'target_modules = ["nope"]'))
+    path = write_project(tmp_path, PROJECT_TOML.replace(*edit))
     spawned: list[Any] = []
     monkeypatch.setattr(launcher.subprocess, "Popen", lambda *args, **kw: spawned.append(args))
     with pytest.raises(UserError) as cli_line:
@@ -339,6 +328,7 @@ async def test_start_runs_the_preflight_of_tunedeck_train_before_anything_exists
         await pilot.press("s")
         await until(pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=60)
         [refusal] = [n.message for n in app._notifications if n.severity == "error"]
-        assert refusal == cli_line.value.message and "matches no layer" in refusal and "\n" not in refusal
+        assert refusal == cli_line.value.message and words in refusal
+        assert "\n" not in refusal and "Traceback" not in refusal
         assert app.run_view is None and not app.training
     assert not (tmp_path / "runs").exists() and spawned == []

@@ -60,6 +60,21 @@ def train_inprocess(project: Path, overrides: list[str] | None = None, run_name:
     return code, events, Path(spec.run_dir)
 
 
+def wait_events(handle, predicate, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Collect a run's events until one satisfies ``predicate``; fail on timeout or on the run's end."""
+    import time
+
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in handle.events(0.2):
+            seen.append(ev)
+            if predicate(ev):
+                return seen
+        assert not handle.ended, f"the run ended first: {handle.final}"
+    raise AssertionError(f"timed out; events so far: {[e['type'] for e in seen]}")
+
+
 def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == kind]
 
