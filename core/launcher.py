@@ -406,11 +406,15 @@ def start_run(
                 start_new_session=True, close_fds=True, pass_fds=(prepared.lock.fileno(),),
                 env=trainer_env(spec), cwd=run_dir,
             )
-        write_record(run_dir, process.pid, leader=process.pid, leader_start=process_start(process.pid),
-                     world_size=spec.processes, address=default_address(run_dir), oom_kills=oom_kills())
     except OSError as exc:
         _abandon(prepared, f"cannot start the trainer process ({_why(exc)})")
+        prepared.release()
         raise UserError(f"{spec.name}: cannot start the trainer process ({_why(exc)})") from None
+    try:  # the run's record at once (the trainer writes its own as soon as it runs)
+        write_record(run_dir, process.pid, leader=process.pid, leader_start=process_start(process.pid),
+                     world_size=spec.processes, address=default_address(run_dir), oom_kills=oom_kills())
+    except (OSError, UserError):
+        pass
     finally:
         prepared.release()  # the trainer holds the run's lock now (it inherited it)
     return RunHandle(spec, process)

@@ -368,7 +368,10 @@ def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
         if "leader" not in carried:  # started by hand: the launcher is torchrun (or nothing)
             carried["leader"] = os.getppid() if world > 1 else os.getpid()
             carried["leader_start"] = process_start(carried["leader"])
-        write_record(run_dir, world_size=world, address=server.address if server else None, **carried)
+        try:
+            write_record(run_dir, world_size=world, address=server.address if server else None, **carried)
+        except (OSError, UserError) as exc:  # the launcher's record stands (it names this process too)
+            emit.warn(f"could not update the run's record ({exc})")
         emit.reserve = Reserve(private)
         if world > 1:
             RankWatch(run_dir, world, emit, server).start()
