@@ -337,7 +337,9 @@ class RunState:
         """A few words on the status: the failure reason, "on HOST"..."""
         final = self.final
         if final is not None:
-            return "" if final.get("type") == FINISHED else str(final.get("reason") or "")
+            if final.get("type") == FINISHED:
+                return "stopped early" if final.get("stopped") else ""
+            return str(final.get("reason") or "")
         if live is not None and live.state == "unknown":
             return f"on {live.host}"
         if live is not None and live.dead:

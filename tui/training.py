@@ -95,11 +95,13 @@ def _finite(value: Any) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
-STATUS_LABELS = {"stopped": "stopped early", "unknown": "unknown (another host)"}
+STATUS_LABELS = {"stopped": "stopped early"}
 
 
-def status_label(status: str) -> str:
-    """A status as the dashboard says it."""
+def status_label(status: str, host: str = "") -> str:
+    """A status as the dashboard says it ("unknown (on HOST)" for a run on another host)."""
+    if status == "unknown":
+        return f"unknown (on {host})" if host else "unknown (another host)"
     return STATUS_LABELS.get(status, status)
 
 

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     if not infos:
-        console.print(f"no runs in {folder}")
+        console.print(Text(f"no runs in {folder}"))
         return 0
     colours = {"starting": "cyan", "running": "cyan", "stopping": "yellow", "finished": "green", "stopped": "green",
                "aborted": "yellow", "failed": "red", "died": "red", "unknown": "magenta"}
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for i in infos:
         steps = f"{i.step}/{i.max_steps}" if i.max_steps else str(i.step)
         table.add_row(
-            Text(i.name), Text(i.status, style=colours.get(i.status, "white")), steps, _num(i.final_loss),
+            Text(i.name), Text(f"{i.status} ({i.note})" if i.status == "unknown" else i.status,
+                               style=colours.get(i.status, "white")), steps, _num(i.final_loss),
             _num(i.eval_loss), _duration(i.duration_s), Text(i.note),
         )
     console.print(table)

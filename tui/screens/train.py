@@ -51,7 +51,7 @@ def run_option(info: RunInfo, followed: Path | None) -> Option:
     loss = "" if info.final_loss is None else f"  loss {info.final_loss:.4f}"
     mark = "●" if followed is not None and Path(info.path).resolve() == followed.resolve() else " "
     style = STATUS_STYLE.get(info.status, "")
-    prompt = Content.assemble(f"{mark} {info.name}  ", (status_label(info.status), style),
+    prompt = Content.assemble(f"{mark} {info.name}  ", (status_label(info.status, info.host), style),
                               f"  step {info.step}{loss}")
     return Option(prompt, id=str(info.path))
 
