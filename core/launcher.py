@@ -193,6 +193,11 @@ def prepare_run(
     if resume:
         run_dir = _run_to_resume(runs_dir, project, run_name)
         _check_resume_compatible(run_dir, project)
+        at = checkpoint_steps(run_dir)[-1]
+        if 0 < project["training.max_steps"] <= at:
+            raise UserError(f"--resume: {run_dir.name} is at step {at} already and training.max_steps = "
+                            f"{project['training.max_steps']}; resume with more steps, e.g. --set "
+                            f"training.max_steps={at * 2}")
         lock = _lock_run(run_dir)
         try:
             for stale in (run_dir / PRIVATE_DIR).glob("rank-*"):  # the ranks of an earlier session

@@ -193,6 +193,10 @@ def test_refusals_found_before_starting(tiny_model_dir, tmp_path, write_jsonl):
         prepare_run(project, [], run_name="once", resume=True)
     with pytest.raises(UserError, match="use letters, digits"):
         prepare_run(project, [], run_name="../escape")
+    (tmp_path / "runs" / "once" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "runs" / "once" / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match="is at step 3 already and training.max_steps = 3; resume with more steps"):
+        prepare_run(project, [], run_name="once", resume=True)
 
 
 def test_nan_losses_warn_and_three_in_a_row_end_the_run():
@@ -241,5 +245,5 @@ def test_resume_without_a_name_picks_the_newest_run_with_a_checkpoint(tiny_model
             checkpoint = tmp_path / "runs" / name / "checkpoints" / f"checkpoint-{step}"
             checkpoint.mkdir(parents=True)
             (checkpoint / "trainer_state.json").write_text("{}")
-    spec = prepare_run(project, [], resume=True).spec
+    spec = prepare_run(project, ["training.max_steps=10"], resume=True).spec
     assert spec.name == "t-20260101-000000" and spec.resume
