@@ -17,7 +17,7 @@ TEST_STAMP  := $(VENV)/.tunedeck-test-setup
 PROJECT     ?= sample_data/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: run setup test test-setup bench clean
+.PHONY: run setup test test-setup bench gpu-check clean
 
 run: setup
 	$(VENV)/bin/tunedeck $(PROJECT)
@@ -60,6 +60,10 @@ test: test-setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# on a CUDA machine: LoRA / QLoRA runs, memory, out of memory, two GPUs; one table in bench/results/
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -263,6 +263,7 @@ class ChatState:
         self.adapters: dict[str, tuple[str, float]] = {}  # adapter folder -> (adapter name, file mtime)
         self._templates: dict[tuple[str, str | None], str] = {}
         self._names = 0
+        self.placed = ""  # where the base model went, and why
         self.lock = threading.Lock()
 
     # -- loading ----------------------------------------------------------------------------------
@@ -270,26 +271,67 @@ class ChatState:
     def _ensure_base(self, target: Target) -> None:
         if self.base_path == target.base_path and self.model is not None:
             return
-        import torch
 
         from .models import load_model, load_tokenizer, resolve_source
 
-        self.model = self.tokenizer = None
-        self.adapters.clear()
-        self._templates.clear()
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = device
-        dtype = torch.float32
-        if device.startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.release()
         path = Path(target.base_path)
         ref = resolve_source(str(path), None, allow_pickle=target.allow_pickle)
+        dtype, device_map, max_memory = self._place(ref)
         model = load_model(ref, dtype=dtype, trust_remote_code=target.trust_remote_code,
-                           allow_pickle=target.allow_pickle, device_map={"": device})
+                           allow_pickle=target.allow_pickle, device_map=device_map,
+                           **({"max_memory": max_memory} if max_memory else {}))
         model.eval()
         self.tokenizer = load_tokenizer(ref, trust_remote_code=target.trust_remote_code)
         self.model = model
         self.base_path = target.base_path
+
+    def _place(self, ref: Any) -> tuple[Any, Any, dict[Any, int] | None]:
+        """(dtype, device_map, max_memory) for the base model: the GPU with the most free
+        memory, or spread over several when it is larger than one, or the CPU; bf16 where
+        that GPU has it natively (compute capability 8.0), else fp16, as training decides."""
+        import torch
+
+        from .hardware import placement, scan
+        from .models import describe
+
+        hw = scan()
+        if self.device is not None:  # asked for (tests, --cpu)
+            if not self.device.startswith("cuda"):
+                return torch.float32, {"": self.device}, None
+            index = int(self.device.partition(":")[2] or 0)
+            native = index < len(hw.gpus) and hw.gpus[index].bf16
+            return (torch.bfloat16 if native else torch.float16), {"": self.device}, None
+        half = torch.bfloat16 if hw.gpus and all(g.bf16 for g in hw.gpus) else torch.float16
+        params = describe(ref).params
+        where = placement(2 * params if params else None, hardware=hw) if torch.cuda.is_available() else None
+        if where is None or where.device == "cpu":
+            self.placed = where.why if where is not None else "on the CPU"
+            return torch.float32, {"": "cpu"}, None
+        if where.gpu is not None and where.device_map != "auto":
+            half = torch.bfloat16 if where.gpu.bf16 else torch.float16
+        self.placed = where.why
+        return half, where.device_map, where.max_memory
+
+    def release(self) -> None:
+        """Let go of the base model and its adapters, and give their GPU memory back (before
+        a run trains on the same GPU, and before a merge)."""
+        import gc
+
+        had = self.model is not None
+        self.model = self.tokenizer = None
+        self.base_path = None
+        self.adapters.clear()
+        self._templates.clear()
+        if had:
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
 
     def _ensure_adapter(self, target: Target) -> str:
         """Load the target's adapter (once; again if its file changed); returns its name."""

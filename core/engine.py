@@ -27,6 +27,7 @@ a hang. The next request starts a fresh engine. The engine, in turn, exits when 
 client's end closes, so it never outlives the UI.
 
 Ops: ``ping``; ``preflight`` (the checks before a run, :func:`tunedeck.core.launcher.preflight`);
+``release`` (the chat model lets go of its GPU memory, before a run trains there);
 ``inspect`` (a model's layers as LoRA sees them, built on the meta device by
 :mod:`tunedeck.core.inspect`); ``lora_summary`` (what a project's [lora] settings, or a pick
 of layers, train: the parameters peft will report, the adapter's size, the estimated peak
@@ -523,8 +524,10 @@ def _hardware(arg: dict[str, Any] | None) -> Any:
         return None
     from .hardware import Gpu, Hardware
 
-    gpus = tuple(Gpu(g["index"], g["name"], g["memory_total"], tuple(g["compute_capability"])) for g in arg["gpus"])
-    return Hardware(gpus=gpus, cpu_count=arg["cpu_count"], ram_total=arg["ram_total"])
+    gpus = tuple(Gpu(**{**g, "compute_capability": tuple(g["compute_capability"]),
+                        "instance": tuple(g["instance"]) if g.get("instance") else None}) for g in arg["gpus"])
+    return Hardware(gpus=gpus, cpu_count=arg["cpu_count"], ram_total=arg["ram_total"],
+                    notes=tuple(arg.get("notes") or ()))
 
 
 # -- ops: what a request may ask ------------------------------------------------------
@@ -548,6 +551,13 @@ def op_lora_summary(project_text: str, project_path: str | None = None, layers: 
     return lora_summary(project, layers=layers, hardware=_hardware(hardware))
 
 
+def op_release() -> dict[str, Any]:
+    """Let go of the chat model (before a run trains on the GPU it holds)."""
+    had = chat_state().model is not None
+    chat_state().release()
+    return {"released": had}
+
+
 def op_preflight(project_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """The pre-flight of a run (:func:`tunedeck.core.launcher.preflight`, targets included),
     for the app's Train screen: it refuses, in one line, before anything is created."""
@@ -555,12 +565,13 @@ def op_preflight(project_path: str, overrides: list[str] | None = None) -> dict[
 
     project = load_project(project_path, overrides or [])
     found = preflight(project, inspection=project_inspection(project))
-    return {"counts": found.counts, "processes": found.resolved.processes}
+    return {"counts": found.counts, "processes": found.resolved.processes, "device": found.resolved.device}
 
 
 OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "ping": op_ping,
     "preflight": op_preflight,
+    "release": op_release,
     "inspect": op_inspect,
     "lora_summary": op_lora_summary,
     **PREVIEW_OPS,  # dataset preview
@@ -660,6 +671,7 @@ def op_merge(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, ru
 
     project = _chat_project(None, project_path)
     run_dir = run_folder(run, _runs_dir(project))
+    chat_state().release()  # the chat model's GPU memory goes to the merge (it loads again on the next question)
     return merge_run(run_dir, Path(out), cpu=cpu, progress=lambda message: emit({"message": message}))
 
 

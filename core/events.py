@@ -16,7 +16,9 @@ eval           eval_loss (and any other eval_* metric)
 checkpoint     path, step
 system         gpu_memory_used, gpu_memory_total, gpu_utilization, gpu_temperature (°C),
                gpu_memory_others (other processes on the same GPU) (NVML, null when not
-               available), gpus (the same per visible GPU, with its NVML index; [] on a CPU), torch_peak_memory (bytes, null on a CPU), rss (this process,
+               available), gpus (the same per visible GPU, with its NVML index, label and
+               UUID; [] on a CPU), torch_peak_memory (since training began),
+               torch_reserved, torch_allocated (bytes, null on a CPU), rss (this process,
                bytes), ram_used, ram_total (bytes), cpu_percent (the machine, since the
                previous system event)
 warning        message
@@ -212,148 +214,39 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-GPU_FIELDS = ("gpu_memory_used", "gpu_memory_total", "gpu_utilization", "gpu_temperature", "gpu_memory_others")
+def system_fields(gpu_index: int | None = None, torch_peak_memory: int | None = None, *,
+                  torch_reserved: int | None = None, torch_allocated: int | None = None) -> dict[str, Any]:
+    """The fields of a ``system`` event. ``gpu_index`` is this process's CUDA device index
+    (None on a CPU), mapped to its NVML device through ``CUDA_VISIBLE_DEVICES`` (indices or
+    UUIDs, MIG slices included: :mod:`tunedeck.core.hardware`); the torch numbers come from
+    the caller, which is the one that has torch."""
+    import psutil
 
+    from .hardware import GPU_FIELDS, NVML, detect
 
-class _Nvml:
-    """NVML, initialised on first use; every query may answer None ("not available")."""
-
-    def __init__(self) -> None:
-        self._lib: Any = None
-        self._tried = False
-
-    def _init(self) -> Any:
-        if not self._tried:
-            self._tried = True
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._lib = pynvml
-            except Exception:  # no driver or no library: a CPU machine
-                self._lib = None
-        return self._lib
-
-    def gpu(self, index: int) -> dict[str, int | None]:
-        out: dict[str, int | None] = dict.fromkeys(GPU_FIELDS)
-        nv = self._init()
-        if nv is None:
-            return out
-        try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-        except Exception:
-            return out
-        try:
-            mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            out["gpu_memory_used"], out["gpu_memory_total"] = int(mem.used), int(mem.total)
-        except Exception:
-            pass
-        try:
-            out["gpu_utilization"] = int(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except Exception:
-            pass
-        try:
-            out["gpu_temperature"] = int(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-        except Exception:
-            pass
-        try:  # a shared box: what the other processes on this GPU hold
-            procs = nv.nvmlDeviceGetComputeRunningProcesses(handle)
-            out["gpu_memory_others"] = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid != os.getpid())
-        except Exception:
-            pass
-        return out
-
-
-_NVML = _Nvml()
-
-
-def _physical_gpu_index(index: int) -> int:
-    """The NVML index of CUDA device ``index`` (CUDA_VISIBLE_DEVICES renumbers devices)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if not visible:
-        return index
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    try:
-        return int(ids[index])
-    except (IndexError, ValueError):
-        return index
-
-
-def _meminfo() -> tuple[int | None, int | None]:
-    """(used, total) system RAM in bytes from /proc/meminfo; (None, None) elsewhere."""
-    try:
-        fields: dict[str, int] = {}
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                name, _, rest = line.partition(":")
-                fields[name] = int(rest.split()[0]) * 1024
-        total = fields["MemTotal"]
-        return total - fields.get("MemAvailable", fields.get("MemFree", 0)), total
-    except (OSError, KeyError, ValueError, IndexError):
-        return None, None
-
-
-def _rss() -> int | None:
-    """Resident memory of this process in bytes."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, in KiB on Linux
-    except (ImportError, OSError):
-        return None
-
-
-def system_fields(gpu_index: int | None = None, torch_peak_memory: int | None = None) -> dict[str, Any]:
-    """The fields of a ``system`` event. ``gpu_index`` is the CUDA device index (None on a CPU);
-    ``torch_peak_memory`` comes from the caller, which is the one that has torch."""
+    visible = detect().gpus
+    own = {"reserved": torch_reserved} if torch_reserved else None
+    gpu: dict[str, Any] = dict.fromkeys(GPU_FIELDS)
     gpus: list[dict[str, Any]] = []
-    if gpu_index is None:
-        gpu: dict[str, int | None] = dict.fromkeys(GPU_FIELDS)
-    else:
-        gpu = _NVML.gpu(_physical_gpu_index(gpu_index))
-        gpus = [{"index": index, **_NVML.gpu(index)} for index in _visible_gpus()]
-    used, total = _meminfo()
-    return {**gpu, "gpus": gpus, "torch_peak_memory": torch_peak_memory, "rss": _rss(), "ram_used": used,
-            "ram_total": total, "cpu_percent": _CPU.percent()}
-
-
-def _visible_gpus() -> list[int]:
-    """NVML indices of the GPUs this process may use (CUDA_VISIBLE_DEVICES, else all)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        try:
-            return [int(v) for v in visible.split(",") if v.strip()]
-        except ValueError:  # GPU UUIDs: not mapped here
-            return []
-    nv = _NVML._init()
+    if gpu_index is not None:
+        gpus = [{"index": g.index, "label": g.label, "uuid": g.uuid, **NVML.readings(g, own)} for g in visible]
+        if gpu_index < len(gpus):
+            gpu = {k: gpus[gpu_index][k] for k in GPU_FIELDS}
+    memory = psutil.virtual_memory()
     try:
-        return list(range(int(nv.nvmlDeviceGetCount()))) if nv is not None else []
-    except Exception:
-        return []
+        rss: int | None = psutil.Process().memory_info().rss
+    except psutil.Error:
+        rss = None
+    cpu = psutil.cpu_percent(interval=None)  # the machine, since the previous call
+    return {**gpu, "gpus": gpus, "torch_peak_memory": torch_peak_memory, "torch_reserved": torch_reserved,
+            "torch_allocated": torch_allocated, "rss": rss, "ram_used": int(memory.total - memory.available),
+            "ram_total": int(memory.total), "cpu_percent": cpu if _CPU_PRIMED.is_set() else _prime_cpu()}
 
 
-class _CpuLoad:
-    """The machine's CPU use (all cores, percent) since the previous call, from /proc/stat."""
-
-    def __init__(self) -> None:
-        self._last: tuple[int, int] | None = None
-
-    def percent(self) -> float | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as fh:
-                values = [int(v) for v in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle, total = values[3] + (values[4] if len(values) > 4 else 0), sum(values)
-        last, self._last = self._last, (idle, total)
-        if last is None or total <= last[1]:
-            return None
-        return round(100.0 * (1 - (idle - last[0]) / (total - last[1])), 1)
+_CPU_PRIMED = threading.Event()
 
 
-_CPU = _CpuLoad()
+def _prime_cpu() -> None:
+    """The first reading has nothing to compare with: none."""
+    _CPU_PRIMED.set()
+    return None

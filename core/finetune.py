@@ -188,9 +188,10 @@ class Run:
             else:
                 kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             kwargs["dtype"] = compute
-        if mode != "none" or (r.device == "cuda" and self.world_size == 1):
-            # straight to the device; quantized weights must be placed at load time (one copy per process).
-            # Full-precision weights under several processes are placed by accelerate (DDP, FSDP, DeepSpeed).
+        if mode != "none" or (r.device == "cuda" and not sharded()):
+            # straight to this process's device (under DDP each rank loads its own copy to its own GPU, never
+            # the whole model into CPU RAM per rank); quantized weights must be placed at load time. Only a
+            # sharded run (FSDP, ZeRO-3) loads on the CPU for accelerate to shard.
             kwargs["device_map"] = {"": self.local_rank if r.device == "cuda" else "cpu"}
         model = load_model(self.ref, trust_remote_code=p["model.trust_remote_code"],
                            allow_pickle=p["model.allow_pickle"], **kwargs)
@@ -275,7 +276,9 @@ class Run:
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=r.device == "cuda",
-            ddp_find_unused_parameters=False if self.world_size > 1 else None,
+            # DDP: every adapter gets a gradient each step, except the experts a mixture-of-experts
+            # model did not route to; looking for unused ones costs a pass over the graph
+            ddp_find_unused_parameters=is_moe(model.config) if self.world_size > 1 else None,
             max_length=p["dataset.max_length"],
             packing=packing,
             # the examples are rendered, masked and truncated by tunedeck.core.render: trl leaves them as they are
@@ -328,6 +331,20 @@ class Run:
                "host": socket.gethostname(), "world_size": self.world_size, "time": time.time()}
         self.env = env
         (self.run_dir / ENV_FILE).write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+
+
+def sharded() -> bool:
+    """Whether accelerate shards the model over the processes (FSDP, DeepSpeed ZeRO-3)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def is_moe(config: Any) -> bool:
+    """A mixture-of-experts model (its config counts experts)."""
+    return any(isinstance(getattr(config, key, None), int) and getattr(config, key) > 1 for key in MOE_KEYS)
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -396,10 +413,16 @@ class EventsCallback(TrainerCallback):
 
         if torch.cuda.is_available():
             index = torch.cuda.current_device()
-            return system_fields(index, int(torch.cuda.max_memory_allocated(index)))
+            return system_fields(index, int(torch.cuda.max_memory_allocated(index)),
+                                 torch_reserved=int(torch.cuda.memory_reserved(index)),
+                                 torch_allocated=int(torch.cuda.memory_allocated(index)))
         return system_fields(None, None)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch
+
+        if torch.cuda.is_available():  # the peak of training, not of loading the model
+            torch.cuda.reset_peak_memory_stats(torch.cuda.current_device())
         self.t_begin = self.t_last_log = self.t_system = time.time()
         self.step_at_start = state.global_step
         self.tokens_at_start = self.tokens_last_log = state.num_input_tokens_seen

@@ -89,8 +89,14 @@ def check_throughput(step: int, rate: float | None, recent: list[float]) -> Alar
 
 
 def check_gpu_memory(step: int, system: dict[str, Any]) -> Alarm | None:
-    """The trainer's GPU nearly full (memory used by every process, over total; from a ``system`` event)."""
-    used, total = system.get("gpu_memory_used"), system.get("gpu_memory_total")
+    """The trainer's GPU nearly full, from a ``system`` event: what torch has allocated plus
+    what the other processes hold, over the total. Memory torch keeps cached for reuse is
+    not "full" (NVML counts it as used); NVML's figure is used only without torch's."""
+    total, allocated = system.get("gpu_memory_total"), system.get("torch_allocated")
+    if isinstance(allocated, int):
+        used = allocated + int(system.get("gpu_memory_others") or 0)
+    else:
+        used = system.get("gpu_memory_used")
     if used and total and used / total >= GPU_MEMORY_FULL:
         return Alarm(GPU_MEMORY, f"GPU memory is {used / total:.0%} full at step {step}: an out-of-memory error "
                      "is close (lower batch_size or max_length)", "keep going")

@@ -72,7 +72,7 @@ class RunSpec:
     project_path: str
     warnings: tuple[str, ...] = ()
     processes: int = 1
-    gpus: tuple[int, ...] | None = None  # NVML indices: the trainer's CUDA_VISIBLE_DEVICES
+    gpus: tuple[str, ...] | None = None  # the trainer's CUDA_VISIBLE_DEVICES (GPU or MIG UUIDs)
     accelerate_config: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -117,10 +117,14 @@ def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> 
     Raises UserError with one line.
     """
     from .datafile import load_splits
+    from .hardware import detect
     from .models import resolve_source
     from .resolve import resolve
 
-    resolved = resolve(project)
+    hardware = detect()
+    if not hardware.gpus and hardware.notes:  # GPUs here, but CUDA_VISIBLE_DEVICES names none of them
+        raise UserError(hardware.notes[-1])
+    resolved = resolve(project, hardware)
     ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
     mode = project["quantization.mode"]
     if ref.kind == "gguf" and mode != "none":
@@ -130,16 +134,68 @@ def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> 
             'folder first, or set quantization.mode = "none"'
         )
     config = project["training.accelerate_config"]
-    if config and not project.resolve_path(config).is_file():
-        raise UserError(f"training.accelerate_config: {project.resolve_path(config)} is not a file; write one with "
-                        "`accelerate config --config_file FILE`, or leave it empty for plain data parallel")
+    if config:
+        check_accelerate_config(project.resolve_path(config))
     splits = load_splits(project)
     counts = None
     if targets:
         from .inspect import project_counts
 
         counts = project_counts(project, inspection)
+        if resolved.device == "cuda":
+            check_torch_cuda(hardware)
     return Preflight(ref, resolved, splits, counts)
+
+
+def check_accelerate_config(path: Path) -> None:
+    """An accelerate config tunedeck can train with: readable, and not sharding the model
+    (FSDP, DeepSpeed ZeRO-3), which the LoRA / QLoRA set-up does not support: adapters kept in
+    fp32 on a bf16 base (FSDP wants one dtype per flat parameter) and QLoRA's 4-bit weights
+    placed per GPU at load time. Raises UserError with one line."""
+    import json as _json
+
+    import yaml
+
+    key = "training.accelerate_config"
+    if not path.is_file():
+        raise UserError(f"{key}: {path} is not a file; write one with `accelerate config --config_file FILE`, or "
+                        "leave it empty for plain data parallel")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{key}: {path} is not a readable accelerate config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{key}: {path} is not an accelerate config (a YAML mapping, as `accelerate config` writes)")
+    kind = str(data.get("distributed_type") or "").upper()
+    stage = None
+    if kind == "DEEPSPEED":
+        ds = data.get("deepspeed_config") if isinstance(data.get("deepspeed_config"), dict) else {}
+        stage = ds.get("zero_stage")
+        file = ds.get("deepspeed_config_file")
+        if stage is None and isinstance(file, str):
+            try:
+                stage = _json.loads((path.parent / file).read_text(encoding="utf-8"))["zero_optimization"]["stage"]
+            except (OSError, ValueError, KeyError, TypeError):
+                stage = None
+    if kind == "FSDP" or stage == 3:
+        what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+        raise UserError(f"{key}: {path} uses {what}, which shards the model over the GPUs; tunedeck's LoRA and "
+                        "QLoRA set-up does not support that yet (fp32 adapters on a bf16 base, 4-bit weights placed "
+                        "per GPU); use DeepSpeed ZeRO-1 or ZeRO-2, or plain data parallel (leave it empty)")
+
+
+def check_torch_cuda(hardware: Any) -> None:
+    """NVML sees a GPU: can torch use it? (a CPU build of torch, or a driver too old for its CUDA)"""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build, without CUDA"
+    gpu = hardware.gpus[0]
+    raise UserError(f"{gpu.label} ({gpu.name}) is here, but torch {torch.__version__} ({built}) cannot use it; install "
+                    "the CUDA build of torch that matches the driver (`nvidia-smi` shows the driver's CUDA version; "
+                    "e.g. pip install torch --index-url https://download.pytorch.org/whl/cu128), or train on the CPU "
+                    "with TUNEDECK_DEVICE=cpu")
 
 
 def slug(name: str) -> str:
@@ -384,7 +440,7 @@ def trainer_env(spec: RunSpec, base: dict[str, str] | None = None) -> dict[str, 
     env["PYTHONUNBUFFERED"] = "1"
     if spec.gpus is not None:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpus)
     return env
 
 

@@ -58,26 +58,28 @@ def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
     project = Project.load(snapshot)
 
     import torch
-    from peft import PeftModel
 
-    from .models import load_model, model_folder, resolve_source
+    from .models import model_folder, resolve_source
 
     ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
-    device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
     trust = project["model.trust_remote_code"]
-    say(f"loading {ref.display} unquantized (fp32) on the {device}")
-    base = load_model(ref, dtype=torch.float32, trust_remote_code=trust, allow_pickle=project["model.allow_pickle"],
-                      device_map={"": device})
     stored = _stored_dtype(model_folder(ref)[0])
-    say(f"merging the adapter of {run_dir.name}")
+    device_map: Any = {"": "cpu"}
+    if not cpu and torch.cuda.is_available():
+        from .hardware import placement
+        from .models import describe
+
+        params = describe(ref).params
+        where = placement(4 * params if params else None, spread=False)  # the base in fp32, on one GPU
+        device_map = where.device_map
+        say(f"merging {where.why}")
     try:
-        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
-    except Exception as exc:
-        raise UserError(f"run {run_dir.name}: its adapter does not load onto {ref.display} "
-                        f"({exc.__class__.__name__}: {_first_line(exc)})") from None
-    merged = model.merge_and_unload()
-    merged = merged.to(getattr(torch, stored))
-    merged.config.use_cache = True
+        merged = _merge(ref, adapter, run_dir, device_map, trust, project["model.allow_pickle"], stored, say)
+    except torch.OutOfMemoryError:
+        _free_gpu_memory()
+        say("out of GPU memory while merging: merging on the CPU instead")
+        device_map = {"": "cpu"}
+        merged = _merge(ref, adapter, run_dir, device_map, trust, project["model.allow_pickle"], stored, say)
 
     tokenizer = _tokenizer(adapter, ref, trust, project["model.chat_template"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +99,47 @@ def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
     params = sum(p.numel() for p in merged.parameters())
+    del merged
+    _free_gpu_memory()
     say(f"merged {run_dir.name} into {out}")
     return {"out": str(out), "run": run_dir.name, "base": ref.display, "dtype": stored, "files": files,
-            "params": params, "device": device}
+            "params": params, "device": "cpu" if device_map == {"": "cpu"} else "cuda"}
+
+
+def _merge(ref: Any, adapter: Path, run_dir: Path, device_map: Any, trust: bool, allow_pickle: bool, stored: str,
+           say: Callable[[str], None]) -> Any:
+    """The base in fp32 with the adapter merged in, cast to the base's stored dtype."""
+    import torch
+    from peft import PeftModel
+
+    from .models import load_model
+
+    where = "the CPU" if device_map == {"": "cpu"} else f"GPU {device_map['']}"
+    say(f"loading {ref.display} unquantized (fp32) on {where}")
+    base = load_model(ref, dtype=torch.float32, trust_remote_code=trust, allow_pickle=allow_pickle,
+                      device_map=device_map)
+    say(f"merging the adapter of {run_dir.name}")
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise UserError(f"run {run_dir.name}: its adapter does not load onto {ref.display} "
+                        f"({exc.__class__.__name__}: {_first_line(exc)})") from None
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, stored))
+    merged.config.use_cache = True
+    return merged
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stored_dtype(folder: Path) -> str:

@@ -258,13 +258,41 @@ def failure_of(exc: BaseException, spec: Any, step: int) -> tuple[str, str]:
             return "disk_full", (f"the disk is full: writing to {run_dir} failed at step {step} (No space left on "
                                  f"device){shown}; free some space there, then {resume}")
         if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
-            return "out_of_memory", (f"out of GPU memory at step {step}: lower training.batch_size or "
-                                     "dataset.max_length, turn on training.gradient_checkpointing, or train in "
-                                     f'4-bit (quantization.mode = "4bit"); then {resume}')
+            return "out_of_memory", (f"out of GPU memory at step {step}{_gpu_memory_context(spec)}: lower "
+                                     "training.batch_size or dataset.max_length, turn on "
+                                     "training.gradient_checkpointing, or train in 4-bit (quantization.mode = "
+                                     f'"4bit"); then {resume}')
         if isinstance(e, MemoryError) or "can't allocate memory" in text or "not enough memory" in text:
             return "out_of_memory", (f"out of memory (RAM) at step {step}: lower training.batch_size or "
                                      f"dataset.max_length, or train in 4-bit; then {resume}")
     return "crash", one_line(exc)
+
+
+def _gpu_memory_context(spec: Any) -> str:
+    """" (batch 8 x 2048 tokens; estimated ~30.1 GiB, torch's peak 78.2 GiB of 79.1 GiB)", as far as known;
+    and the memory torch kept is given back, so that the final event and the rest can proceed."""
+    parts: list[str] = []
+    try:
+        from .inspect import project_report
+        from .project import Project
+
+        project = Project.load(Path(spec.run_dir) / "project.toml")
+        parts.append(f"batch {project['training.batch_size']} x {project['dataset.max_length']} tokens")
+        parts.append(f"estimated ~{project_report(project)['memory']['total'] / 2**30:.1f} GiB")
+    except Exception:  # noqa: BLE001 - the reason stands without the figures
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(device).total_memory
+            parts.append(f"torch's peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of "
+                         f"{total / 2**30:.1f} GiB")
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _resume_hint(spec: Any) -> str:
@@ -540,6 +568,25 @@ def main(argv: list[str] | None = None) -> int:
     return serve(spec, rank, world, echo=_print_event if rank == 0 else None)  # rank 0 holds `prepared`'s lock
 
 
+def one_process_devices(project_path: str, overrides: list[str]) -> None:
+    """A trainer started by hand as one process trains on one device: it refuses a project
+    that asks for several (transformers would wrap the model in DataParallel, which trl
+    refuses), and otherwise shows CUDA only the GPU it chose."""
+    from .hardware import detect
+    from .launcher import load_project
+    from .resolve import resolve
+
+    resolved = resolve(load_project(project_path, overrides))
+    if resolved.processes > 1:
+        raise UserError(f"training.devices asks for {resolved.processes} processes and this is one; start the run "
+                        f"with `tunedeck train {project_path}` (it starts them), or with `torchrun --nproc_per_node "
+                        f"{resolved.processes} -m tunedeck.core.trainer {project_path}`, or set training.devices = 1")
+    if resolved.gpus:
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(resolved.gpus)
+        detect.cache_clear()
+
+
 def _prepare_by_hand(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any, str | None]:
     """Rank 0 checks the project and makes the run folder; every rank gets its spec."""
     from .launcher import RunSpec, prepare_run
@@ -549,6 +596,8 @@ def _prepare_by_hand(args: argparse.Namespace, rank: int, world: int) -> tuple[A
     error: str | None = None
     if rank == 0:
         try:
+            if world == 1:
+                one_process_devices(args.project, args.overrides)
             prepared = prepare_run(args.project, args.overrides, args.run_name, args.resume)
             spec = prepared.spec
         except UserError as exc:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -50,53 +49,28 @@ def test_system_fields_say_not_available_without_a_gpu():
     assert fields["rss"] > 0 and fields["ram_total"] >= fields["ram_used"] > 0
 
 
-class FakeNvml:
-    """pynvml's surface as the trainer uses it: two 80 GiB GPUs, another process on GPU 1."""
-
-    NVML_TEMPERATURE_GPU = 0
-
-    def __init__(self, own_pid: int) -> None:
-        self.own_pid = own_pid
-
-    def nvmlInit(self) -> None:
-        pass
-
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        if index > 1:
-            raise RuntimeError("invalid argument")
-        return index
-
-    def nvmlDeviceGetMemoryInfo(self, handle: int):
-        return SimpleNamespace(used=(10 + 30 * handle) * 2**30, total=80 * 2**30)
-
-    def nvmlDeviceGetUtilizationRates(self, handle: int):
-        return SimpleNamespace(gpu=90 + handle)
-
-    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
-        return 60 + handle
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: int):
-        procs = [SimpleNamespace(pid=self.own_pid, usedGpuMemory=8 * 2**30)]
-        return procs + ([SimpleNamespace(pid=1, usedGpuMemory=28 * 2**30)] if handle == 1 else [])
-
-
 def test_system_fields_read_every_visible_gpu_and_the_other_processes(monkeypatch):
-    from tunedeck.core import events
+    from nvml_stand_in import GiB, Card, forget, use
+
     from tunedeck.tui.training import RunView
 
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(os.getpid()))
-    monkeypatch.setattr(events, "_NVML", events._Nvml())
+    cards = [Card("H100", "GPU-0", 80 * GiB, used=10 * GiB, util=90, temp=60, procs=[(os.getpid(), 8 * GiB)]),
+             Card("H100", "GPU-1", 80 * GiB, used=40 * GiB, util=91, temp=61,
+                  procs=[(os.getpid(), 8 * GiB), (1, 28 * GiB)])]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fields = system_fields(1, 9 * 2**30)
-    assert (fields["gpu_memory_used"], fields["gpu_memory_total"]) == (40 * 2**30, 80 * 2**30)
-    assert (fields["gpu_utilization"], fields["gpu_temperature"], fields["gpu_memory_others"]) == (91, 61, 28 * 2**30)
-    assert [g["index"] for g in fields["gpus"]] == [0, 1] and fields["gpus"][0]["gpu_memory_others"] == 0
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    fields = system_fields(0, None)  # CUDA's device 0 is NVML's 1 here
-    assert fields["gpu_memory_used"] == 40 * 2**30 and [g["index"] for g in fields["gpus"]] == [1]
+    use(monkeypatch, cards)
+    try:
+        fields = system_fields(1, 9 * 2**30)
+        assert (fields["gpu_memory_used"], fields["gpu_memory_total"]) == (40 * 2**30, 80 * 2**30)
+        assert (fields["gpu_utilization"], fields["gpu_temperature"], fields["gpu_memory_others"]) == (
+            91, 61, 28 * 2**30)
+        assert [g["index"] for g in fields["gpus"]] == [0, 1] and fields["gpus"][0]["gpu_memory_others"] == 0
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+        use(monkeypatch, cards)
+        fields = system_fields(0, None)  # CUDA's device 0 is NVML's 1 here
+        assert fields["gpu_memory_used"] == 40 * 2**30 and [g["index"] for g in fields["gpus"]] == [1]
+    finally:
+        forget()
 
     view = RunView("r", Path("runs/r"))
     view.fold([{"type": "system", "step": 3, **system_fields(None, None), "gpus": [

@@ -556,7 +556,9 @@ class TunedeckApp(App[int]):
         torch), then the run folder and the trainer: a refusal creates nothing."""
         from tunedeck.core import launcher
 
-        self.engine.call("preflight", project_path=project_path, overrides=list(overrides))
+        found = self.engine.call("preflight", project_path=project_path, overrides=list(overrides))
+        if found.get("device") == "cuda":
+            self.engine.call("release")  # the chat model's GPU memory goes to the run
         handle = launcher.start_run(project_path, overrides, targets=False)
         self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
 

@@ -346,7 +346,8 @@ class RunView:
                 used, total = g.get("gpu_memory_used") or 0, g["gpu_memory_total"]
                 extra = "".join(f" {v}{unit}" for v, unit in ((g.get("gpu_utilization"), "%"),
                                                                (g.get("gpu_temperature"), "°C")) if v is not None)
-                rows.append((f"GPU {g.get('index', '?')}", f"{used / 2**30:.1f}/{total / 2**30:.0f} GiB{extra}"))
+                rows.append((str(g.get("label") or f"GPU {g.get('index', '?')}"),
+                             f"{used / 2**30:.1f}/{total / 2**30:.0f} GiB{extra}"))
         if s.get("gpu_memory_total"):
             used, total = s.get("gpu_memory_used") or 0, s["gpu_memory_total"]
             rows.append(("GPU memory", f"{gib(used)} / {gib(total)} ({100 * used / total:.0f}%)"))
