@@ -105,6 +105,7 @@ class Preflight:
     resolved: Any  # tunedeck.core.resolve.Resolved
     splits: Any  # tunedeck.core.datafile.Splits
     counts: dict[str, int] | None = None  # trainable_params, total_params, target_layers
+    notes: tuple[str, ...] = ()  # what the run should warn about (e.g. ambiguous GPU numbers)
 
 
 def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> Preflight:
@@ -144,7 +145,7 @@ def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> 
         counts = project_counts(project, inspection)
         if resolved.device == "cuda":
             check_torch_cuda(hardware)
-    return Preflight(ref, resolved, splits, counts)
+    return Preflight(ref, resolved, splits, counts, hardware.notes)
 
 
 def check_accelerate_config(path: Path) -> None:
@@ -243,7 +244,7 @@ def prepare_run(
 
     def spec_for(run_dir: Path) -> RunSpec:
         return RunSpec(run_dir=str(run_dir), name=run_dir.name, resume=resume, project_path=str(project.path),
-                       processes=resolved.processes, gpus=resolved.gpus,
+                       warnings=found.notes, processes=resolved.processes, gpus=resolved.gpus,
                        accelerate_config=str(project.resolve_path(config)) if config else None)
 
     if resume:

@@ -95,3 +95,13 @@ def no_trainer_left_behind(tmp_path):
             continue  # a record a test wrote for this very process
         if liveness(path.parent).alive:
             kill_run(path.parent)
+
+
+@pytest.fixture(autouse=True)
+def machine_read_afresh():
+    """A test that swaps in a stand-in NVML leaves nothing cached for the next one."""
+    yield
+    from tunedeck.core import hardware
+
+    hardware.NVML.reset()
+    hardware.detect.cache_clear()

@@ -271,7 +271,7 @@ def test_settings_that_cannot_work_on_this_hardware():
     with pytest.raises(UserError, match='"fp16" needs a GPU'):
         resolve(project, CPU)
     project.set("training.precision", "bf16")
-    with pytest.raises(UserError, match="not supported by this GPU"):
+    with pytest.raises(UserError, match=r"\"bf16\" is not supported by GPU 0 \(T4\)"):
         resolve(project, T4)
     project.set("training.precision", "auto")
     project.set("quantization.mode", "4bit")

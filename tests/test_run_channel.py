@@ -441,8 +441,8 @@ def test_devices_become_processes_and_the_launch_command():
         project = Project.from_text(f"schema = 1\n[training]\ndevices = {devices}\nbatch_size = 2\ngrad_accum = 3\n")
         return resolve(project, hw)
 
-    assert (resolved('"auto"', gpus).processes, resolved('"auto"', gpus).gpus) == (4, (0, 1, 2, 3))
-    assert resolved("2", gpus).gpus == (0, 1) and resolved("[1, 3]", gpus).gpus == (1, 3)
+    assert (resolved('"auto"', gpus).processes, resolved('"auto"', gpus).gpus) == (4, ("0", "1", "2", "3"))
+    assert resolved("2", gpus).gpus == ("0", "1") and resolved("[1, 3]", gpus).gpus == ("1", "3")
     assert resolved("[1, 3]", gpus).effective_batch == 2 * 3 * 2
     assert (resolved('"auto"', cpu).processes, resolved("3", cpu).processes, resolved("3", cpu).gpus) == (1, 3, None)
     for devices, hw, line in (("5", gpus, "5 GPUs asked for, 4 visible"), ("[0, 7]", gpus, "GPU 7 is not visible"),
@@ -452,7 +452,7 @@ def test_devices_become_processes_and_the_launch_command():
     with pytest.raises(ProjectError, match="training.devices"):
         Project.from_text("schema = 1\n[training]\ndevices = [0, 0]\n")
 
-    spec = RunSpec(run_dir="/r/x", name="x", resume=False, project_path="/p.toml", processes=2, gpus=(1, 3))
+    spec = RunSpec(run_dir="/r/x", name="x", resume=False, project_path="/p.toml", processes=2, gpus=("1", "3"))
     command = trainer_command(spec, python="py")
     assert command[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert command[command.index("-m", 2) + 1] == "tunedeck.core.trainer" and "--run-dir" in command
