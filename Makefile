@@ -17,7 +17,7 @@ TEST_STAMP  := $(VENV)/.tunedeck-test-setup
 PROJECT     ?= sample_data/demo.toml
 PYTEST_ARGS ?=
 
-.PHONY: run setup test test-setup bench gpu-check clean
+.PHONY: run setup test test-setup fuzz bench gpu-check clean
 
 run: setup
 	$(VENV)/bin/tunedeck $(PROJECT)
@@ -57,6 +57,10 @@ $(TEST_STAMP): $(STAMP)
 
 test: test-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the randomised tests with many more examples, drawn afresh (make test draws a fixed few)
+fuzz: test-setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -k fuzz $(PYTEST_ARGS)
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

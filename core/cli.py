@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, one_line
 
 COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect", "chat", "merge", "preview",
             "attach")
@@ -45,8 +47,17 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def console(stderr: bool = False) -> Any:
+    """A rich console that never reads markup from text: names, paths, roles and dataset
+    content are the user's and print as they are ("[/x]" in a project name is text). Style
+    with rich.text.Text, not markup strings."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False)
+
+
 def fail(message: str) -> int:
-    print(f"tunedeck: error: {message}", file=sys.stderr)
+    print(f"tunedeck: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
@@ -59,13 +70,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     module = importlib.import_module(f"tunedeck.core.commands.{args.command}")
+    return guarded(lambda: int(module.run(args) or 0))
+
+
+def guarded(work: Callable[[], int]) -> int:
+    """Run a command: bad input (UserError) is one line and exit 2; Ctrl-C is 130; a reader
+    that went away (``| head``) ends it quietly; anything else is a bug, told in one line with
+    the crash log that holds its traceback (exit 1). Never a traceback on screen."""
     try:
-        return int(module.run(args) or 0)
+        code = work()
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+        return code
     except UserError as exc:
         return fail(exc.message)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        try:  # stdout's reader is gone: flushing it again at exit must not raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except RecursionError as exc:  # deep input that no reader caught: still the user's input
+        return fail(one_line(exc) if str(exc) else "the input is nested too deeply to read")
+    except Exception as exc:  # noqa: BLE001 - the one place that catches what is not the user's
+        log = crash_log(exc)
+        print(f"tunedeck: internal error: {one_line(exc)} (a bug; the traceback is in {log})", file=sys.stderr)
+        return 1
+
+
+def crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected error to the user cache; returns where."""
+    import time
+    import traceback
+
+    from .paths import cache_dir
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        folder = cache_dir() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        path.write_text(f"tunedeck {__version__}: {' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+        return str(path)
+    except OSError:
+        return "(no crash log: the cache folder is not writable)"
 
 
 def _open_app(args_list: list[str]) -> int:
@@ -76,10 +126,7 @@ def _open_app(args_list: list[str]) -> int:
         from tunedeck.tui.app import run_app
     except ImportError as exc:  # pragma: no cover - a broken install
         return fail(f"the app cannot start ({exc})")
-    try:
-        return int(run_app(args.project) or 0)
-    except UserError as exc:
-        return fail(exc.message)
+    return guarded(lambda: int(run_app(args.project) or 0))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, file_error
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -46,49 +48,82 @@ class RowError:
     reason: str
 
 
-def read_rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    """Yield (row number, row dict or RowError), streaming where the format allows."""
-    if not path.exists():
-        raise UserError(f"dataset.path = {str(path)!r}: no such file or folder")
-    if path.is_dir():
-        yield from _read_saved(path, limit)
+def read_rows(path: Path, limit: int | None = None,
+              key: str = "dataset.path") -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Yield (row number, row dict or RowError), streaming where the format allows.
+    ``key`` names the project key the path came from, in the messages."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{key} = {str(path)!r}: no such file or folder") from None
+    except OSError as exc:
+        raise file_error(path, exc, "dataset file") from None
+    if stat.S_ISDIR(mode):
+        yield from _read_saved(path, limit, key)
         return
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{key} = {str(path)!r}: not a regular file (a pipe, a device or a socket); give a "
+                        "dataset file or a save_to_disk folder")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl" or suffix == ".ndjson":
-        yield from _read_jsonl(path, limit)
-    elif suffix == ".json":
-        yield from _read_json(path, limit)
-    elif suffix == ".csv":
-        yield from _read_csv(path, limit)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path, limit)
-    else:
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".parquet": _read_parquet}
+    reader = readers.get(suffix)
+    if reader is None:
         raise UserError(
-            f"dataset.path = {str(path)!r}: unknown file type {suffix or '(none)'}; "
+            f"{key} = {str(path)!r}: unknown file type {suffix or '(none)'}; "
             "use .jsonl, .json, .csv, .parquet or a save_to_disk folder"
         )
+    try:
+        yield from reader(path, limit)
+    except UserError:
+        raise
+    except (OSError, UnicodeDecodeError, RecursionError, MemoryError) as exc:
+        raise file_error(path, exc, "dataset file") from None
 
 
 def _open_text(path: Path):
     try:
-        return open(path, encoding="utf-8", newline="")
+        return open(path, encoding="utf-8-sig", newline="")  # a byte order mark is not part of the first row
     except OSError as exc:
-        raise UserError(f"dataset {path}: cannot read ({exc.strerror})") from None
+        raise file_error(path, exc, "dataset file") from None
+
+
+def _json_row(data: bytes | str) -> Any:
+    """One JSON value; ValueError with a reason in words for what JSON rejects or cannot hold."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (thousands of brackets)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"a value JSON cannot hold here ({str(exc).splitlines()[0][:80]})") from None
 
 
 def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     n = 0
-    with _open_text(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise file_error(path, exc, "dataset file") from None
+    with fh:
+        for number, raw in enumerate(fh, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark
+            if not raw.strip():
                 continue
             if limit is not None and n >= limit:
                 return
             n += 1
             try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield number, RowError(number, f"bad JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, RowError(number, f"not UTF-8 text (byte {exc.start + 1} of the line)")
+                continue
+            try:
+                obj = _json_row(line)
+            except ValueError as exc:
+                yield number, RowError(number, str(exc))
                 continue
             if not isinstance(obj, dict):
                 yield number, RowError(number, f"expected a JSON object, got {type(obj).__name__}")
@@ -97,11 +132,16 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, 
 
 
 def _read_json(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    with _open_text(path) as fh:
-        try:
-            data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"dataset {path}: not valid JSON ({exc}); JSON Lines files should end in .jsonl") from None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise file_error(path, exc, "dataset file") from None
+    except OSError as exc:
+        raise file_error(path, exc, "dataset file") from None
+    try:
+        data = _json_row(text)
+    except ValueError as exc:
+        raise UserError(f"dataset {path}: not valid JSON ({exc}); JSON Lines files should end in .jsonl") from None
     if isinstance(data, dict):
         # {"data": [...]} / {"train": [...]}: the first list of objects
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -118,9 +158,14 @@ def _read_json(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, A
             yield number, RowError(number, f"expected a JSON object, got {type(obj).__name__}")
 
 
+CSV_FIELD_LIMIT = 64 * 2**20  # a long answer in one cell is fine; the csv module's default is 128 KiB
+
+
 def _read_csv(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with _open_text(path) as fh:
         reader = csv.DictReader(fh)
+        number = 0
         try:
             for number, row in enumerate(reader, 1):
                 if limit is not None and number > limit:
@@ -130,7 +175,8 @@ def _read_csv(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, An
                     continue
                 yield number, {k: v for k, v in row.items() if k is not None}
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise UserError(f"dataset {path}: bad CSV ({exc})") from None
+            what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"bad CSV ({exc})"
+            raise UserError(f"dataset {path}: {what} after row {number}; save it as UTF-8 CSV") from None
 
 
 def _read_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
@@ -143,28 +189,47 @@ def _read_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str
     except Exception as exc:
         raise UserError(f"dataset {path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     number = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for obj in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+            objs = batch.to_pylist()
+        except StopIteration:
+            return
+        except Exception as exc:  # corrupt pages, bad encodings: pyarrow's own errors
+            detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise UserError(f"dataset {path}: corrupt Parquet data after row {number} "
+                            f"({exc.__class__.__name__}: {detail})") from None
+        for obj in objs:
             number += 1
             if limit is not None and number > limit:
                 return
             yield number, obj
 
 
-def _read_saved(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+def _read_saved(path: Path, limit: int | None,
+                key: str = "dataset.path") -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     if not any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        raise UserError(f"dataset.path = {str(path)!r}: a folder, but not one written by save_to_disk")
+        raise UserError(f"{key} = {str(path)!r}: a folder, but not one written by save_to_disk")
     try:
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        rows = iter(ds)
     except Exception as exc:
         raise UserError(f"dataset {path}: cannot load the saved dataset ({exc.__class__.__name__})") from None
-    if isinstance(ds, DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    for number, obj in enumerate(ds, 1):
-        if limit is not None and number > limit:
+    number = 0
+    while limit is None or number < limit:
+        try:
+            obj = next(rows)
+        except StopIteration:
             return
+        except Exception as exc:
+            raise UserError(f"dataset {path}: the saved dataset is damaged after row {number} "
+                            f"({exc.__class__.__name__})") from None
+        number += 1
         yield number, obj
 
 
@@ -202,11 +267,14 @@ def _row_format(row: dict[str, Any], columns: dict[str, str]) -> str | None:
 
 
 def to_messages(
-    row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None, system_prompt: str = ""
+    row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None, system_prompt: str = "",
+    notes: list[str] | None = None,
 ) -> list[dict[str, str]]:
     """One row as chat messages; raises ValueError with the reason when it does not fit.
 
-    ``text`` rows become a single assistant turn with no prompt (everything trains).
+    ``text`` rows become a single assistant turn with no prompt (everything trains). A row
+    that ends with prompt turns after its last answer (a conversation cut after a question)
+    loses them: nothing would train on them; ``notes`` gets a word about it.
     """
     columns = columns or {}
 
@@ -222,8 +290,8 @@ def to_messages(
         raw = get("messages")
         if isinstance(raw, str):
             try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
+                raw = _json_row(raw)
+            except ValueError:
                 raise ValueError('"messages" is a string that is not JSON') from None
         if not isinstance(raw, list):
             raise ValueError(f'"messages" is not a list (got {type(raw).__name__})')
@@ -270,13 +338,30 @@ def to_messages(
             raise ValueError('"text" is not text')
         if not text.strip():
             raise ValueError("empty text")
+        _check_text(text)
         return [{"role": "assistant", "content": text}]
     else:
         raise ValueError(f"unknown format {fmt!r}")
+    for m in messages:
+        _check_text(m["content"])
+    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if 0 <= last_answer < len(messages) - 1 and all(m["role"] == "user" for m in messages[last_answer + 1:]):
+        if notes is not None:
+            notes.append("a question after the last answer was dropped (nothing trains on it)")
+        messages = messages[: last_answer + 1]
     _check_turns(messages)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
+
+
+def _check_text(text: str) -> None:
+    """Text a tokenizer can take: valid Unicode (JSON can spell a lone UTF-16 surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text that is not valid Unicode (a lone surrogate {text[exc.start]!r} at character "
+                         f"{exc.start + 1})") from None
 
 
 def _check_turns(messages: list[dict[str, str]]) -> None:
@@ -305,6 +390,7 @@ class DatasetSummary:
     format: str
     rows: int
     skipped: list[RowError]
+    trimmed: list[int] = field(default_factory=list)  # rows whose trailing question was dropped
 
     @property
     def good(self) -> int:
@@ -317,10 +403,12 @@ def load_messages(
     columns: dict[str, str] | None = None,
     system_prompt: str = "",
     limit: int | None = None,
+    key: str = "dataset.path",
 ) -> tuple[list[tuple[int, list[dict[str, str]]]], DatasetSummary]:
-    """Every usable row as (row number, messages), and a summary with the skipped rows."""
+    """Every usable row as (row number, messages), and a summary with the skipped rows.
+    ``key`` names the project key the path came from, in the messages."""
     columns = columns or {}
-    raw = list(read_rows(path, limit))
+    raw = list(read_rows(path, limit, key))
     if fmt == "auto" and not raw:
         fmt = "empty"
     if fmt == "auto":
@@ -335,15 +423,20 @@ def load_messages(
         fmt = detected
     good: list[tuple[int, list[dict[str, str]]]] = []
     skipped: list[RowError] = []
+    trimmed: list[int] = []
     for number, row in raw:
         if isinstance(row, RowError):
             skipped.append(row)
             continue
+        notes: list[str] = []
         try:
-            good.append((number, to_messages(row, fmt, columns, system_prompt)))
+            good.append((number, to_messages(row, fmt, columns, system_prompt, notes)))
         except ValueError as exc:
             skipped.append(RowError(number, str(exc)))
-    return good, DatasetSummary(str(path), fmt, len(raw), skipped)
+            continue
+        if notes:
+            trimmed.append(number)
+    return good, DatasetSummary(str(path), fmt, len(raw), skipped, trimmed)
 
 
 def dataset_problem(summary: DatasetSummary, key: str = "dataset.path") -> str | None:
@@ -397,7 +490,7 @@ def load_splits(project: Any) -> Splits:
     split = project["dataset.eval_split"]
     if isinstance(split, str):
         eval_path = project.resolve_path(split)
-        eval_rows, eval_summary = load_messages(eval_path, **opts)
+        eval_rows, eval_summary = load_messages(eval_path, key="dataset.eval_split", **opts)
         problem = dataset_problem(eval_summary, key="dataset.eval_split")
         if problem:
             raise UserError(problem)

@@ -28,3 +28,41 @@ class ProjectError(UserError):
         prefix = f"{source}: " if source else ""
         where = f"{key}: " if key else ""
         super().__init__(f"{prefix}{where}{message}")
+
+
+def one_line(error: BaseException | None) -> str:
+    """An exception as the single line a user sees (never a traceback)."""
+    if isinstance(error, UserError):
+        return error.message
+    if error is None:
+        return "failed"
+    lines = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0][:300] if lines else 'no details'}"
+
+
+def file_error(path: object, exc: BaseException, what: str = "file", fix: str = "") -> UserError:
+    """The one translation of an exception met reading or writing a user's file into a
+    UserError: the file, what went wrong in words, the position where known, and the fix."""
+    import errno
+
+    where = f"{path}: "
+    fix = f"; {fix}" if fix else ""
+    if isinstance(exc, UnicodeDecodeError):
+        data = exc.object if isinstance(exc.object, bytes) else b""
+        line = data[: exc.start].count(b"\n") + 1
+        return UserError(f"{where}not UTF-8 text (line {line}, byte {exc.start}); save it as UTF-8{fix}")
+    if isinstance(exc, RecursionError):
+        return UserError(f"{where}nested too deeply to read (a value inside thousands of brackets){fix}")
+    if isinstance(exc, MemoryError):
+        return UserError(f"{where}too large to read into memory{fix}")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return UserError(f"{where}the disk is full ({exc.strerror}); free some space{fix}")
+        if exc.errno == errno.ENOENT:
+            return UserError(f"{where}no such {what}{fix}")
+        if exc.errno == errno.EISDIR:
+            return UserError(f"{where}is a folder, not a {what}{fix}")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return UserError(f"{where}permission denied{fix}")
+        return UserError(f"{where}cannot read or write it ({exc.strerror or exc.__class__.__name__}){fix}")
+    return UserError(f"{where}not a valid {what} ({one_line(exc)}){fix}")

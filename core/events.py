@@ -189,8 +189,8 @@ class EventReader:
             consumed += len(line)
             try:
                 ev = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                continue  # a torn line (e.g. a full disk): skip it, keep the rest
+            except (ValueError, RecursionError):  # JSON errors, bad UTF-8, numbers JSON cannot hold
+                continue  # a torn line (e.g. a full disk) or a damaged one: skip it, keep the rest
             if isinstance(ev, dict) and "type" in ev:
                 out.append(ev)
         self.offset += consumed

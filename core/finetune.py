@@ -111,41 +111,34 @@ class Run:
         from datasets import Dataset
 
         from .datafile import load_splits
-        from .render import dataset_refusal, is_text_row, missing_template_tokens, render_rows, resolve_chat_template
+        from .render import missing_template_tokens, render_splits
 
         p = self.project
         splits = load_splits(p)
-        summary, train_rows, eval_rows = splits.summary, splits.train, splits.eval
+        summary = splits.summary
         if summary.skipped:
             first = summary.skipped[0]
             self.emit.warn(f"{len(summary.skipped)} of {summary.rows} rows skipped (row {first.row}: {first.reason})")
+        if summary.trimmed:
+            self.emit.warn(f"{len(summary.trimmed)} row(s) end with a question after their last answer; it is dropped "
+                           f"and the rest trains (first: row {summary.trimmed[0]})")
 
         template_name = p["model.chat_template"]
-        needs_template = any(not is_text_row(m) for _, m in train_rows + eval_rows)
-        template = None
-        if needs_template:
-            template = resolve_chat_template(tokenizer, template_name, model_label=f"model {self.ref.display}")
-            tokenizer.chat_template = template  # saved with the adapter: chat uses what trained
+        rendered = render_splits(p, tokenizer, splits, model_label=f"model {self.ref.display}")
+        if rendered.template is not None:
+            tokenizer.chat_template = rendered.template  # saved with the adapter: chat uses what trained
             missing = missing_template_tokens(tokenizer, template_name)
             if missing:
                 self.emit.warn(f"chat template {template_name} uses {', '.join(missing)}, which this tokenizer "
                                "does not have as tokens; they are trained as plain text pieces")
-        max_length, loss_on = p["dataset.max_length"], p["dataset.loss_on"]
-        render_opts = dict(max_length=max_length, loss_on=loss_on, chat_template=template)
-        train_examples, stats = render_rows(tokenizer, train_rows, **render_opts)
-        refusal = dataset_refusal(stats, max_length=max_length)
-        if refusal:
-            raise UserError(refusal)
+        max_length = p["dataset.max_length"]
+        stats, eval_stats = rendered.train_stats, rendered.eval_stats
+        train_examples = rendered.train
         self._report_render(stats, "training", max_length)
         eval_ds = None
-        eval_stats = None
-        if eval_rows:
-            eval_examples, eval_stats = render_rows(tokenizer, eval_rows, **render_opts)
-            refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
-            if refusal:
-                raise UserError(refusal)
+        if eval_stats is not None:
             self._report_render(eval_stats, "eval", max_length)
-            eval_ds = Dataset.from_list(eval_examples)
+            eval_ds = Dataset.from_list(rendered.eval)
         info = {"format": summary.format, "train": stats.as_dict(),
                 "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name}
         return Dataset.from_list(train_examples), eval_ds, info

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import json
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -297,14 +298,25 @@ def load_config(source: str, *, root: Path | None = None, trust_remote_code: boo
     if where.gguf_file:
         kwargs["gguf_file"] = where.gguf_file
     target = str(where.config_file or where.folder)
+    if not where.gguf_file:
+        from .models import config_problem
+
+        raw = where.config_file or where.folder / "config.json"
+        try:
+            problem = config_problem(json.loads(raw.read_bytes().decode("utf-8-sig")))
+        except (OSError, ValueError, RecursionError):
+            problem = None  # transformers says what is wrong with it
+        if problem:
+            raise UserError(f"model {where.display}: {problem}")
     try:
         with _quiet():
             config = AutoConfig.from_pretrained(target, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RecursionError) as exc:
         raise _config_error(where, exc) from None
-    except Exception as exc:  # a truncated or corrupt GGUF fails inside the gguf reader, any way it likes
+    except Exception as exc:  # corrupt GGUFs and configs whose values no model has fail any way they like
         if not where.gguf_file:
-            raise
+            raise UserError(f"model {where.display}: config.json describes no model this transformers can build "
+                            f"({_first_line(exc)})") from None
         raise UserError(f"model {where.display}: cannot read the GGUF header ({_first_line(exc)}); "
                         "the file may be corrupt or incomplete") from None
     return config, where.display

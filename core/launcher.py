@@ -99,7 +99,7 @@ def load_project(project_path: str | os.PathLike[str], overrides: list[str] | tu
 @dataclass
 class Preflight:
     """What the checks before a run found: the model's files, the resolved settings, the
-    rows, and (when targets were checked) the parameters that will train."""
+    rows, and (after the deep checks) the parameters that will train."""
 
     ref: Any  # tunedeck.core.models.ModelRef
     resolved: Any  # tunedeck.core.resolve.Resolved
@@ -108,14 +108,16 @@ class Preflight:
     notes: tuple[str, ...] = ()  # what the run should warn about (e.g. ambiguous GPU numbers)
 
 
-def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> Preflight:
+def preflight(project: Any, *, deep: bool = True, inspection: Any = None) -> Preflight:
     """Every refusal a run can know before it starts: `tunedeck check`, `tunedeck train`
     and the Train screen call this, so a project one of them passes none refuses.
 
-    ``targets``: also match ``lora.target_modules`` against the model's layers (builds the
-    model on the meta device: imports torch, transformers and peft; the UI asks the engine
-    process to run this). ``inspection``: the model's Inspection when the caller keeps one.
-    Raises UserError with one line.
+    ``deep``: also the checks that need the model's code: ``lora.target_modules`` against
+    the model's layers (built on the meta device) and the rows through its tokenizer and
+    chat template (a model without one, a set where no row trains). They import torch and
+    transformers; the UI asks the engine process to run them, and their answers are kept
+    on disk, so an unchanged project is not asked again. ``inspection``: the model's
+    Inspection when the caller keeps one. Raises UserError with one line.
     """
     from .datafile import load_splits
     from .hardware import detect
@@ -139,13 +141,106 @@ def preflight(project: Any, *, targets: bool = True, inspection: Any = None) -> 
         check_accelerate_config(project.resolve_path(config))
     splits = load_splits(project)
     counts = None
-    if targets:
-        from .inspect import project_counts
-
-        counts = project_counts(project, inspection)
+    if deep:
         if resolved.device == "cuda":
             check_torch_cuda(hardware)
+        counts = target_counts(project, ref, inspection)
+        check_rendering(project, ref, splits)
     return Preflight(ref, resolved, splits, counts, hardware.notes)
+
+
+def target_counts(project: Any, ref: Any, inspection: Any = None) -> dict[str, int]:
+    """What ``[lora]`` trains on the project's model, or its refusal (UserError): peft's
+    matching on the model built on the meta device (:func:`tunedeck.core.inspect.project_counts`)."""
+    from .inspect import project_counts
+
+    if inspection is not None:  # the engine keeps the model's inspection: nothing to save
+        return project_counts(project, inspection)
+    lora = ("target_modules", "r", "use_dora", "bias", "modules_to_save")
+    key = {"model": _stamp(ref.path if ref.path.is_file() else ref.path / "config.json"),
+           "trust": project["model.trust_remote_code"], "lora": {k: project[f"lora.{k}"] for k in lora}}
+    return _kept("targets", key, ("inspect.py",), lambda: project_counts(project))
+
+
+def check_rendering(project: Any, ref: Any, splits: Any) -> None:
+    """The rows through the model's tokenizer and chat template, as the trainer renders
+    them (:func:`tunedeck.core.render.render_splits`, stopping at the first row that trains):
+    refuses a model without a chat template for chat rows, and a set where no row trains."""
+
+    def render() -> dict[str, bool]:
+        from .models import load_tokenizer
+        from .render import render_splits
+
+        tokenizer = load_tokenizer(ref, trust_remote_code=project["model.trust_remote_code"])
+        render_splits(project, tokenizer, splits, model_label=f"model {ref.display}", until_one_trains=True)
+        return {"ok": True}
+
+    folder = ref.path if ref.path.is_dir() else None
+    model = [_stamp(p) for p in sorted(folder.iterdir()) if p.suffix not in WEIGHT_SUFFIXES] if folder else \
+        [_stamp(ref.path)]
+    data = [_stamp(project.resolve_path(project["dataset.path"]))]
+    if isinstance(project["dataset.eval_split"], str):
+        data.append(_stamp(project.resolve_path(project["dataset.eval_split"])))
+    key = {"model": model, "data": data, "trust": project["model.trust_remote_code"],
+           "template": project["model.chat_template"], "dataset": project.values["dataset"],
+           "seed": project["training.seed"]}
+    _kept("rendering", key, ("render.py", "datafile.py"), render)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _stamp(path: Path) -> Any:
+    """What tells that a file (or a folder's listing) changed: path, size, modification time."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None]
+    if path.is_dir():
+        return [str(path.resolve()), sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                                            if p.is_file())]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _kept(kind: str, key: dict[str, Any], code: tuple[str, ...], compute: Any) -> Any:
+    """The answer of an expensive check (``compute``), kept on disk under ``key`` plus the
+    library versions and the stamp of the ``code`` files that decide it: the same question
+    is answered from the disk, a refusal of the settings included; a changed file asks again."""
+    import hashlib
+
+    from .events import library_versions
+    from .paths import cache_dir
+    from .project import atomic_write_text
+
+    versions = library_versions()
+    here = Path(__file__).parent
+    full = {**key, "kind": kind, "code": [_stamp(here / name) for name in code],
+            "versions": {k: versions.get(k) for k in ("tunedeck", "transformers", "peft", "torch", "tokenizers")}}
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_dir() / "preflight" / f"{kind}-{digest}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(kept.get("refusal"), str):
+            raise UserError(kept["refusal"])
+        if "answer" in kept:
+            return kept["answer"]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    try:
+        answer = compute()
+    except UserError as exc:
+        if re.search(r"\b(lora|dataset|model|training)\.[a-z_]+", exc.message):  # about the settings, not a
+            _keep(path, {"refusal": exc.message}, atomic_write_text)  # file that could not be read just now
+        raise
+    _keep(path, {"answer": answer}, atomic_write_text)
+    return answer
+
+
+def _keep(path: Path, value: dict[str, Any], write: Any) -> None:
+    try:
+        write(path, json.dumps(value))
+    except (UserError, OSError, TypeError, ValueError):
+        pass  # a cache that cannot be written is only slower
 
 
 def check_accelerate_config(path: Path) -> None:
@@ -226,15 +321,15 @@ def prepare_run(
     run_name: str | None = None,
     resume: bool = False,
     *,
-    targets: bool = True,
+    deep: bool = True,
 ) -> Prepared:
     """Check the project (:func:`preflight`), then make or lock the run folder, write its
     snapshot and begin a session. Raises UserError (one line) and leaves nothing behind.
 
-    ``targets=False`` when the caller has just run the full pre-flight elsewhere (the app,
+    ``deep=False`` when the caller has just run the full pre-flight elsewhere (the app,
     through the engine process)."""
     project = load_project(project_path, overrides)
-    found = preflight(project, targets=targets)
+    found = preflight(project, deep=deep)
     runs_dir = project.resolve_path(project["output.runs_dir"])
     if run_name is not None and not _NAME.fullmatch(run_name):
         raise UserError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-' (no slashes, spaces or "
@@ -451,14 +546,14 @@ def start_run(
     run_name: str | None = None,
     resume: bool = False,
     *,
-    targets: bool = True,
+    deep: bool = True,
 ) -> RunHandle:
     """Check the project, make the run folder and start its trainer process.
 
     Raises UserError (one line) when the project cannot train, before anything is created;
     problems the trainer finds later arrive as a ``failed`` event with ``user_error``.
     """
-    prepared = prepare_run(project_path, overrides, run_name, resume, targets=targets)
+    prepared = prepare_run(project_path, overrides, run_name, resume, deep=deep)
     spec = prepared.spec
     run_dir = Path(spec.run_dir)
     try:

@@ -296,12 +296,47 @@ def describe(ref: ModelRef) -> ModelInfo:
     return info
 
 
+# the sizes a config.json may give, and the largest any model has (a made-up config must
+# not reach the code that divides or multiplies by them)
+SIZE_LIMITS = {
+    "hidden_size": 1 << 20, "n_embd": 1 << 20, "d_model": 1 << 20, "intermediate_size": 1 << 24,
+    "num_hidden_layers": 10_000, "n_layer": 10_000, "num_layers": 10_000, "num_attention_heads": 1 << 16,
+    "n_head": 1 << 16, "num_key_value_heads": 1 << 16, "head_dim": 1 << 16, "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 27, "n_positions": 1 << 27,
+}
+
+
+def config_problem(config: Any) -> str | None:
+    """Why a config.json cannot describe a model (a size that is not a positive integer, or
+    beyond any model's), or None. Checks ``text_config`` too."""
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
+    for part in (config, config.get("text_config")):
+        if not isinstance(part, dict):
+            continue
+        for key, limit in SIZE_LIMITS.items():
+            if key not in part or part[key] is None:
+                continue
+            value = part[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                shown = json.dumps(value)[:40] if not isinstance(value, float) else repr(value)
+                return f"config.json: {key} = {shown} is not a size a model can have (1 to {limit:,})"
+        heads, hidden = part.get("num_attention_heads"), part.get("hidden_size")
+        if isinstance(heads, int) and isinstance(hidden, int) and "head_dim" not in part and hidden % heads:
+            return (f"config.json: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads}")
+    return None
+
+
 def describe_dir(path: Path, *, source: str, kind: str) -> ModelInfo:
     info = ModelInfo(source=source, kind=kind, path=str(path))
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads((path / "config.json").read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError, RecursionError) as exc:
         info.error = f"config.json unreadable ({exc.__class__.__name__})"
+        return info
+    problem = config_problem(config)
+    if problem:
+        info.error = problem
         return info
     text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     archs = config.get("architectures") or []

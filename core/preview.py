@@ -80,11 +80,12 @@ def _entries(path: Path, limit: int | None = None) -> Iterator[tuple[int, int, d
         yield index, number, row
 
 
-def _messages(project: Any, row: dict[str, Any] | RowError, fmt: str) -> list[dict[str, str]]:
+def _messages(project: Any, row: dict[str, Any] | RowError, fmt: str,
+              notes: list[str] | None = None) -> list[dict[str, str]]:
     """The row as messages; ValueError with the reason it is skipped."""
     if isinstance(row, RowError):
         raise ValueError(row.reason)
-    return to_messages(row, fmt, project["dataset.columns"], project["dataset.system_prompt"])
+    return to_messages(row, fmt, project["dataset.columns"], project["dataset.system_prompt"], notes)
 
 
 class _Renderer:
@@ -217,7 +218,9 @@ def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
 
     ``skipped`` lists every row left out before training ({"row", "reason"}): rows that do
     not fit the format and rows the chat template cannot render. ``nothing_trained`` lists
-    rows whose trained tokens are all cut off by truncation. ``refusal`` is the line
+    rows whose trained tokens are all cut off by truncation; ``trailing_question_dropped``
+    the rows that ended with a question after their last answer, which is dropped (a
+    warning: the rest of the row trains). ``refusal`` is the line
     training would refuse the dataset with, or None.
     """
     path = _data_path(project)
@@ -229,11 +232,13 @@ def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
     format_skipped: list[RowError] = []
     lengths: list[int] = []
     nothing_trained: list[int] = []
+    trimmed: list[int] = []
     truncated = tokens = trained = 0
     for _, number, data in _entries(path):
         rows += 1
+        notes: list[str] = []
         try:
-            messages = _messages(project, data, fmt)
+            messages = _messages(project, data, fmt, notes)
         except ValueError as exc:
             skipped.append({"row": number, "reason": str(exc)})
             format_skipped.append(RowError(number, str(exc)))
@@ -243,6 +248,8 @@ def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
         except ValueError as exc:
             skipped.append({"row": number, "reason": str(exc)})
             continue
+        if notes:
+            trimmed.append(number)
         lengths.append(r.full_length)
         truncated += r.truncated
         if r.n_trained == 0:
@@ -276,6 +283,7 @@ def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
         "trained_tokens": trained,
         "percent_trained": round(100.0 * trained / tokens, 2) if tokens else 0.0,
         "nothing_trained": nothing_trained,
+        "trailing_question_dropped": trimmed,
         "eval": eval_info,
         "refusal": refusal,
     }
@@ -304,6 +312,8 @@ def stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[str]:
         f"{stats['max_length']:,}",
         f"longest: {stats['longest']:,} tokens",
         f"nothing trained: {len(none):,} rows" + (f" (first: row {none[0]})" if none else ""),
+        *([f"a question after the last answer dropped: {len(stats['trailing_question_dropped']):,} rows (first: "
+           f"row {stats['trailing_question_dropped'][0]})"] if stats.get("trailing_question_dropped") else []),
         f"eval: {ev['path']}" if "path" in ev else f"eval: {ev['rows']:,} rows held out (eval_split = {ev['ratio']})",
     ]
     for s in skipped[:SKIPPED_SHOWN]:

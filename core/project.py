@@ -8,8 +8,10 @@ key path, the value and what was expected. Saving is atomic (temp file, fsync, r
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
-from .errors import UserError
+from .errors import UserError, file_error
 from .schema import FIELDS, SECTIONS, check_value, field_for, toml_repr, validate_tree
 
 
@@ -46,11 +48,15 @@ class Project:
                 raise UserError(f"{path}: is a folder without project.toml; give the path of a project file")
             path = candidate
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.exists() and not path.is_file():  # a pipe or a device would block or never end
+                raise UserError(f"{path}: not a regular file; give the path of a project file")
+            if path.exists() and path.stat().st_size > PROJECT_MAX_BYTES:
+                raise UserError(f"{path}: {path.stat().st_size:,} bytes is not a project file (they are a few KB)")
+            text = path.read_bytes().decode("utf-8-sig")
         except FileNotFoundError:
             raise UserError(f"{path}: no such project file; create one with `tunedeck new {path}`") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot read the project file ({_reason(exc)})") from None
+            raise file_error(path, exc, "project file") from None
         return cls.from_text(text, path)
 
     @classmethod
@@ -59,12 +65,14 @@ class Project:
         try:
             # tomllib gives the precise line/column message for syntax errors
             tomllib.loads(text)
+            doc = tomlkit.parse(text)
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"{label}: not valid TOML: {exc}") from None
-        try:
-            doc = tomlkit.parse(text)
         except TOMLKitError as exc:  # pragma: no cover - tomllib catches these first
             raise UserError(f"{label}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise UserError(f"{label}: a value is nested too deeply (thousands of brackets); no project key "
+                            "takes more than a list or a table of strings") from None
         return cls(doc, path)
 
     @classmethod
@@ -211,6 +219,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
+    except RecursionError:
+        raise UserError(f"--set {key}: the value is nested too deeply") from None
     except tomllib.TOMLDecodeError:
         if raw.startswith(("[", "{", '"', "'")):
             raise UserError(f"--set {key}: {raw} is not a valid TOML value") from None
@@ -224,8 +234,14 @@ def _same(item: Any, value: Any) -> bool:
     return type(current) is type(value) and current == value
 
 
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or exc.__class__.__name__
+def _remove_stale_temps(path: Path) -> None:
+    now = time.time()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - stale.lstat().st_mtime > STALE_TMP_S:
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def current_umask() -> int:
@@ -242,15 +258,26 @@ def current_umask() -> int:
     return mask
 
 
+PROJECT_MAX_BYTES = 1 << 20
+STALE_TMP_S = 60.0  # a temp file of a save older than this was left by a save that was killed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half."""
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never half.
+
+    A new file follows the umask; an existing one keeps its mode. Temp files that killed
+    saves left next to ``path`` are removed. Raises UserError (the disk full, permissions,
+    a folder in the way), never a bare OSError."""
     path = Path(path)
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        _remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write here ({_reason(exc)})") from None
+        raise file_error(path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -258,11 +285,13 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, (OSError, UnicodeEncodeError)):
+            raise file_error(path, exc) from None
         raise
     try:
         dir_fd = os.open(folder, os.O_RDONLY)

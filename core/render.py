@@ -348,12 +348,17 @@ def render_rows(
     max_length: int,
     loss_on: str = "assistant",
     chat_template: str | None = None,
+    until_one_trains: bool = False,
 ) -> tuple[list[dict[str, list[int]]], RenderStats]:
     """Render (row number, messages) pairs into training examples; rows left with no trained
-    token (or that the template cannot render) are counted in the stats, not returned."""
+    token (or that the template cannot render) are counted in the stats, not returned.
+    ``until_one_trains``: stop at the first row that trains (enough to know the set is not
+    refused; a set that is gets the same stats as a full pass)."""
     examples: list[dict[str, list[int]]] = []
     stats = RenderStats()
     for number, messages in rows:
+        if until_one_trains and stats.kept:
+            break
         stats.rows += 1
         try:
             r = render(tokenizer, messages, max_length=max_length, loss_on=loss_on, chat_template=chat_template)
@@ -371,6 +376,43 @@ def render_rows(
         stats.trained_tokens += r.n_trained
         examples.append(r.example())
     return examples, stats
+
+
+@dataclass
+class RenderedSplits:
+    """A project's training and eval rows rendered as the trainer trains them."""
+
+    template: str | None  # the chat template (None: text rows only)
+    train: list[dict[str, list[int]]]
+    train_stats: RenderStats
+    eval: list[dict[str, list[int]]]
+    eval_stats: RenderStats | None
+
+
+def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str,
+                  until_one_trains: bool = False) -> RenderedSplits:
+    """The rows of a project's splits (:func:`tunedeck.core.datafile.load_splits`) rendered
+    through the chat template the trainer uses; raises UserError (one line) for what cannot
+    train: a model without a chat template for chat rows, a set with no row that trains.
+    The trainer and the pre-flight both call it (the pre-flight with ``until_one_trains``)."""
+    template_name = project["model.chat_template"]
+    needs_template = any(not is_text_row(m) for _, m in splits.train + splits.eval)
+    template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
+    max_length = project["dataset.max_length"]
+    opts = dict(max_length=max_length, loss_on=project["dataset.loss_on"], chat_template=template,
+                until_one_trains=until_one_trains)
+    train, stats = render_rows(tokenizer, splits.train, **opts)
+    refusal = dataset_refusal(stats, max_length=max_length)
+    if refusal:
+        raise UserError(refusal)
+    evaluated: list[dict[str, list[int]]] = []
+    eval_stats = None
+    if splits.eval:
+        evaluated, eval_stats = render_rows(tokenizer, splits.eval, **opts)
+        refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
+        if refusal:
+            raise UserError(refusal)
+    return RenderedSplits(template, train, stats, evaluated, eval_stats)
 
 
 def dataset_refusal(stats: RenderStats, *, max_length: int, key: str = "dataset.path") -> str | None:

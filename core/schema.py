@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +132,7 @@ FIELDS: tuple[Field, ...] = (
     # [lora]
     _f("lora", "r", "int", 16, "LoRA rank: the adapter's inner dimension.", min=1, max=4096, group="LoRA"),
     _f("lora", "alpha", "float", 32, "LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
-       min=0, min_inclusive=False, group="LoRA"),
+       min=0, min_inclusive=False, max=1_000_000, group="LoRA"),
     _f("lora", "dropout", "float", 0.05, "Dropout on the adapter's input.", min=0, max=1,
        max_inclusive=False, group="LoRA"),
     _f("lora", "target_modules", "targets", "all-linear",
@@ -165,9 +166,9 @@ FIELDS: tuple[Field, ...] = (
        group="Dataset"),
     # [training]
     _f("training", "epochs", "float", 3, "Passes over the training set (ignored when max_steps > 0).",
-       min=0, min_inclusive=False, group="Training"),
+       min=0, min_inclusive=False, max=100_000, group="Training"),
     _f("training", "max_steps", "int", -1, "Stop after this many optimizer steps; -1 runs the epochs.",
-       min=-1, group="Training"),
+       min=-1, max=10**9, group="Training"),
     _f("training", "learning_rate", "float", 2e-4, "Peak learning rate.", min=0, max=1,
        min_inclusive=False, group="Training"),
     _f("training", "lr_scheduler", "choice", "cosine", "Learning-rate schedule after warm-up.",
@@ -188,14 +189,15 @@ FIELDS: tuple[Field, ...] = (
     _f("training", "max_grad_norm", "float", 1.0, "Gradient clipping norm; 0 turns clipping off.", min=0,
        group="Training"),
     _f("training", "seed", "int", 42, "Random seed (data order, eval split, adapter init).", min=0,
+       max=2**32 - 1, group="Training"),
+    _f("training", "logging_steps", "int", 1, "Report loss every this many steps.", min=1, max=10**9,
        group="Training"),
-    _f("training", "logging_steps", "int", 1, "Report loss every this many steps.", min=1, group="Training"),
     _f("training", "eval_steps", "int", 0, "Evaluate every this many steps; 0 evaluates once per epoch.",
-       min=0, group="Training"),
+       min=0, max=10**9, group="Training"),
     _f("training", "save_steps", "int", 0, "Save a checkpoint every this many steps; 0 saves once per epoch.",
-       min=0, group="Training"),
+       min=0, max=10**9, group="Training"),
     _f("training", "save_total_limit", "int", 3, "Checkpoints kept; older ones are deleted.", min=1,
-       group="Training"),
+       max=10**6, group="Training"),
     _f("training", "devices", "devices", "auto",
        'GPUs to train on: "auto" (every visible GPU), a count, or GPU indices; on a CPU, a number of '
        "processes (gloo). Several run data parallel.", group="Training"),
@@ -276,6 +278,13 @@ def check_value(fld: Field, value: Any, source: str | None = None) -> Any:
         if isinstance(value, str):
             if not value.strip():
                 raise _bad(fld, value, source)
+            if value.lower() != "all-linear":
+                try:  # peft full-matches a string against module names: it must be a regex
+                    re.compile(value)
+                except (re.error, RecursionError, OverflowError) as exc:
+                    raise ProjectError(fld.key, f"{toml_repr(value)[:60]} is not a valid regular expression "
+                                       f"({str(exc).splitlines()[0][:80]}); give layer names as a list, e.g. "
+                                       '["q_proj", "v_proj"], or "all-linear"', source) from None
             return value
         if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
             return list(value)

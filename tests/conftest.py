@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Randomised tests are reproducible: `make test` (and CI) draws the same examples every
+# time, with no example database; `make fuzz` draws many more, fresh each time.
+settings.register_profile("ci", derandomize=True, database=None, max_examples=40, deadline=None,
+                          print_blob=True)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SAMPLE = REPO / "sample_data"
+
+# the user's own config is never touched, even by work that ends after its test (an app's
+# worker writing recent projects): each test gets its own (below), the session one of its own
+os.environ["TUNEDECK_CONFIG_DIR"] = tempfile.mkdtemp(prefix="tunedeck-test-config-")
 
 # nothing in the tests reaches a model hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -86,7 +86,7 @@ def test_a_cuda_visible_devices_that_names_no_gpu_is_refused_not_trained_on_the_
     gpus(box(), visible="GPU-0123456789")
     assert detect().gpus == ()
     with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=GPU-0123456789 names none of this machine's GPUs"):
-        preflight(Project.load(write_project(tmp_path)), targets=False)
+        preflight(Project.load(write_project(tmp_path)), deep=False)
 
 
 def test_gpus_are_chosen_by_free_memory_and_precision_by_the_chosen_ones(gpus):

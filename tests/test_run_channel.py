@@ -331,7 +331,7 @@ def test_two_new_runs_with_the_same_name_race_and_one_wins(tmp_path):
     def make() -> None:
         barrier.wait()
         try:
-            results.append(prepare_run(project, [], run_name="same", targets=False))
+            results.append(prepare_run(project, [], run_name="same", deep=False))
         except UserError as exc:
             results.append(exc)
 
@@ -356,9 +356,9 @@ def test_a_run_name_with_a_line_break_is_refused(tmp_path):
     project = write_project(tmp_path)
     for name in ("ok\n", "a/b", ".hidden", "x y"):
         with pytest.raises(UserError, match="--run-name"):
-            prepare_run(project, [], run_name=name, targets=False)
+            prepare_run(project, [], run_name=name, deep=False)
     with pytest.raises(UserError, match="training.accelerate_config: .*nope.yaml is not a file"):
-        prepare_run(project, ["training.accelerate_config=nope.yaml"], targets=False)
+        prepare_run(project, ["training.accelerate_config=nope.yaml"], deep=False)
     assert not (tmp_path / "runs").exists()
 
 

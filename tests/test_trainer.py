@@ -128,7 +128,7 @@ def test_qlora_4bit_trains_on_the_cpu(tiny_model_dir, tmp_path):
      'lora.target_modules = ["query", "value"] matches no module of this model; its linear layers are: '
      "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"),
     (['lora.target_modules=["lm_head"]'], "includes the output layer lm_head", "includes the output layer (lm_head)"),
-    (["dataset.max_length=12"], None,
+    (["dataset.max_length=12"], "every row is fully masked after truncation to dataset.max_length = 12 tokens",
      "every row is fully masked after truncation to dataset.max_length = 12 tokens"),
 ])
 def test_refusals_found_by_the_trainer(tiny_model_dir, tmp_path, overrides, before, line):
@@ -139,7 +139,7 @@ def test_refusals_found_by_the_trainer(tiny_model_dir, tmp_path, overrides, befo
         assert before in refused.value.message and "\n" not in refused.value.message
         assert not (tmp_path / "runs").exists()
     # and the trainer itself, should it be given such a run
-    code, events, run_dir = train_inprocess(project, overrides, targets=False)
+    code, events, run_dir = train_inprocess(project, overrides, deep=False)
     assert code == EXIT_USER_ERROR
     failed = events[-1]
     assert failed["type"] == "failed" and failed["user_error"] is True and failed["traceback"] is None
@@ -154,7 +154,10 @@ def test_a_model_without_a_chat_template_is_refused(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, bare)
     (bare / "chat_template.jinja").unlink()
     project = write_project(tmp_path / "p", bare, training={"max_steps": 1})
-    code, events, _ = train_inprocess(project)
+    with pytest.raises(UserError, match="has no chat template; set model.chat_template"):
+        prepare_run(project, run_name="never")  # the pre-flight knows it, before any folder
+    assert not (tmp_path / "p" / "runs").exists()
+    code, events, _ = train_inprocess(project, deep=False)  # and the trainer itself
     assert code == EXIT_USER_ERROR and "has no chat template; set model.chat_template" in events[-1]["reason"]
     code, events, _ = train_inprocess(project, ["model.chat_template=chatml"], run_name="named")
     assert code == EXIT_OK

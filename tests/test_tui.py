@@ -419,7 +419,11 @@ class FakeRun:
         self.stopped = True
 
 
-async def test_training_from_the_palette_follows_the_run(project_path, monkeypatch):
+async def test_training_from_the_palette_follows_the_run(tmp_path, monkeypatch, default_model_dir):
+    import json
+
+    monkeypatch.chdir(tmp_path)  # a model with a tokenizer: the pre-flight renders the rows
+    project_path = write_project(tmp_path, PROJECT_TOML.replace('"tiny-llama"', json.dumps(str(default_model_dir))))
     started: list[tuple[str, tuple[str, ...]]] = []
     run = FakeRun(project_path.parent / "runs" / "demo-1", [
         {"type": "run_started", "step": 0, "max_steps": 3},
@@ -430,7 +434,7 @@ async def test_training_from_the_palette_follows_the_run(project_path, monkeypat
 
     def start_run(path: str, overrides: tuple[str, ...], **options: object) -> FakeRun:
         started.append((path, overrides))
-        assert options == {"targets": False}  # the engine ran the full pre-flight first
+        assert options == {"deep": False}  # the engine ran the full pre-flight first
         return run
 
     import tunedeck.core.launcher as launcher

@@ -45,15 +45,15 @@ def write_project(folder: Path, model: Path | str, rows: list[dict[str, Any]] | 
 
 
 def train_inprocess(project: Path, overrides: list[str] | None = None, run_name: str = "r", resume: bool = False,
-                    targets: bool = True):
-    """Run the trainer in this process (after the pre-flight; ``targets=False`` leaves the
+                    deep: bool = True):
+    """Run the trainer in this process (after the pre-flight; ``deep=False`` leaves the
     target check to the trainer); returns (exit code, events, run dir)."""
     from tunedeck.core.events import EventLog
     from tunedeck.core.launcher import prepare_run
     from tunedeck.core.trainer import Controls, Emitter, run
 
     events: list[dict[str, Any]] = []
-    with prepare_run(project, overrides or [], run_name=run_name, resume=resume, targets=targets) as prepared:
+    with prepare_run(project, overrides or [], run_name=run_name, resume=resume, deep=deep) as prepared:
         spec = prepared.spec
         with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
             code = run(spec, Emitter(log, echo=events.append), Controls())

@@ -175,6 +175,12 @@ class TunedeckApp(App[int]):
         if hardware is not None:
             self.set_reactive(TunedeckApp.hardware, hardware)
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """A notification, never read as markup: it carries the user's text (names, paths,
+        reasons), where "[/x]" is text. (Widgets' notify passes markup=True: ignored.)"""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     # -- start-up and shut-down --------------------------------------------------------
 
     def on_mount(self) -> None:
@@ -559,7 +565,7 @@ class TunedeckApp(App[int]):
         found = self.engine.call("preflight", project_path=project_path, overrides=list(overrides))
         if found.get("device") == "cuda":
             self.engine.call("release")  # the chat model's GPU memory goes to the run
-        handle = launcher.start_run(project_path, overrides, targets=False)
+        handle = launcher.start_run(project_path, overrides, deep=False)
         self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
 
     @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)

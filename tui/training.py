@@ -105,6 +105,25 @@ def status_label(status: str, host: str = "") -> str:
     return STATUS_LABELS.get(status, status)
 
 
+SYSTEM_NUMBERS = ("gpu_memory_used", "gpu_memory_total", "gpu_utilization", "gpu_temperature", "gpu_memory_others",
+                  "torch_peak_memory", "torch_reserved", "torch_allocated", "rss", "ram_used", "ram_total",
+                  "cpu_percent", "index")
+
+
+def _clean_system(ev: dict[str, Any]) -> dict[str, Any]:
+    """A system event's readings, each a finite number or None (an events file can say anything)."""
+    out: dict[str, Any] = {k: _positive(ev.get(k)) for k in SYSTEM_NUMBERS}
+    gpus = ev.get("gpus") if isinstance(ev.get("gpus"), list) else []
+    out["gpus"] = [{**{k: _positive(g.get(k)) for k in SYSTEM_NUMBERS}, "label": str(g.get("label") or "")}
+                   for g in gpus if isinstance(g, dict)]
+    return out
+
+
+def _positive(value: Any) -> float | None:
+    v = _finite(value)
+    return v if v is not None and v >= 0 else None
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "-"
@@ -189,7 +208,8 @@ class RunView:
 
     def _note(self, ev: dict[str, Any], kind: str, text: str) -> None:
         self.log_total += 1
-        self.log.append(LogLine(_float(ev.get("time")) or time.time(), int(ev.get("step") or 0), kind, text))
+        step = ev.get("step") if isinstance(ev.get("step"), int) else 0
+        self.log.append(LogLine(_float(ev.get("time")) or time.time(), step, kind, text))
 
     def _take(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         self.events_seen += 1
@@ -223,7 +243,7 @@ class RunView:
                 if value is not None:
                     setattr(self, attr, value)
         elif kind == "system":
-            self.system = dict(ev)
+            self.system = _clean_system(ev)
         elif kind == "eval":
             value = _finite(ev.get("eval_loss"))
             if value is not None:
@@ -344,19 +364,20 @@ class RunView:
         if len(gpus) > 1:  # one line per device; the trainer's own details below
             for g in gpus:
                 used, total = g.get("gpu_memory_used") or 0, g["gpu_memory_total"]
-                extra = "".join(f" {v}{unit}" for v, unit in ((g.get("gpu_utilization"), "%"),
-                                                               (g.get("gpu_temperature"), "°C")) if v is not None)
-                rows.append((str(g.get("label") or f"GPU {g.get('index', '?')}"),
+                extra = "".join(f" {v:.0f}{unit}" for v, unit in ((g.get("gpu_utilization"), "%"),
+                                                                   (g.get("gpu_temperature"), "°C")) if v is not None)
+                index = g.get("index")
+                rows.append((g["label"] or f"GPU {int(index) if index is not None else '?'}",
                              f"{used / 2**30:.1f}/{total / 2**30:.0f} GiB{extra}"))
         if s.get("gpu_memory_total"):
             used, total = s.get("gpu_memory_used") or 0, s["gpu_memory_total"]
             rows.append(("GPU memory", f"{gib(used)} / {gib(total)} ({100 * used / total:.0f}%)"))
-            if isinstance(s.get("gpu_memory_others"), int):
+            if s.get("gpu_memory_others") is not None:
                 rows.append(("other processes", gib(s["gpu_memory_others"])))
             if s.get("gpu_utilization") is not None:
-                rows.append(("GPU busy", f"{s['gpu_utilization']}%"))
+                rows.append(("GPU busy", f"{s['gpu_utilization']:.0f}%"))
             if s.get("gpu_temperature") is not None:
-                rows.append(("temperature", f"{s['gpu_temperature']} °C"))
+                rows.append(("temperature", f"{s['gpu_temperature']:.0f} °C"))
             rows.append(("torch peak", gib(s.get("torch_peak_memory"))))
         else:
             rows.append(("device", "CPU (this run uses no GPU)"))

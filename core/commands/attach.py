@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from ..cli import console as cli_console
     from rich.text import Text
 
     from ..launcher import attach
     from .train import Progress, project_of
 
     handle = attach(args.run, runs_dir="runs")
-    console = Console(stderr=True, highlight=False)
+    console = cli_console(stderr=True)
     if args.control is not None:
         message = handle.control(args.control)  # returns once the trainer has taken it
         console.print(Text(f"{handle.name}: {message}"))

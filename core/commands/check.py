@@ -54,6 +54,7 @@ def collect(project_path: str, overrides: list[str], params: bool = False) -> di
                   "chat_template": model.chat_template, "note": model.note},
         "dataset": {"path": summary.path, "format": summary.format, "rows": summary.rows,
                     "usable": summary.good, "skipped": [{"row": e.row, "reason": e.reason} for e in summary.skipped],
+                    "trailing_question_dropped": summary.trimmed,
                     "eval": eval_info},
         "resolved": resolved.as_dict(),
         "settings": project.as_dict(),
@@ -70,21 +71,23 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
         return 0
-    from rich.console import Console
+    from rich.text import Text
+
+    from ..cli import console as cli_console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = cli_console()
     m, d, r = report["model"], report["dataset"], report["resolved"]
-    console.print(f"[bold]{report['name']}[/]  {report['project']}")
+    console.print(Text.assemble((report["name"], "bold"), f"  {report['project']}"))
     params = f"{m['params'] / 1e6:,.1f}M params" if m["params"] else "params unknown"
     console.print(f"model    {m['source']}: {m['architecture']}, {params}, {m['dtype']}"
                   + (f" ({m['note']})" if m["note"] else ""))
     console.print(f"dataset  {d['path']}: {d['format']}, {d['usable']} rows"
                   + (f", {len(d['skipped'])} skipped" if d["skipped"] else ""))
     for e in d["skipped"][:5]:
-        console.print(f"         [yellow]row {e['row']}: {e['reason']}[/]")
+        console.print(Text(f"         row {e['row']}: {e['reason']}", style="yellow"))
     if len(d["skipped"]) > 5:
-        console.print(f"         [yellow]... and {len(d['skipped']) - 5} more[/]")
+        console.print(Text(f"         ... and {len(d['skipped']) - 5} more", style="yellow"))
     table = Table(title="resolved settings", show_header=True, header_style="bold")
     table.add_column("key")
     table.add_column("value")
@@ -108,5 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if "trainable_params" in report:
         console.print(f"lora     {report['trainable_params']:,} trainable of {report['total_params']:,} params "
                       f"in {report['target_layers']} layers")
-    console.print("[green]ok[/]: the project is valid")
+    if d.get("trailing_question_dropped"):
+        dropped = d["trailing_question_dropped"]
+        console.print(Text(f"         {len(dropped)} row(s) end with a question after the last answer: it is "
+                           f"dropped, the rest trains (first: row {dropped[0]})", style="yellow"))
+    console.print(Text.assemble(("ok", "green"), ": the project is valid"))
     return 0

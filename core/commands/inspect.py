@@ -100,18 +100,21 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from ..cli import console as cli_console
 
     from ..memory import MemoryEstimate, gib
     from ..schema import toml_repr
 
-    console = Console(highlight=False)
+    console = cli_console()
     m = report["model"]
-    console.print(f"[bold]{m['source']}[/]  {m['architecture']} ({m['model_type']}), {_count(m['params'])} params, "
-                  f"{m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}")
+    console.print(Text.assemble((str(m["source"]), "bold"), f"  {m['architecture']} ({m['model_type']}), "
+                                f"{_count(m['params'])} params, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+                                f"vocab {m['vocab_size']}"))
     for note in m["notes"]:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(Text(f"note: {note}", style="dim"))
     rows = report["layers"] if args.layers else report["groups"]
     table = Table(show_header=True, header_style="bold", title="layers" if args.layers else "layer groups")
     table.add_column("layer" if args.layers else "group", overflow="fold")
@@ -127,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
             cells = [row["name"], str(row["count"])]
             picked = f"{row['picked']}/{row['count']}" if row["picked"] else ""
         cells += [_opt(row["in_features"]), _opt(row["out_features"]), _count(row["params"]), row["type"],
-                  row["role"], f"[green]{picked}[/]" if picked else ""]
+                  row["role"], Text(picked, style="green")]
         table.add_row(*cells)
     console.print(table)
     lora = report["lora"]
-    console.print(f"target_modules = {toml_repr(report['targets'])}  [dim]({report['targets_from']})[/]")
+    console.print(Text.assemble(f"target_modules = {toml_repr(report['targets'])}  ",
+                                (f"({report['targets_from']})", "dim")))
     extras = ["use_dora" if lora["use_dora"] else "", f"bias={lora['bias']}" if lora["bias"] != "none" else "",
               f"modules_to_save={toml_repr(lora['modules_to_save'])}" if lora["modules_to_save"] else ""]
     settings = ", ".join(["r=" + str(lora["r"])] + [e for e in extras if e])
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"          activations {'without' if mem['gradient_checkpointing'] else 'with'} gradient "
                   f"checkpointing: {gib(mem[other])}")
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning: {warning}[/]")
+        console.print(Text(f"warning: {warning}", style="yellow"))
     return 0
 
 

@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
         json.dump([{**i.as_dict(), "memory": memory[i.path]} for i in infos], sys.stdout, indent=2)
         print()
         return 0
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from ..cli import console as cli_console
 
     table = Table(show_header=True, header_style="bold", title="models")
     for col in ("source", "architecture", "params", "layers", "hidden", "context", "dtype", "size", "chat",
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     for i in infos:
         if i.error:
-            table.add_row(i.source, f"[red]{i.error}[/]", "", "", "", "", "", "", "", "", "")
+            table.add_row(i.source, Text(i.error, style="red"), "", "", "", "", "", "", "", "", "")
             continue
         table.add_row(
             i.source, i.architecture, _count(i.params), str(i.layers or "?"), str(i.hidden_size or "?"),
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             _size(i.size_bytes), "yes" if i.chat_template else "no",
             *(_size(memory[i.path][k]) if memory[i.path].get(k) else "?" for k in ("lora", "qlora")),
         )
-    Console().print(table)
+    cli_console().print(table)
     return 0
 
 

@@ -31,8 +31,17 @@ def create(path: Path, *, model: str = "default", dataset: str = "", name: str |
     path = Path(path)
     if path.suffix != ".toml":
         raise UserError(f"{path}: project files end in .toml (e.g. {path.with_suffix('.toml').name})")
+    if path.is_symlink():
+        raise UserError(f"{path}: a symbolic link{'' if path.exists() else ' to nothing'}; give the path of a new "
+                        "project file (nothing is written through a link)")
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; give the path of a project file inside it, e.g. {path / 'project.toml'}")
     if path.exists() and not force:
         raise UserError(f"{path}: already exists; pick another name or pass --force")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: not a regular file; pick another name")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"{path.absolute().parent}: no such folder; create it first")
     folder = path.resolve().parent
     if dataset:
         ds = Path(dataset).resolve()

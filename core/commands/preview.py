@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
         return 0
-    from rich.console import Console
+    from ..cli import console as cli_console
 
-    console = Console(highlight=False)
+    console = cli_console()
     for renderable in text_report(report):
         console.print(renderable)
     return 0

@@ -49,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
         json.dump([i.as_dict() for i in infos], sys.stdout, indent=2)
         print()
         return 0
-    from rich.console import Console
+    from ..cli import console as cli_console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False)
+    console = cli_console()
     if not infos:
         console.print(Text(f"no runs in {folder}"))
         return 0

@@ -35,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from ..cli import console as cli_console
     from rich.text import Text
 
     from ..launcher import start_run
 
-    console = Console(stderr=True, highlight=False)
+    console = cli_console(stderr=True)
     handle = start_run(args.project, args.overrides, run_name=args.run_name, resume=args.resume)
     processes = f" ({handle.spec.processes} processes)" if handle.spec.processes > 1 else ""
     console.print(Text.assemble("run ", (handle.name, "bold"), f" in {handle.run_dir}{processes}"), soft_wrap=True)
@@ -114,11 +114,12 @@ class Progress:
         try:
             if self.interrupts == 1:
                 self.handle.stop()
-                self.console.print("[yellow]stopping at the end of this step: saving a checkpoint and the adapter "
-                                   "(Ctrl-C again to abort without saving)[/]")
+                self.console.print(Text("stopping at the end of this step: saving a checkpoint and the adapter "
+                                        "(Ctrl-C again to abort without saving)", style="yellow"))
             elif self.interrupts == 2:
                 self.handle.abort()
-                self.console.print("[yellow]aborting: nothing more is saved (Ctrl-C again to kill the trainer)[/]")
+                self.console.print(Text("aborting: nothing more is saved (Ctrl-C again to kill the trainer)",
+                                        style="yellow"))
             else:
                 self.handle.kill()
         except UserError as exc:  # the run ended meanwhile, or its trainer does not answer
@@ -138,11 +139,12 @@ class Progress:
             self.console.print(Text(f"{_count(ev.get('trainable_params'))} trainable of "
                                     f"{_count(ev.get('total_params'))} parameters; {ev.get('train_rows', '?')} rows, "
                                     f"{ev.get('max_steps', '?')} steps on {on}{where}"))
-            self.bar.update(self.task, description="training", total=ev.get("max_steps"), completed=ev.get("step", 0))
+            self.bar.update(self.task, description="training", total=_int(ev.get("max_steps")),
+                            completed=_int(ev.get("step")) or 0)
         elif kind == "step":
             fields = {"loss": _num(ev.get("loss")), "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"),
                       "eta": _duration(ev.get("eta_s"))}
-            self.bar.update(self.task, completed=ev.get("step", 0), total=ev.get("max_steps"), **fields)
+            self.bar.update(self.task, completed=_int(ev.get("step")) or 0, total=_int(ev.get("max_steps")), **fields)
         elif kind == "eval":
             self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}")
         elif kind == "checkpoint":
@@ -198,14 +200,29 @@ def project_of(handle: Any) -> str:
 
 
 def _count(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else "?"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from an event, or None (an events file can say anything)."""
+    import math
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _num(value: Any, fmt: str = "{:.4f}") -> str:
-    return "-" if value is None else fmt.format(value)
+    number = _number(value)
+    return "-" if number is None else fmt.format(number)
 
 
 def _duration(seconds: Any) -> str:
-    if seconds is None:
+    number = _number(seconds)
+    if number is None:
         return "-"
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, float(seconds))))
+    return time.strftime("%H:%M:%S", time.gmtime(min(max(0.0, number), 365 * 86400.0)))

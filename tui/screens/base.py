@@ -10,23 +10,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState
 
-from tunedeck.core.errors import UserError
+from tunedeck.core.errors import one_line
 
 from ..widgets.mode_tabs import ModeTabs
 
 if TYPE_CHECKING:
     from ..app import TunedeckApp
     from ..session import Session
-
-
-def one_line(error: BaseException | None) -> str:
-    """An exception as the single line a user sees (never a traceback)."""
-    if isinstance(error, UserError):
-        return error.message
-    if error is None:
-        return "failed"
-    lines = str(error).strip().splitlines()
-    return f"{error.__class__.__name__}: {lines[0] if lines else 'no details'}"
 
 
 class SteadyFooter(Footer):

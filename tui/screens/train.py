@@ -159,7 +159,7 @@ class TrainScreen(ProjectScreen):
                 with VerticalScroll(id="train-side"):
                     yield Facts("run", status="no run followed: s starts one, or open one below", id="numbers")
                     yield Facts("machine", status="", id="system")
-                    yield Label("runs", id="runs-title")
+                    yield Label("runs", id="runs-title", markup=False)
                     yield OptionList(id="runs")
                 with Vertical(id="train-plots"):
                     yield PlotextPlot(id="loss-plot")
