@@ -506,8 +506,8 @@ def _scan_path(path: Path) -> list[ModelInfo]:
 
 def _scan_hf_cache() -> list[ModelInfo]:
     try:
-        from huggingface_hub import scan_cache_dir
-        report = scan_cache_dir()
+        from huggingface_hub import constants, scan_cache_dir
+        report = scan_cache_dir(constants.HF_HUB_CACHE)  # the value now (scan_cache_dir keeps its import-time one)
     except Exception:  # no cache folder yet, or unreadable: nothing to list
         return []
     out = []

@@ -46,7 +46,8 @@ def test_check_prints_resolved_settings(project, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["kind"] == "default"
     assert report["dataset"] == {"path": str(project.parent / "data.jsonl"), "format": "messages", "rows": 4,
-                                 "usable": 4, "skipped": [], "eval": {"ratio": 0.0, "rows": 0}}
+                                 "usable": 4, "skipped": [], "trailing_question_dropped": [],
+                                 "eval": {"ratio": 0.0, "rows": 0}}
     assert report["resolved"]["precision"] == "fp32"
     assert report["resolved"]["gradient_checkpointing"] is False
     assert report["settings"]["training"]["precision"] == "auto"

@@ -329,3 +329,84 @@ def test_check_of_an_unchanged_project_does_not_build_the_model_again(tmp_path, 
     assert check() == ["0", "False"]  # unchanged: the kept answer
     assert check("--set", 'lora.target_modules=["nope"]') == ["2", "True"]
     assert check("--set", 'lora.target_modules=["nope"]') == ["2", "False"]  # the refusal is kept too
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: os.mkfifo(d / "data.jsonl"), "not a regular file"),
+    (lambda d: (d / "data.jsonl").symlink_to("/dev/zero"), "not a regular file"),
+])
+def test_a_pipe_or_a_device_as_the_dataset_is_refused_not_read(tmp_path, make, words):
+    from tui_helpers import write_project
+
+    path = write_project(tmp_path)
+    (tmp_path / "data.jsonl").unlink()
+    make(tmp_path)
+    code, err = run_cli("check", str(path))
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_files_are_named_by_the_key_they_came_from(tmp_path):
+    from tui_helpers import write_project
+
+    path = write_project(tmp_path)
+    code, err = run_cli("check", str(path), "--set", "dataset.eval_split=gone.jsonl")
+    assert code == 2 and err.startswith("tunedeck: error: dataset.eval_split = ") and "gone.jsonl" in err
+    (tmp_path / "text.gguf").write_text("not a model at all\n")
+    code, err = run_cli("check", str(path), "--set", "model.source=text.gguf")
+    assert code == 2 and "not a GGUF file" in err and "config.json" not in err
+
+
+def test_new_refuses_folders_links_and_missing_folders(tmp_path):
+    (tmp_path / "dir.toml").mkdir()
+    assert run_cli("new", str(tmp_path / "dir.toml"), "--force")[1].count("a folder") == 1
+    (tmp_path / "link.toml").symlink_to(tmp_path / "nowhere" / "deep" / "p.toml")
+    code, err = run_cli("new", str(tmp_path / "link.toml"))
+    assert code == 2 and "symbolic link" in err and not (tmp_path / "nowhere").exists()
+    code, err = run_cli("new", str(tmp_path / "missing" / "p.toml"))
+    assert code == 2 and "no such folder" in err and not (tmp_path / "missing").exists()
+
+
+def test_a_run_snapshot_follows_the_umask(tmp_path):
+    from tui_helpers import write_project
+
+    from tunedeck.core.launcher import prepare_run
+
+    old = os.umask(0o022)
+    try:
+        with prepare_run(write_project(tmp_path), [], run_name="r", deep=False) as prepared:
+            snapshot = Path(prepared.spec.run_dir) / "project.toml"
+            assert snapshot.stat().st_mode & 0o777 == 0o644
+            assert Path(prepared.spec.run_dir).stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tunedeck.core", "inspect", str(tiny_model_dir), "--json",
+                             "--layers"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)  # `| head -c 1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_markup_in_a_project_name_and_path_never_stops_a_run(tmp_path, tiny_model_dir):
+    """`tunedeck train` printed the project through rich markup: "[/x]" in a name ended the
+    command after the trainer had started."""
+    import subprocess
+    import sys
+
+    from train_support import write_project
+
+    folder = tmp_path / "a[bold]" / "[" / "x]"
+    project = write_project(folder, tiny_model_dir, training={"max_steps": 1})
+    project.write_text(project.read_text().replace('name = "t"', 'name = "[/x] [bold]"'))
+    done = subprocess.run([sys.executable, "-m", "tunedeck.core", "train", str(project), "--run-name", "m"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "MarkupError" not in done.stderr
+    assert str(folder / "runs" / "m") in done.stderr
