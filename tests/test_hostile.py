@@ -410,3 +410,26 @@ def test_markup_in_a_project_name_and_path_never_stops_a_run(tmp_path, tiny_mode
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "MarkupError" not in done.stderr
     assert str(folder / "runs" / "m") in done.stderr
+
+
+def test_a_bug_in_the_app_ends_it_with_one_line_and_a_crash_log(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "bad_app.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "import tunedeck.tui.app as app_module\n"
+        "class Bad(app_module.TunedeckApp):\n"
+        "    CSS_PATH = str(Path(app_module.__file__).with_name('app.tcss'))\n"
+        "    def on_ready(self):\n"
+        "        raise KeyError('a deliberate bug')\n"
+        "app = Bad()\n"
+        "app.tune_gc = True  # as run_app sets it: the app owns the process\n"
+        "app.run(headless=True)\n")
+    env = {**os.environ, "TUNEDECK_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "300"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    err = done.stderr.strip()
+    assert err.startswith("tunedeck: internal error: KeyError: 'a deliberate bug'") and "Traceback" not in err, err
+    [log] = (tmp_path / "cache" / "crashes").iterdir()
+    assert "a deliberate bug" in log.read_text() and "Traceback" in log.read_text()

@@ -175,6 +175,22 @@ class TunedeckApp(App[int]):
         if hardware is not None:
             self.set_reactive(TunedeckApp.hardware, hardware)
 
+    def _fatal_error(self) -> None:
+        """A bug that escaped every handler: the app ends with one line naming the crash log
+        that holds the traceback, as the command line does (never a traceback on screen).
+        Tests keep Textual's own handling, which re-raises the error."""
+        if not self.tune_gc:
+            super()._fatal_error()
+            return
+        from rich.text import Text
+
+        from tunedeck.core.cli import crash_log
+
+        error = self._exception or sys.exc_info()[1] or RuntimeError("unknown error")
+        line = f"tunedeck: internal error: {one_line(error)} (a bug; the traceback is in {crash_log(error)})"
+        self._exit_renderables.append(Text(line))
+        self._close_messages_no_wait()
+
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
                markup: bool = False) -> None:
         """A notification, never read as markup: it carries the user's text (names, paths,
