@@ -310,15 +310,18 @@ def one_line(exc: BaseException) -> str:
 
 
 def _terminated_reason(run_dir: Path) -> tuple[str, str]:
-    """Why rank 0 got SIGTERM: another rank's failure when one wrote it, else in general."""
-    for path in sorted((run_dir / PRIVATE_DIR).glob("rank-*.error")):
-        try:
-            ev = json.loads(path.read_text(encoding="utf-8"))
-            rank = path.name.split("-")[1].split(".")[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        if isinstance(ev, dict) and ev.get("failure") not in ("terminated", "aborted"):
-            return str(ev.get("failure") or "crash"), f"rank {rank} failed: {ev.get('reason')}"
+    """Why rank 0 got SIGTERM: torchrun ends the other processes when one of them fails,
+    so first another rank that failed (its report) or died (gone without one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        deadline = time.monotonic() + 1.0
+        while True:
+            found = failed_rank(run_dir, world)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
     return "terminated", ("the trainer was terminated (SIGTERM): another process of the run failed, or the run "
                           f"was stopped from outside; see {run_dir / 'trainer.log'}")
 

@@ -383,15 +383,23 @@ def test_the_hub_is_offline_before_any_library_reads_it():
     assert out.stdout.split()[0] == "False"
 
 
-def test_sigterm_at_rank_0_says_which_rank_failed(tmp_path):
+def test_sigterm_at_rank_0_says_which_rank_failed(tmp_path, monkeypatch):
     from tunedeck.core.trainer import _terminated_reason
 
+    monkeypatch.setenv("WORLD_SIZE", "4")
     private = tmp_path / ".trainer"
     private.mkdir()
-    assert _terminated_reason(tmp_path)[0] == "terminated"
+    assert _terminated_reason(tmp_path)[0] == "terminated"  # nobody else failed: stopped from outside
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for rank in (1, 2, 3):
+        (private / f"rank-{rank}.json").write_text(json.dumps({"pid": dead.pid if rank > 1 else os.getpid()}))
     (private / "rank-2.error").write_text('{"reason": "rank 2 was terminated", "failure": "terminated"}')
     (private / "rank-3.error").write_text('{"reason": "out of GPU memory at step 4", "failure": "out_of_memory"}')
     assert _terminated_reason(tmp_path) == ("out_of_memory", "rank 3 failed: out of GPU memory at step 4")
+    (private / "rank-3.error").unlink()  # gone without a report: killed
+    failure, reason = _terminated_reason(tmp_path)
+    assert failure == "died" and reason.startswith(f"rank 3 (pid {dead.pid}) ended without a report")
 
 
 def test_failures_are_named_in_words(tmp_path):
