@@ -407,11 +407,16 @@ def serve(spec: Any, rank: int, world: int, echo: Any = None) -> int:
         if world > 1:
             RankWatch(run_dir, world, emit, server).start()
         code = run(spec, emit, controls)
-    except Aborted:  # before run() took over
+    except (Aborted, Terminated) as exc:  # before run() took over
         _SESSION["ending"] = True
-        emit(FAILED, reason="aborted before training started", failure="aborted", traceback=None, user_error=False,
-             aborted=True)
-        code = EXIT_ABORTED
+        if isinstance(exc, Aborted):
+            emit(FAILED, reason="aborted before training started", failure="aborted", traceback=None,
+                 user_error=False, aborted=True)
+            code = EXIT_ABORTED
+        else:
+            emit(FAILED, reason="terminated (SIGTERM) before training started", failure="terminated",
+                 traceback=None, user_error=False)
+            code = EXIT_TERMINATED
     finally:
         if emit.reserve is not None:
             emit.reserve.release()
@@ -431,7 +436,6 @@ class RankWatch(threading.Thread):
 
     def __init__(self, run_dir: Path, world: int, emit: Emitter, server: Any) -> None:
         super().__init__(name="tunedeck-rank-watch", daemon=True)
-        self.private = run_dir / PRIVATE_DIR
         self.run_dir = run_dir
         self.world = world
         self.emit = emit
@@ -487,7 +491,6 @@ def failed_rank(run_dir: Path, world: int) -> tuple[str, str] | None:
             return "died", (f"rank {rank} (pid {pid}) ended without a report: killed (kill -9, the out-of-memory "
                             f"killer) or crashed; see {run_dir / 'trainer.log'}")
     return None
-
 
 
 def end_other_ranks(run_dir: Path) -> None:
