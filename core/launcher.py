@@ -42,12 +42,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .channel import ChannelError, Client, default_address, ensure_key, private_dir
+from .channel import ChannelError, Client, default_address, ensure_key
 from .errors import UserError
 from .events import EVENTS_FILE, LAUNCHED, EventReader, append_event, event
 from .runs import (
     CONTROLS, LOG_FILE, PRIVATE_DIR, SNAPSHOT, Liveness, RunLock, RunState, checkpoint_steps,
-    latest_checkpoint, liveness, oom_kills, process_start, read_record, record_death, write_record,
+    kill_if_alive, latest_checkpoint, liveness, oom_kills, process_alive, process_start, rank_processes,
+    read_record, record_death, write_record,
 )
 
 # keys that must not change when a run is resumed (the checkpoint's weights depend on them)
@@ -877,28 +878,14 @@ def send_control(run_dir: str | os.PathLike[str], action: str, timeout: float = 
 def kill_run(run_dir: str | os.PathLike[str]) -> None:
     """SIGKILL every live process of a run on this host: its trainer, every rank, and the
     launcher's process group."""
-    from .runs import process_alive
-
     run_dir = Path(run_dir)
     record = read_record(run_dir) or {}
-    targets: list[tuple[int, Any]] = []
-    if isinstance(record.get("pid"), int):
-        targets.append((record["pid"], record.get("start")))
-    try:
-        for path in private_dir(run_dir).glob("rank-*.json"):
-            info = json.loads(path.read_text(encoding="utf-8"))
-            targets.append((int(info["pid"]), info.get("start")))
-    except (ChannelError, OSError, ValueError, KeyError, TypeError):
-        pass
-    live = liveness(run_dir)
-    if live.state == "unknown":
+    if liveness(run_dir).state == "unknown":
         return
-    for pid, start in targets:
-        if process_alive(pid, start):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    if isinstance(record.get("pid"), int):
+        kill_if_alive(record["pid"], record.get("start"))
+    for pid, start in rank_processes(run_dir).values():
+        kill_if_alive(pid, start)
     leader = record.get("leader")
     if isinstance(leader, int) and process_alive(leader, record.get("leader_start")):
         try:

@@ -74,11 +74,13 @@ def process_start(pid: int) -> float | None:
         return None
 
 
-def process_alive(pid: int, start: float | None) -> bool:
+def process_alive(pid: int, start: Any) -> bool:
     """Whether ``pid`` on this host is the process that started at ``start`` and has not
     ended. A zombie has ended (it only waits to be reaped)."""
     import psutil
 
+    if isinstance(start, bool) or not isinstance(start, (int, float)):
+        start = None  # not recorded (or a record of another tunedeck): the pid alone
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -152,9 +154,32 @@ def liveness(run_dir: str | os.PathLike[str]) -> Liveness:
     pid, host = int(record["pid"]), str(record.get("host") or "")
     if host and host != socket.gethostname():
         return Liveness("unknown", pid, host)
-    start = record.get("start")
-    return Liveness("alive" if process_alive(pid, start if isinstance(start, (int, float)) else None) else "dead",
-                    pid, host)
+    return Liveness("alive" if process_alive(pid, record.get("start")) else "dead", pid, host)
+
+
+def rank_processes(run_dir: str | os.PathLike[str]) -> dict[int, tuple[int, Any]]:
+    """The processes of the current session's ranks, by rank: (pid, start time), as each
+    recorded itself in the run's private folder (``rank-N.json``)."""
+    out: dict[int, tuple[int, Any]] = {}
+    for path in (Path(run_dir) / PRIVATE_DIR).glob("rank-*.json"):
+        try:
+            rank = int(path.stem.split("-", 1)[1])
+            info = json.loads(path.read_text(encoding="utf-8"))
+            out[rank] = (int(info["pid"]), info.get("start"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            continue
+    return out
+
+
+def kill_if_alive(pid: int, start: Any) -> None:
+    """SIGKILL ``pid`` when it is still the process that started at ``start``."""
+    import signal
+
+    if process_alive(pid, start):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def trainer_pid(run_dir: str | os.PathLike[str]) -> int | None:

@@ -48,8 +48,8 @@ from .events import (
 )
 from .health import Health
 from .runs import (
-    EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, PRIVATE_DIR, latest_checkpoint, process_alive,
-    process_start, read_record, write_record,
+    EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, PRIVATE_DIR, kill_if_alive, latest_checkpoint,
+    process_alive, process_start, rank_processes, read_record, write_record,
 )
 
 RESERVE_BYTES = 1 << 20  # kept free on the run's disk for the final event
@@ -469,13 +469,12 @@ def failed_rank(run_dir: Path, world: int) -> tuple[str, str] | None:
     """(failure, reason) of the first rank other than 0 that is gone without a clean exit:
     its own report (``rank-N.error``), or that it died; None while they all live."""
     private = run_dir / PRIVATE_DIR
+    ranks = rank_processes(run_dir)
     for rank in range(1, world):
-        try:
-            info = json.loads((private / f"rank-{rank}.json").read_text(encoding="utf-8"))
-            pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+        if rank not in ranks:
             continue  # not started yet
-        if process_alive(pid, info.get("start")):
+        pid, start = ranks[rank]
+        if process_alive(pid, start):
             continue
         try:
             if int((private / f"rank-{rank}.exit").read_text(encoding="utf-8")) == EXIT_OK:
@@ -495,17 +494,9 @@ def failed_rank(run_dir: Path, world: int) -> tuple[str, str] | None:
 
 def end_other_ranks(run_dir: Path) -> None:
     """SIGKILL every other live rank of this run (an abort saves nothing: nothing to wait for)."""
-    for path in (run_dir / PRIVATE_DIR).glob("rank-*.json"):
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-            pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid != os.getpid() and process_alive(pid, info.get("start")):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    for pid, start in rank_processes(run_dir).values():
+        if pid != os.getpid():
+            kill_if_alive(pid, start)
 
 
 # -- the console of a trainer started by hand ----------------------------------------------------
