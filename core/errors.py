@@ -37,7 +37,16 @@ def one_line(error: BaseException | None) -> str:
     if error is None:
         return "failed"
     lines = str(error).strip().splitlines()
-    return f"{error.__class__.__name__}: {lines[0][:300] if lines else 'no details'}"
+    return f"{error.__class__.__name__}: {lines[0][:300]}" if lines else error.__class__.__name__
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError in a few words: the disk being full said as such."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({exc.strerror or 'no space left'}); free some space"
+    return exc.strerror or exc.__class__.__name__
 
 
 def file_error(path: object, exc: BaseException, what: str = "file", fix: str = "") -> UserError:
@@ -57,12 +66,12 @@ def file_error(path: object, exc: BaseException, what: str = "file", fix: str = 
         return UserError(f"{where}too large to read into memory{fix}")
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return UserError(f"{where}the disk is full ({exc.strerror}); free some space{fix}")
+            return UserError(f"{where}{os_reason(exc)}{fix}")
         if exc.errno == errno.ENOENT:
             return UserError(f"{where}no such {what}{fix}")
         if exc.errno == errno.EISDIR:
             return UserError(f"{where}is a folder, not a {what}{fix}")
         if exc.errno in (errno.EACCES, errno.EPERM):
             return UserError(f"{where}permission denied{fix}")
-        return UserError(f"{where}cannot read or write it ({exc.strerror or exc.__class__.__name__}){fix}")
+        return UserError(f"{where}cannot read or write it ({os_reason(exc)}){fix}")
     return UserError(f"{where}not a valid {what} ({one_line(exc)}){fix}")

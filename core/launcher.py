@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .channel import ChannelError, Client, default_address, ensure_key
-from .errors import UserError
+from .errors import UserError, os_reason
 from .events import EVENTS_FILE, LAUNCHED, EventReader, append_event, event
 from .runs import (
     CONTROLS, LOG_FILE, PRIVATE_DIR, SNAPSHOT, Liveness, RunLock, RunState, checkpoint_steps,
@@ -367,9 +367,11 @@ def prepare_run(
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{exc.strerror}: the disk is full; free some space or set output.runs_dir elsewhere"
-    return getattr(exc, "strerror", None) or str(exc)
+    """Why a run folder could not be written, in a few words (a full disk: where else)."""
+    if not isinstance(exc, OSError):
+        return str(exc)
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return os_reason(exc) + ("; or set output.runs_dir elsewhere" if full else "")
 
 
 def _new_run_folder(runs_dir: Path, project: Any, run_name: str | None, processes: int) -> tuple[Path, RunLock]:

@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .events import (
     CHECKPOINT, CONTROL, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, ALARM, EventLog,
     event,
@@ -301,12 +301,6 @@ def _resume_hint(spec: Any) -> str:
         return "start the run again"
     return (f"resume from the last checkpoint: tunedeck train {spec.project_path} --resume "
             f"--run-name {run_dir.name}")
-
-
-def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0][:300] if lines else ""
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 def _terminated_reason(run_dir: Path) -> tuple[str, str]:
