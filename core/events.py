@@ -94,6 +94,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def finite_number(value: Any) -> float | None:
+    """A finite number read from an event, or None (an events file can say anything)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def is_final(ev: dict[str, Any]) -> bool:
     return ev.get("type") in FINAL
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunedeck.core.events import finite_number
 from tunedeck.core.runs import ENDED, LIVE, RunState
 
 from .session import display_path
@@ -90,11 +91,6 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _finite(value: Any) -> float | None:
-    v = _float(value)
-    return v if v is not None and math.isfinite(v) else None
-
-
 STATUS_LABELS = {"stopped": "stopped early"}
 
 
@@ -120,7 +116,7 @@ def _clean_system(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def _positive(value: Any) -> float | None:
-    v = _finite(value)
+    v = finite_number(value)
     return v if v is not None and v >= 0 else None
 
 
@@ -235,7 +231,7 @@ class RunView:
                 self._ema = SMOOTHING * (self._ema or 0.0) + (1 - SMOOTHING) * loss
                 self.smooth.add(step, self._ema / (1 - SMOOTHING ** min(self._ema_n, 1000)))
             for series, key in ((self.lr, "learning_rate"), (self.grad_norm, "grad_norm")):
-                value = _finite(ev.get(key))
+                value = finite_number(ev.get(key))
                 if value is not None:
                     series.add(step, value)
             for attr in ("epoch", "tokens_per_s", "eta_s"):
@@ -245,7 +241,7 @@ class RunView:
         elif kind == "system":
             self.system = _clean_system(ev)
         elif kind == "eval":
-            value = _finite(ev.get("eval_loss"))
+            value = finite_number(ev.get("eval_loss"))
             if value is not None:
                 self.eval_loss.add(step, value)
             shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items()

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..cli import add_set_option
 from ..errors import UserError
+from ..events import finite_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -203,26 +204,17 @@ def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "?"
 
 
-def _number(value: Any) -> float | None:
-    """A finite number from an event, or None (an events file can say anything)."""
-    import math
-
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _num(value: Any, fmt: str = "{:.4f}") -> str:
-    number = _number(value)
+    number = finite_number(value)
     return "-" if number is None else fmt.format(number)
 
 
 def _duration(seconds: Any) -> str:
-    number = _number(seconds)
+    number = finite_number(seconds)
     if number is None:
         return "-"
     return time.strftime("%H:%M:%S", time.gmtime(min(max(0.0, number), 365 * 86400.0)))
