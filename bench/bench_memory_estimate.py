@@ -8,14 +8,17 @@ LM head, as SFTTrainer uses it; AdamW), three optimizer steps run on full-length
 and ``torch.cuda.max_memory_allocated()`` is compared with the estimate minus its CUDA
 context term (the allocator does not see the context). The goal: within 15%.
 
-Without a GPU it says so and exits 0, after a sanity check on the CPU that is labelled as
-such: the peak of the bytes torch allocates on the CPU during two fp32 steps (from the
-profiler's memory events: the CPU's counterpart of max_memory_allocated, with the loaded
-model as the baseline), against the estimate less its weights. The CPU runs other
-kernels than a GPU (no Triton, no flash attention), so this checks the bookkeeping, not
-the GPU figures.
+Without a GPU it runs the real thing on the CPU instead: ``tunedeck train`` on the demo
+project (LoRA, fp32 as "auto" resolves on a CPU) and on a QLoRA variant (bitsandbytes
+4-bit NF4), a few steps each (``--steps``, at ``--cpu-length`` tokens so that it stays
+within a few minutes), and prints what each run recorded (``tunedeck runs``): the estimate
+every screen shows, made at run start, against the measured peak (the trainer's resident
+memory since training began, libraries included) as a ratio. ``--sanity`` adds the older
+check: the peak of the bytes torch allocates on the CPU during two fp32 steps (profiler
+memory events, the loaded model as the baseline) against the estimate less its weights.
 
     python bench/bench_memory_estimate.py [--model default] [--batch 4] [--length 1024] [--json]
+        [--steps 1] [--cpu-length 64] [--sanity]
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ import argparse
 import gc
 import json
 import logging
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 TARGETS = "all-linear"
@@ -130,13 +138,49 @@ def run_cpu_sanity(model_dir: str, batch: int, length: int) -> dict[str, Any]:
     return {"measured": peak, "estimated": predicted, "ratio": predicted / peak, "estimate": est.as_dict()}
 
 
+def run_cpu_trainer(steps: int, length: int) -> list[dict[str, Any]]:
+    """The demo project and its QLoRA variant through ``tunedeck train`` (one process per
+    run, as the app starts it); what each run recorded, from ``run_info``."""
+    from tunedeck.core.runs import run_info
+
+    demo = Path(__file__).resolve().parent.parent / "sample_data"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tunedeck-bench-") as tmp:
+        folder = Path(tmp)
+        for name in ("demo.toml", "python_qa.jsonl"):
+            shutil.copy(demo / name, folder / name)
+        common = [f"training.max_steps={steps}", "training.grad_accum=1", "training.eval_steps=0",
+                  "dataset.eval_split=0.0", "training.save_steps=1000", f"dataset.max_length={length}"]
+        for case, extra in (("LoRA (demo)", []), ("QLoRA 4bit nf4", ['quantization.mode="4bit"'])):
+            command = [sys.executable, "-m", "tunedeck.core", "train", str(folder / "demo.toml"),
+                       "--run-name", "qlora" if extra else "lora"]
+            for item in common + extra:
+                command += ["--set", item]
+            began = time.monotonic()
+            done = subprocess.run(command, capture_output=True, text=True)
+            info = run_info(folder / "runs" / ("qlora" if extra else "lora"))
+            if done.returncode != 0 or info.memory_estimate is None or info.memory_peak is None:
+                raise SystemExit(f"{case}: the run did not record both figures (exit {done.returncode}): "
+                                 f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            events = [json.loads(line) for line in (folder / "runs" / info.name / "events.jsonl").open()]
+            started = next(e for e in events if e["type"] == "run_started")
+            rows.append({"case": case, "estimated": info.memory_estimate, "measured": info.memory_peak,
+                         "measured_of": info.memory_peak_source, "ratio": info.memory_estimate / info.memory_peak,
+                         "estimate": started["memory_estimate"], "seconds": time.monotonic() - began})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help='"default" or a model folder (safetensors)')
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=1,
+                        help="training steps of each CPU run (the first already holds the optimizer state)")
+    parser.add_argument("--cpu-length", type=int, default=64, help="dataset.max_length of the CPU runs")
+    parser.add_argument("--sanity", action="store_true", help="also the CPU check of torch's allocations")
     parser.add_argument("--cpu-batch", type=int, default=2, help="batch of the CPU sanity check")
-    parser.add_argument("--cpu-length", type=int, default=128, help="row length of the CPU sanity check")
+    parser.add_argument("--sanity-length", type=int, default=128, help="row length of the CPU sanity check")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -145,7 +189,7 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from tunedeck.core.memory import gib
+    from tunedeck.core.memory import MemoryEstimate, format_gib
     from tunedeck.core.models import ensure_default_model
 
     model_dir = str(ensure_default_model()) if args.model == "default" else args.model
@@ -161,18 +205,27 @@ def main() -> int:
         for row in rows:
             kind = "LoRA bf16" if row["mode"] == "none" else f"QLoRA {row['mode']}"
             gc_text = "with" if row["gradient_checkpointing"] else "without"
-            print(f"  {kind:11s} {gc_text:7s} checkpointing: measured peak {gib(row['measured']):>10}, "
-                  f"estimated {gib(row['estimated']):>10} ({row['ratio']:.2f}x)")
+            print(f"  {kind:11s} {gc_text:7s} checkpointing: measured peak {format_gib(row['measured']):>10}, "
+                  f"estimated {format_gib(row['estimated']):>10} ({row['ratio']:.2f}x)")
         return 0
-    print("no CUDA GPU here: the estimate can only be compared with measured peak GPU memory on a "
-          "CUDA machine; run this there.")
-    sanity = run_cpu_sanity(model_dir, args.cpu_batch, args.cpu_length)
+    print("no CUDA GPU here: the GPU comparison needs a CUDA machine; on this CPU, the runs' own records:")
+    rows = run_cpu_trainer(args.steps, args.cpu_length)
+    sanity = run_cpu_sanity(model_dir, args.cpu_batch, args.sanity_length) if args.sanity else None
     if args.json:
-        print(json.dumps({"device": "cpu", "cpu_sanity_check": sanity}, indent=2))
+        print(json.dumps({"device": "cpu", "runs": rows, "cpu_sanity_check": sanity}, indent=2))
         return 0
-    print(f"CPU sanity check, not the GPU comparison: {args.model}, fp32, batch {args.cpu_batch} x "
-          f"{args.cpu_length}, no checkpointing: torch allocated at most {gib(sanity['measured'])} above the "
-          f"loaded model; the estimate less its weights is {gib(sanity['estimated'])} ({sanity['ratio']:.2f}x)")
+    batch = MemoryEstimate.from_dict(rows[0]["estimate"]).tokens_text()
+    print(f"demo project, {args.steps} steps each, dataset.max_length = {args.cpu_length} ({batch}), CPU, "
+          "no gradient checkpointing:")
+    print(f"  {'case':16s} {'estimated':>10} {'measured peak':>14} {'estimated / measured':>21}")
+    for row in rows:
+        print(f"  {row['case']:16s} {format_gib(row['estimated']):>10} {format_gib(row['measured']):>14} "
+              f"{row['ratio']:>20.2f}x   ({row['seconds']:.0f} s)")
+    print("  measured peak: the trainer's resident memory since training began (libraries included)")
+    if sanity is not None:
+        print(f"CPU sanity check: {args.model}, fp32, batch {args.cpu_batch} x {args.sanity_length}, no "
+              f"checkpointing: torch allocated at most {format_gib(sanity['measured'])} above the loaded model; "
+              f"the estimate less its weights is {format_gib(sanity['estimated'])} ({sanity['ratio']:.2f}x)")
     return 0
 
 

@@ -34,7 +34,8 @@ of layers, train: the parameters peft will report, the adapter's size, the estim
 memory, and why training would refuse). The engine keeps one Inspection per model, so after
 the first request about a model each one costs a count (about a millisecond), not a build.
 ``chat`` (streams one answer of a base model or a run's adapter, :mod:`tunedeck.core.chat`),
-``chat_eval`` (streams the eval prompts through two models) and ``merge`` (a run's adapter
+``chat_panes`` (streams both panes' answers at once, one batch on the shared base model),
+``chat_eval`` (streams the eval prompts through two models, both at once) and ``merge`` (a run's adapter
 merged into a standalone model folder, :mod:`tunedeck.core.merge`) keep one base model in
 the engine, with every run's adapter loaded onto it by name.
 The functions behind the ops are importable and run in-process too (tests).
@@ -468,27 +469,25 @@ def lora_summary(project: Any, *, layers: list[str] | None = None, hardware: Any
     to what peft reports after wrapping. Settings training would refuse (targets matching
     nothing, the output layer) are in ``errors``, one line each, not raised; a model that
     cannot be inspected raises UserError. ``hardware`` (a :class:`~tunedeck.core.hardware.Hardware`,
-    default: this machine) decides "auto" precision and the device of the memory estimate.
+    default: this machine) decides "auto" precision and the device of the memory estimate
+    (:func:`~tunedeck.core.inspect.project_memory`), made at the dataset's longest row
+    (:func:`~tunedeck.core.memory.longest_row`: the rows are rendered once per model, data
+    file and dataset settings, then kept).
     """
-    from .inspect import _PRECISION_OF_DTYPE, estimate, project_choice, targets_for
-    from .resolve import resolve
+    from .inspect import project_choice, project_memory, targets_for
+    from .memory import longest_row
 
     ins = project_inspection(project)
     choice = project_choice(project, ins, None if layers is None else targets_for(ins, layers))
     mode = project["quantization.mode"]
     memory, memory_error, base_bytes = None, "", 4 if mode != "none" else 2
     try:
-        resolved = resolve(project, hardware)
+        estimate = project_memory(project, ins, choice, hardware=hardware, longest_row=longest_row(project))
     except UserError as exc:  # e.g. fp16 on a CPU: the settings screen marks the key
         memory_error = exc.message
     else:
-        precision = _PRECISION_OF_DTYPE[resolved.compute_dtype] if mode != "none" else resolved.precision
-        base_bytes = 4 if mode != "none" or precision == "fp32" else 2
-        memory = estimate(ins, choice, mode=mode, precision=precision, batch_size=project["training.batch_size"],
-                          max_length=project["dataset.max_length"],
-                          gradient_checkpointing=resolved.gradient_checkpointing, device=resolved.device,
-                          double_quant=project["quantization.double_quant"],
-                          dropout=project["lora.dropout"]).as_dict()
+        base_bytes = 4 if mode != "none" or estimate.precision == "fp32" else 2
+        memory = estimate.as_dict()
     group_of = {layer.name: layer.group for layer in ins.layers}
     adapted: dict[str, int] = {}
     for name in choice.layers:
@@ -610,10 +609,10 @@ def _runs_dir(project: Any) -> Path | None:
 def op_chat(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, model: str,
             messages: list[dict[str, str]], settings: dict[str, Any] | None = None, partner: str | None = None,
             project_text: str | None = None, project_path: str | None = None) -> dict[str, Any]:
-    """One answer of ``model`` ("base" or a run folder) to ``messages``, streamed: a partial
-    ``{"text": piece, "tokens": n, "tokens_per_s": x}`` per decoded piece; the final result
-    is the whole answer (``cancelled`` when stopped). ``partner`` is the model of the other
-    pane (base takes a run's template and system prompt from it)."""
+    """One answer of ``model`` ("base" or a run folder) to ``messages``, alone, streamed: a
+    partial ``{"text": piece, "tokens": n, "tokens_per_s": x}`` per decoded piece; the final
+    result is the whole answer (``cancelled`` when stopped). ``partner`` is the model of the
+    other pane (base takes a run's template and system prompt from it)."""
     from .chat import GenSettings, target_for
 
     project = _chat_project(project_text, project_path)
@@ -626,10 +625,57 @@ def op_chat(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, mod
     return chat_state().answer(target, messages, gen, cancel=cancel, on_text=on_text).as_dict()
 
 
+def op_chat_panes(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, panes: list[dict[str, Any]],
+                  settings: dict[str, Any] | None = None, project_text: str | None = None,
+                  project_path: str | None = None) -> dict[str, Any]:
+    """Every pane's answer at once: ``panes`` is ``[{"model", "messages"}, ...]`` (each pane's
+    model and its conversation). Answers on one base model share a batch
+    (:meth:`~tunedeck.core.chat.ChatState.answer_all`) and stream together: a partial
+    ``{"pane": i, "text": piece, "tokens": n, "tokens_per_s": x}`` per decoded piece of pane
+    i. The final result is ``{"answers": [answer or None], "errors": [one line or None],
+    "together": bool}``: a pane whose model cannot answer gets its error, the others answer."""
+    from .chat import BASE, GenSettings, target_for
+
+    project = _chat_project(project_text, project_path)
+    runs_dir = _runs_dir(project)
+    gen = GenSettings.from_dict(settings)
+    models = [str(pane["model"]) for pane in panes]
+    asks: list[tuple[Any, list[dict[str, str]]]] = []
+    where: list[int] = []  # the pane of each ask
+    errors: list[str | None] = [None] * len(panes)
+    for i, pane in enumerate(panes):
+        partner = next((m for j, m in enumerate(models) if j != i and m != BASE), None)
+        try:
+            try:
+                target = target_for(models[i], project=project, partner=partner, runs_dir=runs_dir)
+            except UserError:
+                if models[i] != BASE or partner is None or project is None:
+                    raise
+                # the other pane's run is unreadable (it says why): base answers as the project has it
+                target = target_for(BASE, project=project, runs_dir=runs_dir)
+        except UserError as exc:
+            errors[i] = exc.message
+            continue
+        asks.append((target, list(pane["messages"])))
+        where.append(i)
+
+    def on_text(index: int, piece: str, answer: Any) -> None:
+        emit({"pane": where[index], "text": piece, "tokens": answer.tokens, "tokens_per_s": answer.tokens_per_s})
+
+    result = chat_state().answer_all(asks, gen, cancel=cancel, on_text=on_text)
+    answers: list[dict[str, Any] | None] = [None] * len(panes)
+    for index, pane in enumerate(where):
+        answer = result.answers[index]
+        answers[pane] = answer.as_dict() if answer is not None else None
+        errors[pane] = result.errors[index]
+    return {"answers": answers, "errors": errors, "together": result.together}
+
+
 def op_chat_eval(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, models: list[str],
                  settings: dict[str, Any] | None = None, prompts_file: str | None = None, limit: int | None = None,
                  project_text: str | None = None, project_path: str | None = None) -> dict[str, Any]:
-    """The eval split's prompts (or a prompts file's) through each of ``models``; a partial
+    """The eval split's prompts (or a prompts file's) through each of ``models``, all models
+    answering a prompt at once (one batch when they share the base model); a partial
     ``{"index", "total", "item"}`` per prompt answered by all, where ``item`` is
     ``{"messages", "reference", "answers": [answer per model]}``."""
     from .chat import GenSettings, eval_items, target_for
@@ -650,14 +696,13 @@ def op_chat_eval(emit: Callable[[dict[str, Any]], None], cancel: threading.Event
     done: list[dict[str, Any]] = []
     state = chat_state()
     for index, item in enumerate(items):
-        answers = []
-        for target in targets:
-            answers.append(state.answer(target, item["messages"], gen, cancel=cancel).as_dict())
-            if cancel.is_set():
-                break
+        result = state.answer_all([(target, item["messages"]) for target in targets], gen, cancel=cancel)
+        problem = next((e for e in result.errors if e is not None), None)
+        if problem is not None:
+            raise UserError(problem)
         if cancel.is_set():
             break
-        done.append({**item, "answers": answers})
+        done.append({**item, "answers": [a.as_dict() for a in result.answers if a is not None]})
         emit({"index": index, "total": len(items), "item": done[-1]})
     return {"items": done, "total": len(items), "cancelled": cancel.is_set()}
 
@@ -677,6 +722,7 @@ def op_merge(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, ru
 
 STREAMS: dict[str, Callable[..., dict[str, Any]]] = {
     "chat": op_chat,
+    "chat_panes": op_chat_panes,
     "chat_eval": op_chat_eval,
     "merge": op_merge,
 }

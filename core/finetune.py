@@ -79,6 +79,7 @@ class Run:
         self.resolved: Any = None  # "auto" settings made concrete (tunedeck.core.resolve.Resolved)
         self.ref: Any = None  # where the model's files are (tunedeck.core.models.ModelRef)
         self.callback: EventsCallback | None = None
+        self.memory_estimate: dict[str, Any] | None = None  # recorded in run_started (rank 0)
 
     def execute(self) -> dict[str, Any]:
         trainer, has_eval = self.build()
@@ -102,6 +103,8 @@ class Run:
             self._write_env()
         tokenizer = load_tokenizer(self.ref, trust_remote_code=project["model.trust_remote_code"])
         train_ds, eval_ds, data_info = self._datasets(tokenizer)
+        if self.rank == 0:
+            self.memory_estimate = self._estimate(data_info)
         model = self._adapt(self._model())
         return self._trainer(model, tokenizer, train_ds, eval_ds, data_info), eval_ds is not None
 
@@ -157,6 +160,25 @@ class Run:
         if stats.no_stop:
             self.emit.warn(f"the chat template puts no end-of-turn token after answers in {stats.no_stop} {which} "
                            "row(s); the model may not learn to stop")
+
+    def _estimate(self, data_info: dict[str, Any]) -> dict[str, Any] | None:
+        """The run's peak-memory estimate, the one every screen and command shows
+        (:func:`tunedeck.core.inspect.project_memory`), at the longest row of the rows just
+        rendered; that row is kept for the screens too. None when the model cannot be
+        inspected (the run trains all the same)."""
+        from .inspect import inspect_project, project_choice, project_memory
+        from .memory import remember_longest_row
+
+        p = self.project
+        longest = int(data_info["train"]["longest"])
+        if data_info["eval"] and not isinstance(p["dataset.eval_split"], str):  # held out of the same file
+            longest = max(longest, int(data_info["eval"]["longest"]))
+        remember_longest_row(p, longest)
+        try:
+            ins = inspect_project(p)
+            return project_memory(p, ins, project_choice(p, ins), longest_row=longest).as_dict()
+        except Exception:  # noqa: BLE001 - an estimate is not worth failing a run for
+            return None
 
     # -- model ------------------------------------------------------------------------------
 
@@ -402,20 +424,25 @@ class EventsCallback(TrainerCallback):
     # -- events -----------------------------------------------------------------------------
 
     def system(self) -> dict[str, Any]:
+        """The system event's fields, and ``rss_peak``: this process's peak resident memory
+        since training began (Linux; None elsewhere)."""
         import torch
 
         if torch.cuda.is_available():
             index = torch.cuda.current_device()
-            return system_fields(index, int(torch.cuda.max_memory_allocated(index)),
-                                 torch_reserved=int(torch.cuda.memory_reserved(index)),
-                                 torch_allocated=int(torch.cuda.memory_allocated(index)))
-        return system_fields(None, None)
+            fields = system_fields(index, int(torch.cuda.max_memory_allocated(index)),
+                                   torch_reserved=int(torch.cuda.memory_reserved(index)),
+                                   torch_allocated=int(torch.cuda.memory_allocated(index)))
+        else:
+            fields = system_fields(None, None)
+        return {**fields, "rss_peak": rss_peak()}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         import torch
 
         if torch.cuda.is_available():  # the peak of training, not of loading the model
             torch.cuda.reset_peak_memory_stats(torch.cuda.current_device())
+        reset_rss_peak()
         self.t_begin = self.t_last_log = self.t_system = time.time()
         self.step_at_start = state.global_step
         self.tokens_at_start = self.tokens_last_log = state.num_input_tokens_seen
@@ -431,6 +458,7 @@ class EventsCallback(TrainerCallback):
             train_rows=self.data_info["train"]["kept"],
             eval_rows=(self.data_info["eval"] or {}).get("kept", 0), data=self.data_info,
             world_size=run.world_size, resumed_from=resumed, pid=os.getpid(),
+            memory_estimate=run.memory_estimate,
         )
         self.emit(SYSTEM, state.global_step, **self.system())
 
@@ -517,6 +545,29 @@ class EventsCallback(TrainerCallback):
             control.should_save = control.should_evaluate = False
         elif control.should_save and state.global_step == self.last_saved_step:
             control.should_save = False  # saved at this step already
+
+
+def reset_rss_peak() -> None:
+    """Start this process's resident-memory high-water mark (VmHWM) afresh (Linux), so that
+    it measures training rather than loading the model."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def rss_peak() -> int | None:
+    """This process's peak resident memory in bytes since :func:`reset_rss_peak` (VmHWM in
+    /proc/self/status: psutil does not report it), or None where there is no such file."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _float(value: Any) -> float | None:

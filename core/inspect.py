@@ -52,7 +52,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .memory import ArchInfo, LoraFootprint, MemoryEstimate, WeightSplit, arch_from_config, estimate_memory
+from .memory import (
+    ArchInfo, LoraFootprint, MemoryEstimate, ModelShape, WeightSplit, arch_from_config, estimate_memory,
+    estimate_project,
+)
 
 ALL_LINEAR = "all-linear"
 PRESETS = ("attention", "attention-mlp", ALL_LINEAR)  # keys of Inspection.presets
@@ -428,8 +431,7 @@ def _inspect(model: Any, config: Any, source: str, trust_remote_code: bool) -> I
                      if (b := sum(p.numel() for k, p in m.named_parameters() if k.rsplit(".", 1)[-1] == "bias"))}
     total = sum(p.numel() for p in model.parameters())
     biases = sum(p.numel() for k, p in model.named_parameters() if k.rsplit(".", 1)[-1] == "bias")
-    remaps = _peft_remaps(model)
-    quantized = _bnb_quantized(model)  # last: it replaces modules of `model`
+    remaps, quantized = _peft_and_bnb(model, config, trust_remote_code)  # last: it may replace modules of `model`
 
     ungrouped = [Layer(group="", quantized=d["name"] in quantized, **d) for d in layers]
     groups = _groups(ungrouped, list(modules))
@@ -478,6 +480,26 @@ def _role(name: str, kind: str, is_output: bool) -> str:
     if any(any(word in p for word in _MLP_PARTS) for p in parents):
         return "mlp"
     return "other"
+
+
+def _peft_and_bnb(model: Any, config: Any, trust_remote_code: bool) -> tuple[bool, set[str]]:
+    """Whether peft remaps the targets of this model, and the layers bitsandbytes quantizes:
+    the two questions that cost most of an inspection (peft's conversion table is built for
+    every architecture; the quantized copy of the model is built module by module), kept on
+    disk per model class and config (:func:`tunedeck.core.kept.kept_answer`), so a fresh
+    ``tunedeck inspect`` answers them at once. A model with remote code is asked every time."""
+    from .kept import kept_answer
+
+    def ask() -> dict[str, Any]:
+        remaps = _peft_remaps(model)
+        return {"remaps": remaps, "quantized": sorted(_bnb_quantized(model))}  # replaces modules of `model`
+
+    if trust_remote_code:
+        answer = ask()
+    else:
+        key = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "config": config.to_dict()}
+        answer = kept_answer("peft-bnb", key, ask, code=("inspect.py",))
+    return bool(answer["remaps"]), set(answer["quantized"])
 
 
 def _peft_remaps(model: Any) -> bool:
@@ -772,6 +794,11 @@ def weight_split(ins: Inspection) -> WeightSplit:
                        quantizable=sum(x.params - x.bias for x in ins.layers if x.quantized))
 
 
+def model_shape(ins: Inspection, choice: Choice, dropout: float = 0.05) -> ModelShape:
+    """The exact :class:`~tunedeck.core.memory.ModelShape` of ``choice`` on the inspected model."""
+    return ModelShape(ins.arch, weight_split(ins), choice.footprint(dropout))
+
+
 def estimate(
     ins: Inspection,
     choice: Choice,
@@ -784,16 +811,27 @@ def estimate(
     device: str = "cuda",
     double_quant: bool = True,
     dropout: float = 0.05,
+    longest_row: int | None = None,
+    packing: bool = False,
 ) -> MemoryEstimate:
-    """Peak training memory of ``choice`` (see :mod:`tunedeck.core.memory` for the formula)."""
-    return estimate_memory(ins.arch, weight_split(ins), choice.footprint(dropout), mode=mode, precision=precision,
+    """Peak training memory of ``choice`` at explicit settings (see :mod:`tunedeck.core.memory`
+    for the formula); a project's estimate is :func:`project_memory`."""
+    shape = model_shape(ins, choice, dropout)
+    return estimate_memory(shape.arch, shape.weights, shape.lora, mode=mode, precision=precision,
                            batch_size=batch_size, max_length=max_length,
-                           gradient_checkpointing=gradient_checkpointing, device=device, double_quant=double_quant)
+                           gradient_checkpointing=gradient_checkpointing, device=device, double_quant=double_quant,
+                           longest_row=longest_row, packing=packing)
+
+
+def project_memory(project: Any, ins: Inspection, choice: Choice, *, hardware: Any = None,
+                   longest_row: int | None = None) -> MemoryEstimate:
+    """The project's estimate (:func:`tunedeck.core.memory.estimate_project`) with the exact
+    counts of ``choice`` on the inspected model."""
+    return estimate_project(project, model_shape(ins, choice, project["lora.dropout"]), hardware=hardware,
+                            longest_row=longest_row)
 
 
 # -- a project ----------------------------------------------------------------------------
-
-_PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def lora_config(values: dict[str, Any]) -> Any:
@@ -838,27 +876,25 @@ def project_counts(project: Any, inspection: Inspection | None = None) -> dict[s
 
 
 def project_report(project: Any, *, targets: str | list[str] | None = None, hardware: Any = None,
-                   inspection: Inspection | None = None) -> dict[str, Any]:
+                   inspection: Inspection | None = None, longest_row: int | None | bool = True) -> dict[str, Any]:
     """The inspector's view of a project: its model's layers, what its [lora] settings
     train and the estimated peak memory on this machine. Plain JSON-able dict.
 
-    ``targets`` overrides ``lora.target_modules``. Raises UserError when the model cannot
-    be inspected or the settings cannot work together; problems with the targets are in
-    ``errors``.
+    ``targets`` overrides ``lora.target_modules``. ``longest_row``: the dataset's longest
+    tokenized row, or True to find it (:func:`tunedeck.core.memory.longest_row`: renders the
+    rows once, then kept), False for the estimate at max_length. Raises UserError when the
+    model cannot be inspected or the settings cannot work together; problems with the
+    targets are in ``errors``.
     """
-    from .resolve import resolve
+    from .memory import longest_row as find_longest
 
     ins = inspection or inspect_project(project)
     lora = project.values["lora"]
     choice = project_choice(project, ins, targets)
-    resolved = resolve(project, hardware)
     mode = project["quantization.mode"]
-    precision = _PRECISION_OF_DTYPE[resolved.compute_dtype] if mode != "none" else resolved.precision
-    memory = estimate(ins, choice, mode=mode, precision=precision, batch_size=project["training.batch_size"],
-                      max_length=project["dataset.max_length"],
-                      gradient_checkpointing=resolved.gradient_checkpointing, device=resolved.device,
-                      double_quant=project["quantization.double_quant"], dropout=lora["dropout"])
-    base_bytes = 4 if mode != "none" or precision == "fp32" else 2
+    longest = find_longest(project) if longest_row is True else (longest_row or None)
+    memory = project_memory(project, ins, choice, hardware=hardware, longest_row=longest)
+    base_bytes = 4 if mode != "none" or memory.precision == "fp32" else 2
     by_name = ins.by_name
     chosen = set(choice.layers)
     return {

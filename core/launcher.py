@@ -45,10 +45,26 @@ from typing import Any
 from .channel import ChannelError, Client, default_address, ensure_key
 from .errors import UserError, os_reason
 from .events import EVENTS_FILE, LAUNCHED, EventReader, append_event, event
+from .kept import kept_answer, stamp
 from .runs import (
-    CONTROLS, LOG_FILE, PRIVATE_DIR, SNAPSHOT, Liveness, RunLock, RunState, checkpoint_steps,
-    kill_if_alive, latest_checkpoint, liveness, oom_kills, process_alive, process_start, rank_processes,
-    read_record, record_death, write_record,
+    CONTROLS,
+    LOG_FILE,
+    PRIVATE_DIR,
+    SNAPSHOT,
+    Liveness,
+    RunLock,
+    RunState,
+    checkpoint_steps,
+    kill_if_alive,
+    latest_checkpoint,
+    liveness,
+    oom_kills,
+    process_alive,
+    process_start,
+    rank_processes,
+    read_record,
+    record_death,
+    write_record,
 )
 
 # keys that must not change when a run is resumed (the checkpoint's weights depend on them)
@@ -158,9 +174,10 @@ def target_counts(project: Any, ref: Any, inspection: Any = None) -> dict[str, i
     if inspection is not None:  # the engine keeps the model's inspection: nothing to save
         return project_counts(project, inspection)
     lora = ("target_modules", "r", "use_dora", "bias", "modules_to_save")
-    key = {"model": _stamp(ref.path if ref.path.is_file() else ref.path / "config.json"),
+    key = {"model": stamp(ref.path if ref.path.is_file() else ref.path / "config.json"),
            "trust": project["model.trust_remote_code"], "lora": {k: project[f"lora.{k}"] for k in lora}}
-    return _kept("targets", key, ("inspect.py",), lambda: project_counts(project))
+    return kept_answer("targets", key, lambda: project_counts(project), code=("inspect.py",),
+                       keep_refusal=_about_the_settings)
 
 
 def check_rendering(project: Any, ref: Any, splits: Any) -> None:
@@ -176,72 +193,20 @@ def check_rendering(project: Any, ref: Any, splits: Any) -> None:
         render_splits(project, tokenizer, splits, model_label=f"model {ref.display}", until_one_trains=True)
         return {"ok": True}
 
-    folder = ref.path if ref.path.is_dir() else None
-    model = [_stamp(p) for p in sorted(folder.iterdir()) if p.suffix not in WEIGHT_SUFFIXES] if folder else \
-        [_stamp(ref.path)]
-    data = [_stamp(project.resolve_path(project["dataset.path"]))]
+    model = stamp(ref.path)  # a folder: its files but the weights
+    data = [stamp(project.resolve_path(project["dataset.path"]))]
     if isinstance(project["dataset.eval_split"], str):
-        data.append(_stamp(project.resolve_path(project["dataset.eval_split"])))
+        data.append(stamp(project.resolve_path(project["dataset.eval_split"])))
     key = {"model": model, "data": data, "trust": project["model.trust_remote_code"],
            "template": project["model.chat_template"], "dataset": project.values["dataset"],
            "seed": project["training.seed"]}
-    _kept("rendering", key, ("render.py", "datafile.py"), render)
+    kept_answer("rendering", key, render, code=("render.py", "datafile.py"), keep_refusal=_about_the_settings)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-
-
-def _stamp(path: Path) -> Any:
-    """What tells that a file (or a folder's listing) changed: path, size, modification time."""
-    try:
-        st = path.stat()
-    except OSError:
-        return [str(path), None]
-    if path.is_dir():
-        return [str(path.resolve()), sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                                            if p.is_file())]
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _kept(kind: str, key: dict[str, Any], code: tuple[str, ...], compute: Any) -> Any:
-    """The answer of an expensive check (``compute``), kept on disk under ``key`` plus the
-    library versions and the stamp of the ``code`` files that decide it: the same question
-    is answered from the disk, a refusal of the settings included; a changed file asks again."""
-    import hashlib
-
-    from .events import library_versions
-    from .paths import cache_dir
-    from .project import atomic_write_text
-
-    versions = library_versions()
-    here = Path(__file__).parent
-    full = {**key, "kind": kind, "code": [_stamp(here / name) for name in code],
-            "versions": {k: versions.get(k) for k in ("tunedeck", "transformers", "peft", "torch", "tokenizers")}}
-    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    path = cache_dir() / "preflight" / f"{kind}-{digest}.json"
-    try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(kept.get("refusal"), str):
-            raise UserError(kept["refusal"])
-        if "answer" in kept:
-            return kept["answer"]
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    try:
-        answer = compute()
-    except UserError as exc:
-        if re.search(r"\b(lora|dataset|model|training)\.[a-z_]+", exc.message):  # about the settings, not a
-            _keep(path, {"refusal": exc.message}, atomic_write_text)  # file that could not be read just now
-        raise
-    _keep(path, {"answer": answer}, atomic_write_text)
-    return answer
-
-
-def _keep(path: Path, value: dict[str, Any], write: Any) -> None:
-    try:
-        write(path, json.dumps(value))
-    except (UserError, OSError, TypeError, ValueError):
-        pass  # a cache that cannot be written is only slower
+def _about_the_settings(exc: UserError) -> bool:
+    """A refusal about the project's settings is kept; one about a file that could not be
+    read just now is asked again."""
+    return re.search(r"\b(lora|dataset|model|training)\.[a-z_]+", exc.message) is not None
 
 
 def check_accelerate_config(path: Path) -> None:

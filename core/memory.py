@@ -5,7 +5,13 @@ every row of the Models list. :mod:`tunedeck.core.inspect` feeds it exact counts
 model built on the meta device; :func:`estimate_for_model` feeds it counts derived from
 ``config.json`` (or a GGUF header) alone.
 
-The formula (bytes; ``N = batch_size x max_length`` tokens, ``L`` decoder layers, hidden
+Every screen and command gets its number from one function, :func:`estimate_project`: the
+project's settings as resolved for this machine (:func:`project_settings`: precision,
+quantization mode, batch size, max_length, packing, gradient checkpointing, device) applied
+to a :class:`ModelShape` (exact counts from the meta-built model, or config-only counts),
+and printed with one formatter, :func:`format_gib`.
+
+The formula (bytes; ``N = batch_size x S`` tokens, ``L`` decoder layers, hidden
 size ``h``, intermediate size ``i``, ``nh`` query heads and ``nkv`` key/value heads of
 width ``hd`` (``hq = nh*hd``, ``kvd = nkv*hd``), vocabulary ``V``, ``T`` trainable
 parameters, ``a`` bytes per activation element: 2 under bf16/fp16 autocast, 4 in fp32)::
@@ -43,10 +49,16 @@ parameters, ``a`` bytes per activation element: 2 under bf16/fp16 autocast, 4 in
                   gradient accumulator)
     context       500 MiB on CUDA (kernels, cuBLAS workspace), 0 on a CPU
 
-``max_length`` is the worst case: the trainer pads each batch only to its longest row.
+``S``, the tokens of a batch row: the trainer pads each batch only to its longest row, so
+when the dataset's longest tokenized row is known (:func:`longest_row`, kept on disk per
+model, data file and dataset settings), ``S = min(longest row, max_length)``; with packing,
+or while the longest row is not known, ``S = max_length``. The text says which
+(:meth:`MemoryEstimate.tokens_text`).
+
 The activation term is checked against the tensors autograd actually saves
 (``tests/test_memory.py``); ``bench/bench_memory_estimate.py`` compares the total with
-measured peak memory on a GPU (and, as a sanity check, with torch's CPU allocations).
+measured peak memory on a GPU, and on a CPU with what real runs record (the trainer's peak
+resident memory, which also holds the libraries: the formula has no CPU term for them).
 """
 
 from __future__ import annotations
@@ -120,6 +132,17 @@ class LoraFootprint:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model with its adapter: exact counts from the meta-built
+    model (:func:`tunedeck.core.inspect.model_shape`), or counts derived from its config
+    alone (:func:`config_shape`)."""
+
+    arch: ArchInfo
+    weights: WeightSplit
+    lora: LoraFootprint
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Estimated peak memory of one training step, in bytes, by component."""
 
@@ -137,24 +160,71 @@ class MemoryEstimate:
     batch_size: int
     max_length: int
     gradient_checkpointing: bool
+    seq_length: int = 0  # tokens per row of the estimated batch: S in the formula (0: max_length)
+    longest_row: int | None = None  # the dataset's longest tokenized row, when known
+    packing: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        """One line: the total and its biggest parts."""
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryEstimate:
+        """From :meth:`as_dict` (keys it does not know are left out)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def tokens_text(self) -> str:
+        """The batch estimated, and why that length: "batch 4 × 301 tokens (the longest row)"."""
+        return tokens_text(self.batch_size, self.max_length, self.longest_row, self.packing)
+
+    def line(self) -> str:
+        """The total and what it assumes: "~6.13 GiB on cpu: LoRA fp32, batch 4 × 414 tokens
+        (the longest row), without gradient checkpointing"."""
         gc = "with" if self.gradient_checkpointing else "without"
-        kind = "LoRA" if self.mode == "none" else f"QLoRA {self.mode}"
-        parts = [f"weights {gib(self.weights)}", f"adapter + optimizer {gib(self.adapter)}",
-                 f"activations {gib(self.activations)}", f"lm head {gib(self.lm_head)}"]
+        return (f"~{format_gib(self.total)} on {self.device}: {self.kind} {self.precision}, {self.tokens_text()}, "
+                f"{gc} gradient checkpointing")
+
+    def describe(self) -> str:
+        """:meth:`line`, then the biggest parts."""
+        parts = [f"weights {format_gib(self.weights)}", f"adapter + optimizer {format_gib(self.adapter)}",
+                 f"activations {format_gib(self.activations)}", f"lm head {format_gib(self.lm_head)}"]
         if self.context:
-            parts.append(f"CUDA context {gib(self.context)}")
-        return (f"~{gib(self.total)} peak on {self.device} ({kind} {self.precision}, batch {self.batch_size} x "
-                f"{self.max_length} tokens, {gc} gradient checkpointing): " + ", ".join(parts))
+            parts.append(f"CUDA context {format_gib(self.context)}")
+        return f"{self.line()}; " + ", ".join(parts)
+
+    @property
+    def kind(self) -> str:
+        return "LoRA" if self.mode == "none" else f"QLoRA {self.mode}"
 
 
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
+def tokens_text(batch_size: int, max_length: int, longest_row: int | None, packing: bool = False) -> str:
+    """The batch an estimate is made at, and why that length: "batch 4 × 301 tokens (the
+    longest row)", "batch 4 × 512 tokens (at max_length)" while the longest row is not known."""
+    if packing:
+        return f"batch {batch_size} × {max_length} tokens (max_length: rows are packed)"
+    if longest_row is None or longest_row <= 0:
+        return f"batch {batch_size} × {max_length} tokens (at max_length)"
+    if longest_row < max_length:
+        return f"batch {batch_size} × {longest_row} tokens (the longest row)"
+    return f"batch {batch_size} × {max_length} tokens (max_length: the longest row, {longest_row} tokens, is truncated)"
+
+
+def format_gib(n: float) -> str:
+    """Bytes in GiB, the one way tunedeck prints a memory figure: "6.57 GiB" (two decimals,
+    one from 10 GiB up)."""
+    value = n / GIB
+    return f"{value:.2f} GiB" if round(value, 2) < 10 else f"{value:.1f} GiB"
+
+
+def memory_line(memory: dict[str, Any] | MemoryEstimate) -> str:
+    """An estimate (or its :meth:`MemoryEstimate.as_dict`) as one line (:meth:`MemoryEstimate.line`)."""
+    return (memory if isinstance(memory, MemoryEstimate) else MemoryEstimate.from_dict(memory)).line()
+
+
+def estimate_vs_peak(estimate: int | None, peak: int | None) -> str:
+    """A run's "estimated 6.13 GiB · measured peak 4.60 GiB", as far as known ("" for neither)."""
+    parts = ([f"estimated {format_gib(estimate)}"] if estimate is not None else []) + (
+        [f"measured peak {format_gib(peak)}"] if peak is not None else [])
+    return " · ".join(parts)
 
 
 def estimate_memory(
@@ -169,11 +239,15 @@ def estimate_memory(
     gradient_checkpointing: bool = True,
     device: str = "cuda",
     double_quant: bool = True,
+    longest_row: int | None = None,
+    packing: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a training step; see the module docstring for the formula.
 
     ``mode``: "none" | "4bit" | "8bit"; ``precision``: "bf16" | "fp16" | "fp32" (for QLoRA,
-    the compute dtype); ``device``: "cuda" | "cpu".
+    the compute dtype); ``device``: "cuda" | "cpu". ``longest_row``: the dataset's longest
+    tokenized row (None: not known); batches are estimated at it, up to ``max_length``,
+    unless rows are packed.
     """
     if mode not in ("none", "4bit", "8bit"):
         raise ValueError(f"mode must be none, 4bit or 8bit, not {mode!r}")
@@ -187,7 +261,10 @@ def estimate_memory(
         weight_bytes = weights.quantizable * per_param + (weights.total - weights.quantizable) * 4
     adapter = lora.trainable_params * (4 + 4 + 8)
 
-    tokens = batch_size * max_length
+    if longest_row is not None and longest_row <= 0:
+        longest_row = None
+    seq = max_length if packing or longest_row is None else min(longest_row, max_length)
+    tokens = batch_size * seq
     h, i = arch.hidden_size, arch.intermediate_size
     mask = (1 if device == "cuda" else 4) if lora.dropout > 0 else 0
     lora_per_layer = ((a + mask) * lora.input_features + a * lora.r * lora.layers) / max(arch.num_layers, 1)
@@ -208,7 +285,7 @@ def estimate_memory(
         weights=parts[0], adapter=parts[1], activations=parts[2], activations_full=int(full),
         activations_checkpointed=int(checkpointed), lm_head=parts[3], context=context, total=sum(parts),
         device=device, mode=mode, precision=precision, batch_size=batch_size, max_length=max_length,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, seq_length=seq, longest_row=longest_row, packing=packing,
     )
 
 
@@ -301,12 +378,30 @@ def approx_weights(arch: ArchInfo) -> WeightSplit:
     return WeightSplit(total=linear + embed * (1 if arch.tie_word_embeddings else 2), quantizable=linear)
 
 
-def approx_lora(arch: ArchInfo, *, r: int, preset: str = "all-linear", dropout: float = 0.05) -> LoraFootprint:
-    """The adapter of ``preset`` ("attention" or "all-linear") on a llama-style layout."""
-    linears = _layer_linears(arch, preset)
+def _named_linears(arch: ArchInfo) -> dict[str, tuple[int, int]]:
+    """(in, out) of the llama-style linear layers of one decoder layer, by name."""
+    h, i, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
+    named = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "up_proj": (h, i),
+             "down_proj": (i, h)}
+    if arch.gated_mlp:
+        named["gate_proj"] = (h, i)
+    return named
+
+
+def approx_lora(arch: ArchInfo, *, r: int, preset: str = "all-linear", dropout: float = 0.05,
+                targets: str | list[str] | None = None, use_dora: bool = False) -> LoraFootprint:
+    """The adapter of ``targets`` on a llama-style layout: a list of llama layer names
+    (q_proj, ..., down_proj) counts exactly those; anything else counts ``preset``'s layers
+    ("attention" or "all-linear"; :func:`preset_of` picks it for the project's targets)."""
+    named = _named_linears(arch)
+    if isinstance(targets, list) and targets and all(t in named for t in targets):
+        linears = [named[t] for t in dict.fromkeys(targets)]
+    else:
+        linears = _layer_linears(arch, preset_of(targets) if targets is not None else preset)
     layers = arch.num_layers * len(linears)
+    dora = arch.num_layers * sum(n_out for _, n_out in linears) if use_dora else 0
     return LoraFootprint(
-        trainable_params=arch.num_layers * sum(r * (n_in + n_out) for n_in, n_out in linears),
+        trainable_params=arch.num_layers * sum(r * (n_in + n_out) for n_in, n_out in linears) + dora,
         layers=layers, input_features=arch.num_layers * sum(n_in for n_in, _ in linears), r=r, dropout=dropout,
     )
 
@@ -331,9 +426,66 @@ def arch_for_model(path: Path) -> ArchInfo:
     return arch_from_config(json.loads(config_file.read_text(encoding="utf-8")))
 
 
+def config_shape(info: Any, *, r: int = 16, targets: str | list[str] = "all-linear", dropout: float = 0.05,
+                 use_dora: bool = False) -> ModelShape:
+    """A :class:`ModelShape` from config files only (no torch): ``info`` is a
+    :class:`tunedeck.core.models.ModelInfo`; its header parameter count is used when known.
+    Raises ValueError (or OSError) when the shape cannot be read."""
+    arch = arch_for_model(Path(info.path))
+    split = approx_weights(arch)
+    if info.params:
+        split = WeightSplit(total=info.params, quantizable=min(split.quantizable, info.params))
+    return ModelShape(arch, split, approx_lora(arch, r=r, targets=targets, dropout=dropout, use_dora=use_dora))
+
+
+# -- a project's estimate ------------------------------------------------------------------
+
+PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def project_settings(project: Any, hardware: Any = None, *, mode: str | None = None) -> dict[str, Any]:
+    """How ``project`` trains on ``hardware`` (default: this machine), as :func:`estimate_memory`
+    takes it: "auto" precision and gradient checkpointing resolved as the trainer resolves
+    them (:func:`tunedeck.core.resolve.resolve`). ``mode`` replaces ``quantization.mode``
+    (the Models list shows LoRA and QLoRA side by side); under quantization the precision is
+    the compute dtype. Raises ProjectError (a UserError) when the settings cannot resolve."""
+    from .resolve import resolve
+
+    resolved = resolve(project, hardware)
+    mode = project["quantization.mode"] if mode is None else mode
+    precision = PRECISION_OF_DTYPE[resolved.compute_dtype] if mode != "none" else resolved.precision
+    return {"mode": mode, "precision": precision, "batch_size": project["training.batch_size"],
+            "max_length": project["dataset.max_length"], "gradient_checkpointing": resolved.gradient_checkpointing,
+            "device": resolved.device, "double_quant": project["quantization.double_quant"],
+            "packing": project["dataset.packing"]}
+
+
+def project_lora(project: Any) -> dict[str, Any]:
+    """The project's [lora] values :func:`config_shape` takes."""
+    return {"r": project["lora.r"], "targets": project["lora.target_modules"], "dropout": project["lora.dropout"],
+            "use_dora": project["lora.use_dora"]}
+
+
+def estimate_project(project: Any, shape: ModelShape, *, hardware: Any = None, mode: str | None = None,
+                     longest_row: int | None = None) -> MemoryEstimate:
+    """THE estimate of a project's peak training memory: every screen, command and the trainer
+    call this. ``shape``: the project's model and adapter; ``longest_row``: the dataset's
+    longest tokenized row when known (:func:`longest_row`, :func:`known_longest_row`);
+    ``hardware`` and ``mode`` as in :func:`project_settings`."""
+    settings = project_settings(project, hardware, mode=mode)
+    return estimate_memory(shape.arch, shape.weights, shape.lora, longest_row=longest_row, **settings)
+
+
+GENERIC = {"batch_size": 4, "max_length": 1024, "r": 16, "targets": "all-linear", "device": "cuda",
+           "gradient_checkpointing": True}
+
+
 def estimate_for_model(
     info: Any,
+    project: Any = None,
     *,
+    hardware: Any = None,
+    longest_row: int | None = None,
     batch_size: int = 4,
     max_length: int = 1024,
     r: int = 16,
@@ -341,19 +493,103 @@ def estimate_for_model(
     device: str = "cuda",
     gradient_checkpointing: bool = True,
 ) -> dict[str, MemoryEstimate]:
-    """For the Models list: {"lora": LoRA in bf16, "qlora": QLoRA 4-bit} from config files only.
+    """For the Models list: {"lora": LoRA, "qlora": QLoRA} of ``info`` (a
+    :class:`tunedeck.core.models.ModelInfo`), from config files only.
 
-    ``info`` is a :class:`tunedeck.core.models.ModelInfo`; its header parameter count is used
-    when known. Raises ValueError (or OSError) when the shape cannot be read.
+    With ``project``: at the project's settings as resolved for ``hardware``
+    (:func:`estimate_project`), "qlora" in the project's quantization mode when it has one,
+    else 4-bit; ``longest_row`` as there. Without: a generic LoRA bf16 / QLoRA 4-bit at the
+    keyword settings. Raises ValueError (or OSError) when the shape cannot be read, and
+    ProjectError when the project's settings cannot resolve.
     """
-    arch = arch_for_model(Path(info.path))
-    split = approx_weights(arch)
-    if info.params:
-        split = WeightSplit(total=info.params, quantizable=min(split.quantizable, info.params))
-    lora = approx_lora(arch, r=r, preset=preset_of(targets))
+    if project is not None:
+        shape = config_shape(info, **project_lora(project))
+        quantized = project["quantization.mode"] if project["quantization.mode"] != "none" else "4bit"
+        return {"lora": estimate_project(project, shape, hardware=hardware, mode="none", longest_row=longest_row),
+                "qlora": estimate_project(project, shape, hardware=hardware, mode=quantized,
+                                          longest_row=longest_row)}
+    shape = config_shape(info, r=r, targets=targets)
     common = dict(batch_size=batch_size, max_length=max_length, device=device,
                   gradient_checkpointing=gradient_checkpointing)
     return {
-        "lora": estimate_memory(arch, split, lora, mode="none", precision="bf16", **common),
-        "qlora": estimate_memory(arch, split, lora, mode="4bit", precision="bf16", **common),
+        "lora": estimate_memory(shape.arch, shape.weights, shape.lora, mode="none", precision="bf16", **common),
+        "qlora": estimate_memory(shape.arch, shape.weights, shape.lora, mode="4bit", precision="bf16", **common),
     }
+
+
+# -- the dataset's longest row --------------------------------------------------------------
+#
+# Known once the rows went through the model's tokenizer and chat template: by the engine
+# (the Modules screen, the settings summary), ``tunedeck inspect`` / ``models --project``,
+# or a run. Kept in this process and on disk, keyed by what decides the token counts, so
+# that the UI process reads it without a tokenizer.
+
+_longest: dict[str, int | None] = {}  # kept file -> the longest row (None: the rows cannot be read)
+
+
+def dataset_key(project: Any) -> str | None:
+    """Where the longest row of the project's rows is kept (:func:`tunedeck.core.kept.kept_file`),
+    keyed by what decides the token lengths: the model's tokenizer files, the data file, the
+    format, columns, system prompt and chat template, and the code and library versions
+    that render them. None without a dataset or a model."""
+    from .kept import kept_file, stamp
+    from .models import resolve_source
+
+    if not project["dataset.path"]:
+        return None
+    try:
+        ref = resolve_source(project["model.source"], project.root, allow_pickle=True)
+    except Exception:  # noqa: BLE001 - no model, no tokens: the estimate stays at max_length
+        return None
+    key = {"model": stamp(ref.path), "data": stamp(project.resolve_path(project["dataset.path"])),
+           "dataset": {k: project[f"dataset.{k}"] for k in ("format", "columns", "system_prompt")},
+           "template": project["model.chat_template"], "trust": project["model.trust_remote_code"]}
+    return str(kept_file("longest", key, code=("render.py", "datafile.py", "preview.py")))
+
+
+def known_longest_row(project: Any) -> int | None:
+    """The project's longest tokenized row when it is already known (no tokenizer: the UI
+    process calls this), else None."""
+    from .kept import read_kept
+
+    key = dataset_key(project)
+    if key is None:
+        return None
+    if key in _longest:
+        return _longest[key]
+    value = (read_kept(Path(key)) or {}).get("longest")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def remember_longest_row(project: Any, longest: int) -> None:
+    """Keep the project's longest tokenized row (before truncation), in this process and on disk."""
+    from .kept import write_kept
+
+    key = dataset_key(project)
+    if key is None or longest <= 0:
+        return
+    _longest[key] = longest
+    write_kept(Path(key), {"longest": longest})
+
+
+def longest_row(project: Any) -> int | None:
+    """The project's longest tokenized row (before truncation): known, or found by rendering
+    every row as the dataset preview does (:func:`tunedeck.core.preview.preview_stats`: the
+    tokenizer, so not in the UI process). None when there is no dataset or it cannot be read
+    (the estimate then stays at max_length; the refusal is the pre-flight's to give)."""
+    known = known_longest_row(project)
+    key = dataset_key(project)
+    if known is not None or key is None or key in _longest:
+        return known
+    from .preview import preview_stats
+
+    try:
+        longest = int(preview_stats(project)["longest"])
+    except Exception:  # noqa: BLE001 - unreadable rows or model: the estimate stays at max_length
+        _longest[key] = None
+        return None
+    if longest <= 0:
+        _longest[key] = None
+        return None
+    remember_longest_row(project, longest)
+    return longest

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from .events import (
-    CONTROL, EVAL, EVENTS_FILE, FAILED, FINISHED, LAUNCHED, RUN_STARTED, STEP, append_event, event, read_events,
+    CONTROL, EVAL, EVENTS_FILE, FAILED, FINISHED, LAUNCHED, RUN_STARTED, STEP, SYSTEM, append_event, event,
+    read_events,
 )
+from .memory import estimate_vs_peak
 
 RECORD_FILE = "trainer.pid"  # JSON: the trainer process (see write_record)
 LOCK_FILE = ".lock"
@@ -285,6 +287,9 @@ class RunState:
     stopping: bool = False  # a stop or abort taken in this session
     project: str | None = None  # the project file the run was started from
     events: int = 0
+    memory_estimate: dict[str, Any] | None = None  # the training session's estimate (run_started), bytes by part
+    memory_peak: int | None = None  # its measured peak: torch's allocations on a GPU, the trainer's RSS on a CPU
+    memory_peak_source: str | None = None  # "torch" | "rss"
     _launched: bool = False  # this session began with launched and has not started training yet
 
     def take(self, ev: dict[str, Any]) -> None:
@@ -308,6 +313,11 @@ class RunState:
                 self.started = t
             if isinstance(ev.get("project"), str):
                 self.project = ev["project"]
+            estimate = ev.get("memory_estimate")
+            self.memory_estimate = estimate if isinstance(estimate, dict) else None
+            self.memory_peak = self.memory_peak_source = None
+        elif kind == SYSTEM:
+            self._take_peak(ev)
         elif kind == STEP and _number(ev.get("loss")) is not None:
             self.final_loss = ev["loss"]
         elif kind == EVAL and _number(ev.get("eval_loss")) is not None:
@@ -324,6 +334,19 @@ class RunState:
             return
         if t is not None:
             self.last_time = t
+
+    def _take_peak(self, ev: dict[str, Any]) -> None:
+        """The measured peak of the session: torch's peak allocation on a GPU; on a CPU the
+        trainer's peak resident memory since training began (``rss_peak``), or the highest
+        ``rss`` sampled where that is not known."""
+        for source, value in (("torch", ev.get("torch_peak_memory")), ("rss", ev.get("rss_peak")),
+                              ("rss", ev.get("rss"))):
+            number = _number(value)
+            if number is not None and number > 0:
+                if self.memory_peak_source in (None, source):
+                    self.memory_peak = int(max(number, self.memory_peak or 0))
+                    self.memory_peak_source = source
+                return
 
     def _close_session(self) -> None:
         if self.session_start is not None and self.last_time is not None:
@@ -468,6 +491,10 @@ class RunInfo:
     checkpoints: list[int] = field(default_factory=list)
     note: str = ""  # the failure reason, "on HOST" for a run on another host
     host: str = ""
+    memory_estimate: int | None = None  # bytes: the estimate the run recorded when training began
+    memory_peak: int | None = None  # bytes: its measured peak (RunState.memory_peak)
+    memory_peak_source: str | None = None  # "torch" (a GPU's allocations) | "rss" (the trainer's, on a CPU)
+    memory: str = ""  # "estimated 6.13 GiB · measured peak 4.60 GiB", as far as known
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -480,11 +507,15 @@ def run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
     live = None if state.ended else liveness(run_dir)
     status = state.status(live)
     adapter = run_dir / ADAPTER / "adapter_config.json"
+    total = (state.memory_estimate or {}).get("total")
+    estimate = int(total) if _number(total) is not None else None
     return RunInfo(
         name=run_dir.name, path=str(run_dir), status=status, step=state.step, max_steps=state.max_steps,
         final_loss=state.final_loss, eval_loss=state.eval_loss, started=state.started,
         duration_s=state.duration(live=status in LIVE), adapter=str(adapter.parent) if adapter.is_file() else None,
         checkpoints=checkpoint_steps(run_dir), note=state.note(live), host=live.host if live is not None else "",
+        memory_estimate=estimate, memory_peak=state.memory_peak, memory_peak_source=state.memory_peak_source,
+        memory=estimate_vs_peak(estimate, state.memory_peak),
     )
 
 

@@ -270,15 +270,25 @@ def failure_of(exc: BaseException, spec: Any, step: int) -> tuple[str, str]:
 
 def _gpu_memory_context(spec: Any) -> str:
     """" (batch 8 x 2048 tokens; estimated ~30.1 GiB, torch's peak 78.2 GiB of 79.1 GiB)", as far as known;
-    and the memory torch kept is given back, so that the final event and the rest can proceed."""
+    and the memory torch kept is given back, so that the final event and the rest can proceed.
+    The estimate is the one the run recorded when training began (the one every screen
+    shows), else the project's estimate made now."""
+    from .memory import MemoryEstimate, format_gib
+
     parts: list[str] = []
     try:
-        from .inspect import project_report
-        from .project import Project
+        from .events import read_events
+        from .runs import fold
 
-        project = Project.load(Path(spec.run_dir) / "project.toml")
-        parts.append(f"batch {project['training.batch_size']} x {project['dataset.max_length']} tokens")
-        parts.append(f"estimated ~{project_report(project)['memory']['total'] / 2**30:.1f} GiB")
+        recorded = fold(read_events(Path(spec.run_dir) / EVENTS_FILE)).memory_estimate
+        if recorded is None:
+            from .inspect import project_report
+            from .project import Project
+
+            recorded = project_report(Project.load(Path(spec.run_dir) / "project.toml"))["memory"]
+        estimate = MemoryEstimate.from_dict(recorded)
+        parts.append(f"batch {estimate.batch_size} x {estimate.seq_length or estimate.max_length} tokens")
+        parts.append(f"estimated ~{format_gib(estimate.total)}")
     except Exception:  # noqa: BLE001 - the reason stands without the figures
         pass
     try:
@@ -287,8 +297,7 @@ def _gpu_memory_context(spec: Any) -> str:
         if torch.cuda.is_available():
             device = torch.cuda.current_device()
             total = torch.cuda.get_device_properties(device).total_memory
-            parts.append(f"torch's peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of "
-                         f"{total / 2**30:.1f} GiB")
+            parts.append(f"torch's peak {format_gib(torch.cuda.max_memory_allocated(device))} of {format_gib(total)}")
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass

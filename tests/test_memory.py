@@ -4,9 +4,11 @@ term by quantization mode, and the config-only estimate the Models list uses."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +173,161 @@ def test_a_70b_config_gives_textbook_numbers():
     assert 35 * 2**30 < qlora.weights < 45 * 2**30  # ~0.52 byte per linear weight, fp32 embeddings
     assert 40 * 2**30 < qlora.total < 48 * 2**30  # the QLoRA paper fits 65B in a 48 GB GPU at this size
     assert estimate_memory(arch, split, lora, mode="none", batch_size=1, max_length=512).weights == 2 * split.total
+
+
+# -- one estimate for a project, everywhere ------------------------------------------------
+
+DEMO = Path(__file__).resolve().parent.parent / "sample_data" / "demo.toml"
+
+
+def test_the_demo_project_gets_one_number_from_every_command_and_screen(default_model_dir, capsys):
+    from tunedeck.core.cli import main
+    from tunedeck.core.engine import lora_summary
+    from tunedeck.core.hardware import detect
+    from tunedeck.core.memory import estimate_for_model, format_gib, known_longest_row, longest_row
+    from tunedeck.core.models import describe, resolve_source
+    from tunedeck.core.preview import preview_stats
+    from tunedeck.core.project import Project
+
+    project = Project.load(DEMO)
+    longest = preview_stats(project)["longest"]
+    assert 0 < longest < project["dataset.max_length"]  # the demo's rows are shorter than max_length
+
+    assert main(["inspect", str(DEMO), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)["memory"]
+    assert main(["models", "--project", str(DEMO), "--json"]) == 0
+    listed = next(m for m in json.loads(capsys.readouterr().out) if m["source"] == "default")
+    summary = lora_summary(project)["memory"]
+    screen = estimate_for_model(describe(resolve_source("default")), project, hardware=detect(),
+                                longest_row=known_longest_row(project))["lora"]  # what the Models screen runs
+
+    totals = {inspected["total"], listed["memory"]["lora"], summary["total"], screen.total}
+    assert len(totals) == 1  # config-only counts equal the meta-built ones for this model
+    assert listed["memory_estimates"]["lora"] == inspected == summary == screen.as_dict()
+    # the project's settings as resolved here, at the longest row
+    assert (inspected["seq_length"], inspected["longest_row"]) == (longest, longest) == (longest_row(project),) * 2
+    assert inspected["precision"] == ("fp32" if detect().device == "cpu" else inspected["precision"])
+    assert inspected["batch_size"] == project["training.batch_size"]
+    assert format_gib(inspected["total"]).endswith(" GiB")
+
+
+def test_the_cli_text_says_gib_and_the_batch(default_model_dir):
+    from tunedeck.core.memory import format_gib, longest_row
+    from tunedeck.core.project import Project
+
+    longest = longest_row(Project.load(DEMO))
+    env = {**os.environ, "COLUMNS": "250"}
+    texts = {}
+    for args in (["models", "--project", str(DEMO)], ["inspect", str(DEMO)]):
+        done = subprocess.run([sys.executable, "-m", "tunedeck.core", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        texts[args[0]] = done.stdout
+    models_json = subprocess.run([sys.executable, "-m", "tunedeck.core", "models", "--project", str(DEMO), "--json"],
+                                 capture_output=True, text=True, env=env, timeout=300)
+    total = next(m for m in json.loads(models_json.stdout) if m["source"] == "default")["memory"]["lora"]
+    for name, text in texts.items():
+        assert f"~{format_gib(total)}" in text or f" {format_gib(total)} " in text, (name, text)
+        assert f"batch 4 × {longest} tokens (the longest row)" in text, (name, text)
+        assert " GB" not in text and " MB" not in text
+    assert "GiB" in format_gib(total) and format_gib(total) == f"{total / 2**30:.2f} GiB"
+
+
+def test_format_gib_is_the_one_unit():
+    from tunedeck.core.memory import format_gib
+
+    assert format_gib(0) == "0.00 GiB"
+    assert format_gib(1.5 * 2**30) == "1.50 GiB"
+    assert format_gib(9.994 * 2**30) == "9.99 GiB"
+    assert format_gib(9.996 * 2**30) == "10.0 GiB"  # no "10.00" next to "10.1"
+    assert format_gib(123.45 * 2**30) == "123.5 GiB"
+
+
+def test_the_batch_is_estimated_at_the_longest_row_and_says_so(llama):
+    from tunedeck.core.memory import MemoryEstimate, estimate_vs_peak, format_gib
+
+    _, ins = llama
+    choice = count_trainable(ins, "all-linear", r=8)
+    common = dict(batch_size=4, max_length=512, device="cpu", precision="fp32", gradient_checkpointing=False)
+    unknown = estimate(ins, choice, **common)
+    short = estimate(ins, choice, longest_row=301, **common)
+    long = estimate(ins, choice, longest_row=900, **common)
+    packed = estimate(ins, choice, longest_row=301, packing=True, **common)
+    assert unknown.seq_length == long.seq_length == packed.seq_length == 512 and short.seq_length == 301
+    assert short.activations == pytest.approx(unknown.activations * 301 / 512, rel=1e-6)
+    assert short.weights == unknown.weights and short.total < unknown.total == long.total == packed.total
+    assert "batch 4 × 301 tokens (the longest row)" in short.line()
+    assert "batch 4 × 512 tokens (at max_length)" in unknown.line()
+    assert "batch 4 × 512 tokens (max_length: the longest row, 900 tokens, is truncated)" in long.line()
+    assert "(max_length: rows are packed)" in packed.line()
+    assert short.line().startswith(f"~{format_gib(short.total)} on cpu: LoRA fp32, batch 4 × 301")
+    assert MemoryEstimate.from_dict({**short.as_dict(), "unknown": 1}) == short
+    assert estimate_vs_peak(short.total, 5 * 2**30) == f"estimated {format_gib(short.total)} · measured peak 5.00 GiB"
+    assert estimate_vs_peak(None, None) == "" and estimate_vs_peak(2**30, None) == "estimated 1.00 GiB"
+
+
+def test_the_longest_row_is_kept_for_the_ui_and_read_without_a_tokenizer(tmp_path, default_model_dir):
+    from tunedeck.core import memory
+    from tunedeck.core.preview import preview_stats
+    from tunedeck.core.project import Project
+
+    rows = [{"messages": [{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "ok"}]}
+            for n in (3, 40, 7)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path = tmp_path / "p.toml"
+    path.write_text('schema = 1\nname = "p"\n[model]\nsource = "default"\n[dataset]\npath = "data.jsonl"\n',
+                    encoding="utf-8")
+    project = Project.load(path)
+    assert memory.known_longest_row(project) is None  # nothing tokenized these rows yet
+    longest = memory.longest_row(project)
+    assert longest == preview_stats(project)["longest"] > 40
+    memory._longest.clear()  # another process: only the disk knows
+    code = ("import json, sys\nfrom tunedeck.core.memory import known_longest_row\n"
+            "from tunedeck.core.project import Project\n"
+            f"print(json.dumps([known_longest_row(Project.load({str(path)!r})),"
+            " sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [longest, []]
+    with (tmp_path / "data.jsonl").open("a", encoding="utf-8") as fh:  # a changed file: not known any more
+        fh.write(json.dumps(rows[0]) + "\n")
+    assert memory.known_longest_row(project) is None
+    empty = Project.load(path)
+    empty.set("dataset.path", "")
+    assert memory.longest_row(empty) is None  # no dataset: the estimate stays at max_length
+
+
+def test_a_run_records_its_estimate_and_measured_peak(tmp_path, tiny_model_dir):
+    from train_support import train_inprocess, write_project
+
+    from tunedeck.core.inspect import inspect_project, project_choice, project_memory
+    from tunedeck.core.memory import format_gib, known_longest_row
+    from tunedeck.core.project import Project
+    from tunedeck.core.runs import run_info
+
+    project_path = write_project(tmp_path / "p", tiny_model_dir)
+    code, events, run_dir = train_inprocess(project_path)
+    assert code == 0
+    [started] = [e for e in events if e["type"] == "run_started"]
+    recorded = started["memory_estimate"]
+    project = Project.load(project_path)
+    longest = known_longest_row(project)  # the run kept the longest row it rendered
+    assert longest == started["data"]["train"]["longest"] and recorded["longest_row"] == longest
+    ins = inspect_project(project)
+    assert recorded == project_memory(project, ins, project_choice(project, ins), longest_row=longest).as_dict()
+    info = run_info(run_dir)
+    assert info.memory_estimate == recorded["total"]
+    assert info.memory_peak and info.memory_peak_source in ("rss", "torch")
+    assert info.memory == f"estimated {format_gib(recorded['total'])} · measured peak {format_gib(info.memory_peak)}"
+    system = [e for e in events if e["type"] == "system"]
+    assert info.memory_peak == max(e["torch_peak_memory"] or e["rss_peak"] or e["rss"] for e in system)
+
+    done = subprocess.run([sys.executable, "-m", "tunedeck.core", "runs", str(project_path)], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert done.returncode == 0 and info.memory in done.stdout
+    as_json = subprocess.run([sys.executable, "-m", "tunedeck.core", "runs", str(project_path), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    [row] = json.loads(as_json.stdout)
+    for key in ("name", "status", "step", "max_steps", "final_loss", "duration_s", "adapter", "checkpoints"):
+        assert key in row  # the --json shape keeps its keys; the memory ones are added
+    assert (row["memory_estimate"], row["memory_peak"], row["memory"]) == (info.memory_estimate, info.memory_peak,
+                                                                          info.memory)

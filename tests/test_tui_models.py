@@ -10,7 +10,8 @@ from textual.widgets import DataTable, Input
 from tui_helpers import CPU, SilentEngine, settle, write_project, write_tiny_model
 
 from tunedeck.core import models
-from tunedeck.core.memory import estimate_for_model
+from tunedeck.core.engine import lora_summary
+from tunedeck.core.memory import _longest, estimate_for_model, format_gib, remember_longest_row
 from tunedeck.core.paths import load_user_config, save_user_config
 from tunedeck.core.project import Project
 from tunedeck.tui.app import TunedeckApp
@@ -68,15 +69,18 @@ async def test_lists_the_default_the_model_dirs_and_the_projects_model(project_p
         assert table[str(tiny)][:4] == ["●", "tiny-llama", "llama", "22.7K"]  # the project's own model
         assert table[str(other)][1:4] == ["zoo/other-llama", "llama", "22.7K"]
         assert table[str(other)][6:] == ["2", "32", "256", "f32", "90.6 KiB", "no", "no"]
-        expected = estimate_for_model(next(i for i in screen._infos if i.path == str(other)), batch_size=4,
-                                      max_length=1024, r=16, targets="all-linear", device="cpu",
-                                      gradient_checkpointing=False)
-        assert table[str(other)][4] == "37.7 MiB" == f"{expected['lora'].total / 2**20:.1f} MiB"
+        expected = estimate_for_model(next(i for i in screen._infos if i.path == str(other)), app.session.project,
+                                      hardware=CPU)  # the project's settings as resolved here: fp32 on a CPU
+        assert expected["lora"].precision == "fp32" and expected["lora"].seq_length == 1024
+        assert table[str(other)][4] == "0.05 GiB" == format_gib(expected["lora"].total)
+        assert table[str(other)][5] == format_gib(expected["qlora"].total)
         broken = table[str(zoo / "broken.gguf")]
         assert broken[1].endswith("✗") and broken[2] == "unreadable"
         detail = str(screen.query_one("#model-detail").render())
         assert "LlamaForCausalLM (llama)" in detail and "LoRA peak" in detail and "QLoRA peak" in detail
-        assert "4 × 1024 tokens, r 16 on cpu" in str(screen.query_one("#models-status").render())
+        assert "in GiB at batch 4 × 1024 tokens (at max_length), r 16 on cpu" in str(
+            screen.query_one("#models-status").render())
+        assert "~0.05 GiB on cpu: QLoRA 4bit fp32, batch 4 × 1024 tokens (at max_length)" in detail
 
 
 async def test_enter_sets_the_projects_model(project_path, zoo):
@@ -155,3 +159,41 @@ async def test_a_project_model_that_is_not_a_model_is_one_line(project_path):
         assert app.session.project["model.source"] != "not-a-model"
         status = app.screen.query_one("#models-status")
         assert not status.has_class("-error") and "models (● the project's)" in str(status.render())
+
+
+async def test_the_projects_model_shows_the_modules_number_at_the_longest_row(project_path):
+    project = Project.load(project_path)
+    remember_longest_row(project, 9)  # as the engine or a run keeps it once the rows are tokenized
+    try:
+        exact = lora_summary(project, hardware=CPU)["memory"]  # the Modules screen's number (meta-built counts)
+        assert (exact["seq_length"], exact["longest_row"]) == (9, 9)
+        app = make_app(project_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("1")
+            await settle(pilot)
+            row = rows(app)[str(project_path.parent / "tiny-llama")]
+            assert row[4] == format_gib(exact["total"])
+            assert app.screen._estimates[(app.screen._estimating, str(project_path.parent / "tiny-llama"))].lora[
+                "total"] == exact["total"]  # config-only counts equal the meta-built ones for this model
+            status = str(app.screen.query_one("#models-status").render())
+            assert "memory in GiB at batch 4 × 9 tokens (the longest row)" in status
+            app.edit_setting("dataset.max_length", value=8)  # now every batch is cut to max_length
+            await settle(pilot)
+            status = str(app.screen.query_one("#models-status").render())
+            assert "batch 4 × 8 tokens (max_length: the longest row, 9 tokens, is truncated)" in status
+            assert rows(app)[str(project_path.parent / "tiny-llama")][4] != row[4] or exact["total"] < 2**30 * 0.005
+    finally:
+        _longest.clear()
+
+
+async def test_settings_that_cannot_resolve_here_are_one_line_in_the_row(project_path):
+    project_path.write_text(project_path.read_text().replace("[training]\n", '[training]\nprecision = "fp16"\n'))
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        tiny = str(project_path.parent / "tiny-llama")
+        assert rows(app)[tiny][4] == "?"
+        error = app.screen._estimates[(app.screen._estimating, tiny)].error
+        assert error.startswith("no memory estimate: ") and "training.precision" in error and "needs a GPU" in error
+        assert "\n" not in error and error[:40] in str(app.screen.query_one("#model-detail").render())

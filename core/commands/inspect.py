@@ -7,7 +7,8 @@ meta device, so a 70B config inspects in seconds.
 
 Prints the layer groups, the chosen targets, the trainable parameters (what peft reports
 after wrapping), the adapter's size and the estimated peak training memory on this
-machine. --targets takes comma-separated names (q_proj,v_proj), "all-linear", or a regex
+machine, in GiB, at the dataset's longest row (up to max_length) once its rows are
+tokenized. --targets takes comma-separated names (q_proj,v_proj), "all-linear", or a regex
 (anything with one of \\ * + ? ( ) [ ] { } | ^ $); without it: the project's
 target_modules, else peft's default for the architecture.
 """
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import console as cli_console
 
-    from ..memory import MemoryEstimate, gib
+    from ..memory import MemoryEstimate, format_gib
     from ..schema import toml_repr
 
     console = cli_console()
@@ -143,10 +144,10 @@ def run(args: argparse.Namespace) -> int:
                   f"({report['percent']:.3f}%) in {report['target_layers']} layers, {settings}")
     console.print(f"adapter   ~{_size(report['adapter_bytes'])} (adapter_model.safetensors)")
     mem = report["memory"]
-    console.print(f"memory    {MemoryEstimate(**mem).describe()}")
+    console.print(Text(f"memory    {MemoryEstimate.from_dict(mem).describe()}"))
     other = "activations_full" if mem["gradient_checkpointing"] else "activations_checkpointed"
     console.print(f"          activations {'without' if mem['gradient_checkpointing'] else 'with'} gradient "
-                  f"checkpointing: {gib(mem[other])}")
+                  f"checkpointing: {format_gib(mem[other])}")
     for warning in report["warnings"]:
         console.print(Text(f"warning: {warning}", style="yellow"))
     return 0

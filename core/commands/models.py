@@ -1,10 +1,13 @@
-"""`tunedeck models [--json] [PATH ...]`: list the models found on this machine.
+"""`tunedeck models [--json] [--project PROJECT.toml] [PATH ...]`: list the models found on this machine.
 
 The bundled default, folders named in the user config (``model_dirs``), paths given
 here, and the local Hugging Face cache. Reads config files and headers only; offline.
-Each model gets an estimate of peak training memory for LoRA (bf16) and QLoRA (4-bit) at
-the batch size, max_length, rank and targets of ``--project`` (else the defaults), on a
-GPU (gradient checkpointing on, CUDA context included).
+Each model gets an estimate of peak training memory, in GiB, for LoRA and QLoRA. With
+``--project``: at that project's settings as resolved for this machine (precision, batch
+size, max_length, rank, targets, gradient checkpointing), the estimate `tunedeck inspect`
+and the app show, at the dataset's longest row (its rows are tokenized once, then kept).
+Without: a generic LoRA bf16 / QLoRA 4-bit on a GPU at batch 4 x 1024 tokens, r 16 on all
+linear layers, with gradient checkpointing (CUDA context included).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,23 +27,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..memory import longest_row
     from ..models import list_models
+    from ..project import Project
 
+    project = Project.load(args.project) if args.project else None
     infos = list_models([Path(p) for p in args.paths])
-    settings = _settings(args.project) if args.project else {}
-    memory = {i.path: _estimates(i, settings) for i in infos}
+    longest = longest_row(project) if project is not None else None
+    found = {i.path: _estimates(i, project, longest) for i in infos}
+    memory = {path: {k: v["total"] for k, v in est.items()} for path, est in found.items()}
     if args.json:
-        json.dump([{**i.as_dict(), "memory": memory[i.path]} for i in infos], sys.stdout, indent=2)
+        json.dump([{**i.as_dict(), "memory": memory[i.path], "memory_estimates": found[i.path]} for i in infos],
+                  sys.stdout, indent=2)
         print()
         return 0
     from rich.table import Table
     from rich.text import Text
 
     from ..cli import console as cli_console
+    from ..memory import MemoryEstimate, format_gib
 
+    first = next((est for est in found.values() if est), None)
+    lora_head, qlora_head = "LoRA bf16", "QLoRA 4bit"
+    if first:
+        lora, qlora = MemoryEstimate.from_dict(first["lora"]), MemoryEstimate.from_dict(first["qlora"])
+        lora_head, qlora_head = f"LoRA {lora.precision}", f"QLoRA {qlora.mode} {qlora.precision}"
     table = Table(show_header=True, header_style="bold", title="models")
     for col in ("source", "architecture", "params", "layers", "hidden", "context", "dtype", "size", "chat",
-                "LoRA bf16", "QLoRA 4bit"):
+                lora_head, qlora_head):
         table.add_column(col, overflow="fold")
     for i in infos:
         if i.error:
@@ -49,31 +64,32 @@ def run(args: argparse.Namespace) -> int:
             i.source, i.architecture, _count(i.params), str(i.layers or "?"), str(i.hidden_size or "?"),
             str(i.context_length or "?"), i.dtype + (f" ({i.quantized})" if i.quantized else ""),
             _size(i.size_bytes), "yes" if i.chat_template else "no",
-            *(_size(memory[i.path][k]) if memory[i.path].get(k) else "?" for k in ("lora", "qlora")),
+            *(format_gib(memory[i.path][k]) if memory[i.path].get(k) else "?" for k in ("lora", "qlora")),
         )
-    cli_console().print(table)
+    console = cli_console()
+    console.print(table)
+    if first:
+        est = MemoryEstimate.from_dict(first["lora"])
+        gc = "with" if est.gradient_checkpointing else "without"
+        whose = f"{args.project}'s settings" if project is not None else "generic settings"
+        console.print(Text(f"memory: estimated peak of training, in GiB, at {whose}: {est.tokens_text()}, on "
+                           f"{est.device}, {gc} gradient checkpointing"))
     return 0
 
 
-def _settings(project_path: str) -> dict:
-    from ..project import Project
-
-    project = Project.load(project_path)
-    return {"batch_size": project["training.batch_size"], "max_length": project["dataset.max_length"],
-            "r": project["lora.r"], "targets": project["lora.target_modules"]}
-
-
-def _estimates(info, settings: dict) -> dict[str, int]:
-    """Peak-memory estimates in bytes ({} when the config lacks the sizes)."""
+def _estimates(info: Any, project: Any, longest: int | None) -> dict[str, dict[str, Any]]:
+    """The LoRA and QLoRA estimates of a model (MemoryEstimate.as_dict()s; {} when its config
+    lacks the sizes or the project's settings cannot resolve here)."""
+    from ..errors import UserError
     from ..memory import estimate_for_model
 
     if info.error:
         return {}
     try:
-        found = estimate_for_model(info, **settings)
-    except (ValueError, OSError, KeyError, TypeError):
+        found = estimate_for_model(info, project, longest_row=longest)
+    except (ValueError, OSError, KeyError, TypeError, UserError):
         return {}
-    return {k: int(v.total) for k, v in found.items()}
+    return {k: v.as_dict() for k, v in found.items()}
 
 
 def _count(n: int | None) -> str:
@@ -82,9 +98,10 @@ def _count(n: int | None) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+def _size(n: float) -> str:
+    """A file size on disk (not a memory estimate): 256.6 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return "?"

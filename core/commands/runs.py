@@ -1,4 +1,7 @@
-"""`tunedeck runs [PROJECT_OR_RUNS_DIR] [--json]`: list runs with status, steps, loss and duration.
+"""`tunedeck runs [PROJECT_OR_RUNS_DIR] [--json]`: list runs with status, steps, loss, duration and memory.
+
+Memory: the peak the run's estimate gave when training began, and the peak measured
+(torch's allocations on a GPU, the trainer's resident memory on a CPU), in GiB.
 
 Given a project file, lists the runs in its output.runs_dir; given a folder, the runs in
 it (or, for a folder holding project.toml, that project's runs). Without an argument, the
@@ -60,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
     colours = {"starting": "cyan", "running": "cyan", "stopping": "yellow", "finished": "green", "stopped": "green",
                "aborted": "yellow", "failed": "red", "died": "red", "unknown": "magenta"}
     table = Table(title=Text(f"runs in {folder}"), header_style="bold")
-    for col in ("run", "status", "steps", "loss", "eval loss", "duration", "note"):
+    for col in ("run", "status", "steps", "loss", "eval loss", "duration", "memory", "note"):
         table.add_column(col, overflow="fold")
     for i in infos:
         steps = f"{i.step}/{i.max_steps}" if i.max_steps else str(i.step)
         table.add_row(
             Text(i.name), Text(f"{i.status} ({i.note})" if i.status == "unknown" else i.status,
                                style=colours.get(i.status, "white")), steps, _num(i.final_loss),
-            _num(i.eval_loss), _duration(i.duration_s), Text(i.note),
+            _num(i.eval_loss), _duration(i.duration_s), Text(i.memory or "-"), Text(i.note),
         )
     console.print(table)
     return 0

@@ -3,10 +3,13 @@
 Lists the bundled default, the folders and .gguf files named in the user config's
 ``model_dirs`` (or added here), the project's own model and the local Hugging Face cache
 (:func:`tunedeck.core.models.list_models`: config files and file headers only, no weights,
-nothing heavy imported), each with the estimated peak training memory for LoRA (bf16) and
-QLoRA (4-bit) at the project's batch size, max_length, rank and targets
-(:func:`tunedeck.core.memory.estimate_for_model`: arithmetic on the config). Both run in
-worker threads, row by row; a model that cannot be read is one line in its row.
+nothing heavy imported), each with the estimated peak training memory for LoRA and QLoRA
+at the project's settings as resolved for this machine (precision, batch size, max_length,
+rank, targets, gradient checkpointing), the estimate every screen and command makes
+(:func:`tunedeck.core.memory.estimate_for_model`: arithmetic on the config), in GiB. Its
+batch is the dataset's longest row once the engine or a run has tokenized the rows (read
+from their kept answer, :func:`tunedeck.core.memory.known_longest_row`), else max_length.
+Both run in worker threads, row by row; a model that cannot be read is one line in its row.
 Enter makes the highlighted model the project's ``model.source`` (unsaved; ctrl+s).
 """
 
@@ -27,12 +30,12 @@ from textual.widgets import DataTable, Static
 from textual.worker import Worker, get_current_worker
 
 from tunedeck.core.errors import UserError
-from tunedeck.core.memory import estimate_for_model
+from tunedeck.core.memory import estimate_for_model, format_gib, known_longest_row, memory_line, tokens_text
 from tunedeck.core.models import ModelInfo, list_models, resolve_source
+from tunedeck.core.project import Project
 from tunedeck.core.schema import toml_repr
 
 from ..session import display_path
-from ..widgets.choice import memory_line
 from ..widgets.summary import human_bytes, human_count
 from .base import ProjectScreen
 
@@ -44,7 +47,10 @@ LISTING = "listing models… (config files and file headers only: no weights are
 KINDS = {"default": "the bundled default model", "dir": "model folder", "gguf": "GGUF file",
          "hub": "in the Hugging Face cache"}
 
-EstimateKey = tuple[int, int, int, str, str, bool]  # batch_size, max_length, r, target_modules, device, gc
+EstimateKey = tuple[str, str, int | None]  # the settings the estimate reads, the machine, the longest row
+ESTIMATE_KEYS = ("quantization.mode", "quantization.double_quant", "quantization.compute_dtype", "lora.r",
+                 "lora.target_modules", "lora.dropout", "lora.use_dora", "dataset.max_length", "dataset.packing",
+                 "training.batch_size", "training.precision", "training.gradient_checkpointing", "training.devices")
 
 
 def identity(source: str, root: Path) -> str:
@@ -277,10 +283,8 @@ class ModelsScreen(ProjectScreen):
         if hardware is None:  # detected in the background at start-up
             return None
         project = self.session.project
-        checkpointing = project["training.gradient_checkpointing"]
-        return (project["training.batch_size"], project["dataset.max_length"], project["lora.r"],
-                toml_repr(project["lora.target_modules"]), hardware.device,
-                hardware.device == "cuda" if checkpointing == "auto" else bool(checkpointing))
+        settings = toml_repr([project[k] for k in ESTIMATE_KEYS])
+        return settings, repr(hardware), known_longest_row(project)
 
     def _estimate_all(self) -> None:
         key = self._estimate_key()
@@ -295,18 +299,20 @@ class ModelsScreen(ProjectScreen):
             elif not info.error:
                 todo.append(info)
         if todo:
-            self._estimate(key, self.session.project["lora.target_modules"], todo)
+            project = self.session.project
+            self._estimate(key, Project.from_text(project.text(), project.path), todo)
 
     @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
-    def _estimate(self, key: EstimateKey, targets: str | list[str], infos: list[ModelInfo]) -> None:
+    def _estimate(self, key: EstimateKey, project: Project, infos: list[ModelInfo]) -> None:
         worker = get_current_worker()
-        batch_size, max_length, r, _, device, checkpointing = key
+        hardware, longest = self.app.hardware, key[2]
         for info in infos:
             if worker.is_cancelled:
                 return
             try:
-                found = estimate_for_model(info, batch_size=batch_size, max_length=max_length, r=r, targets=targets,
-                                           device=device, gradient_checkpointing=checkpointing)
+                found = estimate_for_model(info, project, hardware=hardware, longest_row=longest)
+            except UserError as exc:  # settings that cannot resolve here (fp16 on a CPU)
+                estimate = Estimate(error=f"no memory estimate: {exc.message}")
             except Exception as exc:  # a header without the sizes: one line in the row, never a crash
                 estimate = Estimate(error=f"no memory estimate: {exc.__class__.__name__}: {exc}".splitlines()[0])
             else:
@@ -325,7 +331,7 @@ class ModelsScreen(ProjectScreen):
             if info.path != path:
                 continue
             for column, memory in (("LoRA", estimate.lora), ("QLoRA", estimate.qlora)):
-                cell = _number(human_bytes(memory["total"]), "") if memory else _number("?", "dim")
+                cell = _number(format_gib(memory["total"]), "") if memory else _number("?", "dim")
                 table.update_cell(str(index), column, cell, update_width=True)
         self._show_detail()
 
@@ -366,8 +372,7 @@ class ModelsScreen(ProjectScreen):
                 lines.append(Content.assemble(("QLoRA peak  ", "bold"), memory_line(estimate.qlora)))
             if info.note:
                 lines.append(Content.styled(info.note, "$text-muted"))
-        width = detail.content_region.width or 96
-        detail.update(Content("\n").join(line.truncate(width, ellipsis=True) for line in lines))
+        detail.update(Content("\n").join(lines))  # lines wrap: every column of the table can be read here
 
     # -- the status line ----------------------------------------------------------------------------
 
@@ -383,8 +388,10 @@ class ModelsScreen(ProjectScreen):
         project = self.session.project
         hardware = self.app.hardware
         on = f" on {hardware.device}" if hardware else ""
-        self._status(f"{len(self._infos)} models (● the project's) · memory at batch "
-                     f"{project['training.batch_size']} × {project['dataset.max_length']} tokens, r "
+        key = self._estimate_key()
+        batch = tokens_text(project["training.batch_size"], project["dataset.max_length"], key[2] if key else None,
+                            project["dataset.packing"])
+        self._status(f"{len(self._infos)} models (● the project's) · memory in GiB at {batch}, r "
                      f"{project['lora.r']}{on} · enter uses · a adds")
 
     # -- actions -------------------------------------------------------------------------------------

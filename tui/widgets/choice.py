@@ -9,17 +9,17 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from .summary import counts, human_bytes
+from tunedeck.core.memory import memory_line as core_memory_line
+
+from .summary import counts
 
 PROBLEMS_SHOWN = 3
 
 
 def memory_line(memory: dict[str, Any]) -> str:
-    """An engine memory estimate as one line: "~1.2 GiB on cuda (QLoRA 4bit bf16, batch 4 × 1024 tokens, ...)"."""
-    kind = "LoRA" if memory["mode"] == "none" else f"QLoRA {memory['mode']}"
-    gc = "with" if memory["gradient_checkpointing"] else "without"
-    return (f"~{human_bytes(memory['total'])} on {memory['device']} ({kind} {memory['precision']}, batch "
-            f"{memory['batch_size']} × {memory['max_length']} tokens, {gc} gradient checkpointing)")
+    """An engine memory estimate as one line (:func:`tunedeck.core.memory.memory_line`, the
+    line every screen shows): "~1.20 GiB on cuda: QLoRA 4bit bf16, batch 4 × 301 tokens (the longest row), ..."."""
+    return core_memory_line(memory)
 
 
 class ChoiceSummary(Widget):
@@ -48,7 +48,6 @@ class ChoiceSummary(Widget):
     """``lora.target_modules`` differs from the saved file."""
 
     def render(self) -> Content:
-        width = self.content_region.width or 80
         label = ("LoRA     ", "bold")
         result = self.result
         lines: list[Content] = []
@@ -66,7 +65,6 @@ class ChoiceSummary(Widget):
         if self.targets:
             label = ("targets* ", "bold $text-warning") if self.edited else ("targets  ", "bold")
             lines.append(Content.assemble(label, (self.targets, "$text-primary")))
-        lines = [line.truncate(width, ellipsis=True) for line in lines]
         if result is not None and not self.error:  # these wrap: the end of a refusal says what to do
             problems = ([Content.styled(f"✗ {e}", "$text-error") for e in result["errors"]]
                         + [Content.styled(f"⚠ {w}", "$text-warning") for w in result["warnings"]]
