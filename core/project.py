@@ -143,29 +143,48 @@ class Project:
     def text(self) -> str:
         return tomlkit.dumps(self.doc)
 
+    def value_text(self, key: str) -> str:
+        """``key``'s value as TOML, in the form the file writes it when that form is a number
+        (``5e-4`` stays ``5e-4``, not ``0.0005``), else in the canonical form."""
+        value = self.get(key)
+        fld = field_for(key)
+        container: Any = self.doc if not fld.section else self.doc.get(fld.section, {})
+        if fld.name in container:
+            item = container[fld.name]
+            literal = item.as_string().strip() if hasattr(item, "as_string") else None
+            if literal is not None and _literal_item(literal, value) is not None:
+                return literal
+        return toml_repr(value)
+
     # -- editing -------------------------------------------------------------------
 
-    def set(self, key: str, value: Any) -> None:
-        """Set one key (validated); the file keeps its order, comments and layout."""
-        self.set_many([(key, value)])
+    def set(self, key: str, value: Any, *, literal: str | None = None) -> None:
+        """Set one key (validated); the file keeps its order, comments and layout.
 
-    def set_many(self, items: list[tuple[str, Any]]) -> None:
+        ``literal`` is the number as the user typed it (``5e-4``): written in that form
+        when it reads back as the very value set, else ignored."""
+        self.set_many([(key, value)], literals={key: literal} if literal is not None else None)
+
+    def set_many(self, items: list[tuple[str, Any]], literals: dict[str, str] | None = None) -> None:
         """Set several keys at once; rules between keys are checked on the result only,
-        so the order of the edits does not matter. On error nothing changes."""
+        so the order of the edits does not matter. On error nothing changes.
+        ``literals`` maps keys to numbers as typed (see :meth:`set`)."""
         new_doc = tomlkit.parse(tomlkit.dumps(self.doc))
         changed = False
         for key, value in items:
             fld = field_for(key)
             value = check_value(fld, value, self._label())
+            item = _literal_item((literals or {}).get(key), value)
             container: Any = new_doc
             if fld.section:
                 if fld.section not in new_doc:
                     new_doc.add(tomlkit.nl())
                     new_doc.add(fld.section, tomlkit.table())
                 container = new_doc[fld.section]
-            if fld.name in container and _same(container[fld.name], value):
+            if fld.name in container and _same(container[fld.name], value) and (
+                    item is None or container[fld.name].as_string().strip() == item.as_string()):
                 continue
-            container[fld.name] = value
+            container[fld.name] = item if item is not None else value
             changed = True
         if not changed:
             return
@@ -195,7 +214,7 @@ class Project:
             mine = self.values[fld.section][fld.name]
             theirs = saved.values[fld.section][fld.name]
             if mine != theirs:
-                out.append(f"{fld.key}={toml_repr(mine)}")
+                out.append(f"{fld.key}={self.value_text(fld.key)}")
         return out
 
     # -- saving --------------------------------------------------------------------
@@ -226,6 +245,21 @@ def parse_override(item: str) -> tuple[str, Any]:
             raise UserError(f"--set {key}: {raw} is not a valid TOML value") from None
         value = raw
     return key, value
+
+
+def _literal_item(literal: str | None, value: Any) -> Any:
+    """``literal`` (a number as typed) as a TOML item that keeps its form, when it reads
+    back as exactly ``value`` (same type and value); else None."""
+    if literal is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        item = tomlkit.parse(f"v = {literal.strip()}\n")["v"]
+    except (TOMLKitError, ValueError, RecursionError):
+        return None
+    current = item.unwrap() if hasattr(item, "unwrap") else item
+    if item.as_string() != literal.strip() or type(current) is not type(value) or current != value:
+        return None
+    return item
 
 
 def _same(item: Any, value: Any) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,24 @@ def test_the_ops_answer_through_the_engine_process(tmp_path, default_model_dir, 
         assert client.call("preview_search", **args, text="2+2", timeout=120) == {"index": 1, "row": 2}
         with pytest.raises(EngineError, match="has no row 5"):
             client.call("preview_row", **args, row=5, timeout=120)
+
+
+def test_cli_piped_keeps_the_mask_in_plain_text(tmp_path, default_model_dir, write_jsonl):
+    """Written to a pipe (no colour), the trained tokens are still told apart: a header explains
+    the notation, trained spans are in «…», trained tokens in [..] and masked ones in (..)."""
+    write_jsonl([{"messages": QA}])
+    project = make_project(tmp_path, default_model_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    proc = subprocess.run([sys.executable, "-m", "tunedeck.core", "preview", str(project.path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "\x1b[" not in out  # no colour codes
+    lines = out.splitlines()
+    assert lines[0].startswith("notation (plain text, no colour):") and "«…»" in lines[0]
+    report = preview_row(project)
+    trained = "".join(t["text"] for t in report["tokens"] if t["trained"])
+    assert trained.strip() and f"«{trained}»" in out  # the answer (and its end token) as one trained span
+    first = report["tokens"][0]
+    assert not first["trained"] and out.split("tokens: ", 1)[1].splitlines()[1].startswith(f"({first['text']})")
+    assert any(f"[{t['text'].strip()}]" in out for t in report["tokens"] if t["trained"] and t["text"].strip())

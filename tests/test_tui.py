@@ -229,7 +229,7 @@ async def test_save_keeps_the_file_order_and_comments(project_path):
         await edit(pilot, "training.learning_rate", "1", "e", "-", "4")
         await pilot.press("enter", "ctrl+s")
         await pilot.pause()
-    assert project_path.read_text() == PROJECT_TOML.replace("learning_rate = 0.0002", "learning_rate = 0.0001")
+    assert project_path.read_text() == PROJECT_TOML.replace("learning_rate = 0.0002", "learning_rate = 1e-4")  # as typed
     assert not list(project_path.parent.glob(".demo.toml.*"))  # no temp file left behind
 
 

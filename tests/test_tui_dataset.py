@@ -94,7 +94,7 @@ async def test_token_view_marks_what_the_trainer_trains(project_path):
         text = view.content()
         assert "<|im_start|>" in text.plain and "<|im_end|>" in text.plain  # special tokens visible
         styles = {text.plain[s.start:s.end]: str(s.style) for s in text.spans}
-        assert "green" in styles["0"] and styles["<|im_start|>"] == "dim"
+        assert "green" in styles["0"] and styles["<|im_start|>"] == "dim underline"  # masked, special
         await pilot.press("v")
         assert view.view == "text" and view.content().plain == shown["text"]
         await pilot.press("v")

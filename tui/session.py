@@ -125,6 +125,17 @@ class Session:
         """Whether ``key``'s value differs from the saved file."""
         return self.project.get(key) != self.saved.get(key)
 
+    def shown(self, key: str) -> str:
+        """``key``'s value as its text field shows it; a number in the form the file has it."""
+        value = self.project.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self.project.value_text(key)
+        return format_value(field_for(key), value)
+
+    def line_changed(self, key: str) -> bool:
+        """Whether the file would gain or lose ``key``'s line on save (the value may be the same)."""
+        return self.project.source_of(key) != self.saved.source_of(key)
+
     def overrides(self) -> list[str]:
         """``key=value`` items that turn the saved file into the working copy (``--set``)."""
         return self.project.overrides_from(self.saved)
@@ -143,10 +154,11 @@ class Session:
         return self.edit_value(key, value, text=text)
 
     def edit_value(self, key: str, value: Any, *, text: str | None = None) -> bool:
-        """Set ``key`` to ``value`` (validated); returns whether the project changed."""
+        """Set ``key`` to ``value`` (validated); returns whether the project changed.
+        A number keeps the form it was typed in (``text``: ``5e-4`` stays ``5e-4``)."""
         before = self.project.doc
         try:
-            self.project.set(key, value)
+            self.project.set(key, value, literal=text)
         except UserError as exc:
             shown = text if text is not None else format_value(field_for(key), value)
             self._mark_invalid(key, Invalid(shown, reason_for(exc, key)))
@@ -185,8 +197,8 @@ class Session:
         in_file, value = snapshot
         if self.invalid.pop(key, None) is not None:
             self.version += 1
-        if in_file:
-            self.edit_value(key, value)
+        if in_file:  # in the form the saved file has it, when it is that value
+            self.edit_value(key, value, text=self.saved.value_text(key) if value == self.saved.get(key) else None)
         else:
             self.reset(key)
 
@@ -200,7 +212,7 @@ class Session:
         for key, pending in list(self.invalid.items()):
             fld = field_for(key)
             try:
-                self.project.set(key, parse_text(fld, pending.text))
+                self.project.set(key, parse_text(fld, pending.text), literal=pending.text)
             except UserError as exc:
                 self._mark_invalid(key, Invalid(pending.text, reason_for(exc, key)))
             else:

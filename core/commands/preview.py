@@ -50,29 +50,39 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import console as cli_console
 
     console = cli_console()
-    for renderable in text_report(report):
+    plain = not console.is_terminal or console.no_color or console.color_system is None
+    for renderable in text_report(report, plain=plain):
         console.print(renderable)
     return 0
 
 
-def text_report(report: dict[str, Any]) -> list[Any]:
+PLAIN_NOTATION = ("notation (plain text, no colour): in the templated text «…» encloses the trained tokens "
+                  "(the loss is computed on them), the rest is masked; in the token list [token] is trained, "
+                  "(token) is masked; ✂ marks the cut at max_length")
+OPEN, CLOSE = "«", "»"
+
+
+def text_report(report: dict[str, Any], *, plain: bool = False) -> list[Any]:
     """The report as rich renderables: the row's text with the trained tokens highlighted,
-    its tokens, and the stats."""
+    its tokens, and the stats. ``plain``: for output without colour (a pipe, a file,
+    NO_COLOR), the mask is written into the text, with a line that explains the notation."""
     from rich.text import Text
 
     row, stats = report["row"], report["stats"]
     out: list[Any] = []
+    if plain and not row["error"]:
+        out.append(Text(PLAIN_NOTATION))
     out.append(Text(f"row {row['row']} ({row['format']})", style="bold"))
     if row["error"]:
         out.append(Text(f"skipped: {row['error']}", style="red"))
         out.append(Text(json.dumps(row["fields"], ensure_ascii=False, indent=2) if row["fields"] else ""))
     else:
-        out.append(Text("templated text (trained tokens highlighted):", style="bold"))
-        out.append(marked_text(row["tokens"], row["truncated_at"]))
+        out.append(Text(f"templated text (trained tokens {'in «…»' if plain else 'highlighted'}):", style="bold"))
+        out.append(marked_text(row["tokens"], row["truncated_at"], plain=plain))
         out.append(Text(""))
         out.append(Text(f"tokens: {len(row['tokens'])} kept of {row['length']}, {row['trained']} trained",
                         style="bold"))
-        out.append(token_list(row["tokens"], row["truncated_at"]))
+        out.append(token_list(row["tokens"], row["truncated_at"], plain=plain))
     out.append(Text(""))
     out.append(Text("the whole set:", style="bold"))
     out.append(Text("\n".join(stats_lines(stats))))
@@ -84,24 +94,34 @@ def visible(text: str) -> str:
     return text.replace("\t", "→").replace("\n", "↵\n")
 
 
-def marked_text(tokens: list[dict[str, Any]], truncated_at: int | None) -> Any:
+def marked_text(tokens: list[dict[str, Any]], truncated_at: int | None, *, plain: bool = False) -> Any:
+    """The templated text, trained tokens in bold green (``plain``: each trained span in «…»)."""
     from rich.text import Text
 
     text = Text()
+    trained = False
     for t in tokens:
+        if plain and t["trained"] != trained:
+            text.append(OPEN if t["trained"] else CLOSE)
+            trained = t["trained"]
         text.append(t["text"], style="bold green" if t["trained"] else "dim")
+    if plain and trained:
+        text.append(CLOSE)
     if truncated_at is not None:
         text.append(f" ✂ truncated at {truncated_at} tokens", style="bold red")
     return text
 
 
-def token_list(tokens: list[dict[str, Any]], truncated_at: int | None) -> Any:
+def token_list(tokens: list[dict[str, Any]], truncated_at: int | None, *, plain: bool = False) -> Any:
+    """Every token in brackets, trained in bold green (``plain``: trained ``[token]``,
+    masked ``(token)``)."""
     from rich.text import Text
 
     text = Text()
     for t in tokens:
         piece = visible(t["text"]).replace("\n", "")
-        text.append(f"[{piece}]", style="bold green" if t["trained"] else "dim")
+        shown = f"[{piece}]" if t["trained"] or not plain else f"({piece})"
+        text.append(shown, style="bold green" if t["trained"] else "dim")
         text.append(" ")
     if truncated_at is not None:
         text.append(f"✂ cut at max_length = {truncated_at}", style="bold red")

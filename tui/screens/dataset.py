@@ -1,7 +1,10 @@
 """The Dataset screen: what the trainer learns from, row by row and token by token.
 
 The engine reads and renders the rows (:mod:`tunedeck.core.preview`, the trainer's own
-render-and-mask, so the highlighted tokens are the trained labels). A row shows as its
+render-and-mask, so the highlighted tokens are the trained labels). A legend says which
+style is which; rows held out for evaluation (``dataset.eval_split``, split as the trainer
+splits it) are marked; a search highlights its matches and says which match of how many
+the row is. A row shows as its
 tokens (trained highlighted, masked dimmed, special tokens visible, the truncation point
 marked), its templated text, or its raw fields. The first row shows as soon as it is
 rendered; the whole set's stats (rows, skipped rows and why, a token length histogram,
@@ -11,6 +14,7 @@ dataset or model settings on the Settings screen reads the data again.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +27,8 @@ from textual.widgets import Input, Static
 from textual.worker import Worker, get_current_worker
 
 from ..widgets.dataset_stats import DatasetStats
-from ..widgets.tokens_view import VIEWS, RowView
+from ..widgets.keys_ahead import KeysAhead, bound_to
+from ..widgets.tokens_view import VIEWS, RowView, legend
 from .base import ProjectScreen
 
 READING = "reading the first row… (the first time, the engine process starts and loads the tokenizer)"
@@ -33,6 +38,13 @@ KEYS = ("model.source", "model.trust_remote_code", "model.allow_pickle", "model.
         "dataset.loss_on")
 
 PreviewKey = tuple[Any, ...]
+
+
+class RowScroll(KeysAhead, VerticalScroll):
+    """The row's scroll area: keys typed right after ``/`` or ``g`` are the text field's."""
+
+    def opens_a_text_field(self, key: str) -> bool:
+        return bound_to(self, key, "ask('row')", "ask('search')")
 
 
 class DatasetScreen(ProjectScreen):
@@ -64,6 +76,15 @@ class DatasetScreen(ProjectScreen):
         stats: dict[str, Any]
 
     @dataclass
+    class MarksRead(Message):
+        """The rows held out for evaluation, and the rows matching the search ``text``."""
+
+        key: PreviewKey
+        text: str
+        eval_rows: frozenset[int]
+        matches: list[int]
+
+    @dataclass
     class Found(Message):
         """A search (or a jump to a row number) found ``index`` (None: no such row)."""
 
@@ -80,21 +101,26 @@ class DatasetScreen(ProjectScreen):
         self._view = VIEWS[0]
         self._asking = ""  # "row" or "search" while the input is open
         self._search = ""
+        self._eval_rows: frozenset[int] = frozenset()  # row numbers held out for evaluation
+        self._matches: list[int] | None = None  # positions of the rows matching the search
 
     def compose_body(self) -> ComposeResult:
         yield Static(READING, id="dataset-status", classes="screen-status", markup=False)
-        yield Input(id="dataset-input", classes="-hidden", disabled=True)
+        field = Input(id="dataset-input", disabled=True)
+        field.display = False
+        yield field
         with Horizontal(id="dataset-body"):
-            with VerticalScroll(id="dataset-row"):
+            with RowScroll(id="dataset-row"):
+                yield Static(legend(), id="dataset-legend", markup=False)
                 yield RowView(id="row-view")
             yield DatasetStats(id="dataset-stats")
 
     DEFAULT_CSS = """
-    DatasetScreen #dataset-input.-hidden { display: none; }
     DatasetScreen #dataset-body { height: 1fr; }
     DatasetScreen #dataset-row { width: 3fr; height: 1fr; }
     DatasetScreen #dataset-stats { width: 2fr; border-left: solid $panel; }
     DatasetScreen #dataset-status.-error { color: $error; }
+    DatasetScreen #dataset-legend { height: auto; padding: 0 1; color: $text-muted; }
     """
 
     def on_mount(self) -> None:
@@ -138,6 +164,7 @@ class DatasetScreen(ProjectScreen):
         self.query_one(DatasetStats).status("counting the rows and tokens…")
         self._read_row(key, self._request(), index, fallback=True)
         self._read_stats(key, self._request())
+        self._read_marks(key, self._search)
 
     # -- engine requests ------------------------------------------------------------------
 
@@ -174,6 +201,57 @@ class DatasetScreen(ProjectScreen):
         if not worker.is_cancelled:
             self.post_message(self.Found(key, result["index"], text))
 
+    @work(thread=True, exclusive=True, group="marks", exit_on_error=False)
+    def _read_marks(self, key: PreviewKey, text: str) -> None:
+        """Which rows are held out for evaluation (the trainer's own split) and which match
+        ``text``; raw rows only, no tokenizer, so this is read here rather than in the engine."""
+        from tunedeck.core.datafile import load_splits, read_rows
+        from tunedeck.core.errors import UserError
+
+        project = self.session.project
+        worker = get_current_worker()
+        eval_rows: frozenset[int] = frozenset()
+        split = project["dataset.eval_split"]
+        if not isinstance(split, str) and split > 0:  # a separate eval file holds none of these rows
+            try:
+                eval_rows = frozenset(number for number, _ in load_splits(project).eval)
+            except UserError:  # the data cannot train: the stats say why
+                pass
+        matches: list[int] = []
+        needle = text.strip().lower()
+        if needle:
+            path = project.resolve_path(project["dataset.path"])
+            try:
+                for i, (_, data) in enumerate(read_rows(path)):
+                    if worker.is_cancelled:
+                        return
+                    body = (json.dumps(data, ensure_ascii=False, default=str) if isinstance(data, dict)
+                            else data.reason)
+                    if needle in body.lower() or needle in body.encode("ascii", "backslashreplace").decode().lower():
+                        matches.append(i)
+            except UserError:
+                pass
+        if not worker.is_cancelled:
+            self.post_message(self.MarksRead(key, text, eval_rows, matches))
+
+    @on(MarksRead)
+    def _marks_read(self, event: MarksRead) -> None:
+        if event.key != self._key:
+            return
+        self._eval_rows = event.eval_rows
+        if event.text == self._search:
+            self._matches = event.matches if event.text else None
+        if self._row:
+            self._show_row(self._row)
+
+    def _show_row(self, row: dict[str, Any]) -> None:
+        eval_row = row["row"] in self._eval_rows
+        key = self.query_one("#dataset-legend", Static)
+        key.update(legend(eval_row=eval_row))
+        key.display = self._view != "fields" and not row["error"] and not row["unrendered"]
+        self.query_one(RowView).show(row, self._view, self._search)
+        self._status(self._row_status(row))
+
     @on(RowRead)
     def _row_read(self, event: RowRead) -> None:
         if event.key != self._key:
@@ -181,9 +259,8 @@ class DatasetScreen(ProjectScreen):
         row = self._row = event.row
         self._row_key = event.key
         self._index = row["index"]
-        self.query_one(RowView).show(row, self._view)
+        self._show_row(row)
         self.query_one("#dataset-row", VerticalScroll).scroll_home(animate=False)
-        self._status(self._row_status(row))
 
     @on(StatsRead)
     def _stats_read(self, event: StatsRead) -> None:
@@ -198,7 +275,7 @@ class DatasetScreen(ProjectScreen):
         if event.key != self._key:
             return
         if event.index is None:
-            self.notify(f"no row contains {event.what!r}", severity="warning")
+            self.notify(f"no row contains {event.what!r}", severity="warning", markup=False)
             return
         self._go(event.index)
 
@@ -228,7 +305,7 @@ class DatasetScreen(ProjectScreen):
         self._view = VIEWS[(VIEWS.index(self._view) + 1) % len(VIEWS)]
         self.query_one(RowView).show(self._row, self._view)
         if self._row:
-            self._status(self._row_status(self._row))
+            self._show_row(self._row)
 
     def action_ask(self, what: str) -> None:
         field = self.query_one("#dataset-input", Input)
@@ -237,12 +314,19 @@ class DatasetScreen(ProjectScreen):
                              if what == "row" else "text to find in the rows, enter to search")
         field.value = self._search if what == "search" else ""
         field.disabled = False
-        field.remove_class("-hidden")
-        field.focus()
+        field.display = True  # an inline style: in effect at once, unlike a class's rule
+        # focused now, not after a refresh: keys typed in the same burst as "/" or "g" (a
+        # terminal read over SSH delivers many) are the field's, not the screen's n, p, v
+        self.set_focus(field)
 
     def action_close_input(self) -> None:
         field = self.query_one("#dataset-input", Input)
-        field.add_class("-hidden")
+        if not field.display and self._search:  # escape with the input closed: the search ends
+            self._search, self._matches = "", None
+            if self._row:
+                self._show_row(self._row)
+            return
+        field.display = False
         field.disabled = True
         self._asking = ""
         self.query_one("#dataset-row").focus()
@@ -262,11 +346,17 @@ class DatasetScreen(ProjectScreen):
             try:
                 number = int(text)
             except ValueError:
-                self.notify(f"{text!r} is not a row number", severity="error")
+                self.notify(f"{text!r} is not a row number: type a number, e.g. 12", severity="error",
+                            markup=False)
+                return
+            if number < 1:
+                self.notify(f"row {number}: rows are numbered from 1", severity="error")
                 return
             self._go(row=number)
         else:
-            self._search = text
+            if text != self._search:
+                self._search, self._matches = text, None
+                self._read_marks(self._key, text)
             start = (self._row["index"] + 1) if self._row else 0
             self._find(self._key, self._request(), text, start, False)
 
@@ -282,8 +372,31 @@ class DatasetScreen(ProjectScreen):
         else:
             cut = f", truncated at {row['truncated_at']}" if row["truncated_at"] is not None else ""
             state = f"{len(row['tokens'])} tokens, {row['trained']} trained{cut}"
-        return (f"row {row['row']} (#{row['index'] + 1}{total}, {row['format']}) · {state} · view: {self._view} "
-                "· n/p next/previous · g go to · / search · v view")
+        marks = " · EVAL row (held out, not trained)" if row["row"] in self._eval_rows else ""
+        if self._search:
+            matches = self._matches
+            if matches is None:
+                marks += f" · {self._search!r}: counting…"
+            elif row["index"] in matches:
+                marks += f" · {self._search!r}: {matches.index(row['index']) + 1} of {len(matches)} (N next)"
+            else:
+                marks += f" · {self._search!r}: {len(matches)} rows match (N next)"
+        return (f"row {row['row']} (#{row['index'] + 1}{total}, {row['format']}) · {state}{marks} · "
+                f"view: {self._view} · n/p next/previous · g go to · / search · v view")
+
+    def _app_wording(self, message: str) -> str:
+        """The engine's message in the app's words (the CLI's says ``--row``)."""
+        import re
+
+        match = re.search(r"--row (-?\d+): (?:\S+ has no row \d+|row numbers start at 1)", message)
+        if match is None:
+            return message
+        number = int(match.group(1))
+        if number < 1:
+            return f"row {number}: rows are numbered from 1"
+        stats = self.query_one(DatasetStats).stats
+        last = stats.get("last_row", stats.get("rows")) if stats else None
+        return f"row {number} is past the last row ({last:,})" if last else f"there is no row {number}"
 
     def _status(self, text: str, *, error: bool = False) -> None:
         status = self.query_one("#dataset-status", Static)
@@ -294,6 +407,7 @@ class DatasetScreen(ProjectScreen):
         if worker.is_cancelled:  # a newer request replaced it
             return
         if worker.group == "row":
+            message = self._app_wording(message)
             if self._row is not None and self._row_key == self._key:  # a jump or step: stay on the row
                 self._index = self._row["index"]
             else:  # the data cannot be read at these settings
@@ -303,6 +417,8 @@ class DatasetScreen(ProjectScreen):
             self.notify(message, severity="error", timeout=10)
         elif worker.group == "stats":
             self.query_one(DatasetStats).status(message)
+        elif worker.group == "marks":
+            self._matches = None
         elif worker.group == "search":
             self.notify(message, severity="error", timeout=10)
         else:

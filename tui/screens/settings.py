@@ -18,8 +18,8 @@ from tunedeck.core.errors import UserError
 from tunedeck.core.resolve import Resolved, resolve
 from tunedeck.core.schema import AUTO, FIELDS, field_for, toml_repr
 
-from ..session import Session, format_value
-from ..widgets.settings_list import FieldView, SettingsList
+from ..session import Session
+from ..widgets.settings_list import FieldView, SettingsList, SettingsSearch
 from ..widgets.summary import SettingsSummary
 from .base import ProjectScreen
 
@@ -68,9 +68,13 @@ class SettingsScreen(ProjectScreen):
     MODE = "settings"
     AUTO_FOCUS = "SettingsList"
     BINDINGS = [
+        Binding("slash", "search", "Search", id="settings.search",
+                tooltip="Show only the settings whose key has a text; esc shows them all again"),
+        Binding("escape", "clear_search", "Clear search", show=False, id="settings.clear_search"),
         Binding("f2", "presets", "Presets", id="settings.presets"),
         Binding("ctrl+r", "reset_field", "Default", id="settings.reset_field",
-                tooltip="Remove the setting from the file so its default applies"),
+                tooltip="Set the default value (an edit, saved with ctrl+s); on a setting that already "
+                        "has its default, remove its line from the file"),
     ]
 
     @dataclass
@@ -88,6 +92,7 @@ class SettingsScreen(ProjectScreen):
         self._before_edit: tuple[str, tuple[bool, Any]] | None = None
 
     def compose_body(self) -> ComposeResult:
+        yield SettingsSearch(self._search_typed, id="settings-search")
         yield SettingsList(EDITED_FIELDS, self._views(self.session), id="settings")
         yield SettingsSummary(id="summary")  # the field editor is mounted above it on the first edit
 
@@ -116,10 +121,10 @@ class SettingsScreen(ProjectScreen):
             warning = problem[1] if problem and problem[0] == key else self._warning(session, key)
             views[key] = FieldView(
                 name=fld.name,
-                value=invalid.text if invalid else format_value(fld, session.project.get(key)),
+                value=invalid.text if invalid else session.shown(key),
                 source=source_text(session, key, resolved),
                 help=fld.help,
-                edited=session.edited(key) or invalid is not None,
+                edited=session.edited(key) or session.line_changed(key) or invalid is not None,
                 problem=invalid.reason if invalid else warning or "",
                 severity="error" if invalid else "warning" if warning else "",
             )
@@ -203,6 +208,38 @@ class SettingsScreen(ProjectScreen):
         else:
             super().work_failed(worker, message)
 
+    # -- searching ---------------------------------------------------------------------------
+
+    def action_search(self) -> None:
+        search = self.query_one(SettingsSearch)
+        search.open()
+        text = self.query_one(SettingsList).query_text
+        search.count(len(self.query_one(SettingsList).matching(text)), len(EDITED_FIELDS), text)
+
+    def _search_typed(self, text: str) -> None:
+        """Every change of the search text, applied as it happens."""
+        shown = self.query_one(SettingsList).filter(text)
+        self.query_one(SettingsSearch).count(shown, len(EDITED_FIELDS), text)
+
+    @on(SettingsSearch.Changed)
+    def _search_changed(self, event: SettingsSearch.Changed) -> None:
+        settings = self.query_one(SettingsList)
+        if event.cleared:
+            settings.filter("")
+        settings.focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "search":  # while a value is typed, / is part of it
+            editor = self._editor
+            return editor is None or editor.key is None
+        if action == "clear_search":
+            searches = self.query(SettingsSearch)
+            return bool(searches) and (searches.first().is_open or bool(self.query_one(SettingsList).query_text))
+        return super().check_action(action, parameters)
+
+    def action_clear_search(self) -> None:
+        self.query_one(SettingsSearch).action_clear()
+
     # -- editing -------------------------------------------------------------------------
 
     @on(OptionList.OptionSelected, "#settings")
@@ -220,27 +257,29 @@ class SettingsScreen(ProjectScreen):
     async def edit_field(self, key: str) -> None:
         """Edit setting ``key``: a switch flips, a choice opens a list, the rest a text field."""
         session, fld = self.session, field_for(key)
-        self.query_one(SettingsList).highlight(key)
         value = session.project.get(key)
-        if fld.kind == "bool":
+        if fld.kind == "bool":  # the highlight stays where the keys after this one moved it
             self.app.edit_setting(key, value=not value)
             return
+        self.query_one(SettingsList).highlight(key)
         self._before_edit = (key, session.snapshot(key))
         editor = self._editor
         if editor is None:
             from ..widgets.field_editor import FieldEditor
 
-            editor = FieldEditor(id="editor")
+            editor = FieldEditor(self._typed, id="editor")
             await self.mount(editor, before="#summary")
+        self.refresh_bindings()
         if fld.kind in ("choice", "auto_bool"):
             editor.edit_choice(fld, choices_of(key), value)
         else:
             invalid = session.invalid.get(key)
-            editor.edit_text(fld, invalid.text if invalid else format_value(fld, value))
+            editor.edit_text(fld, invalid.text if invalid else session.shown(key))
         self._sync()
 
-    def on_field_editor_typed(self, event: FieldEditor.Typed) -> None:
-        self.app.edit_setting(event.key, text=event.text)
+    def _typed(self, key: str, text: str) -> None:
+        """Every change of the typed text, applied as it happens (in order, never behind later keys)."""
+        self.app.edit_setting(key, text=text)
 
     def on_field_editor_chosen(self, event: FieldEditor.Chosen) -> None:
         self.app.edit_setting(event.key, value=event.value)
@@ -252,6 +291,7 @@ class SettingsScreen(ProjectScreen):
         self._before_edit = None
         if self._editor is not None:
             self._editor.close()
+        self.refresh_bindings()
         settings = self.query_one(SettingsList)
         settings.highlight(event.key)
         settings.focus()
@@ -286,10 +326,28 @@ class SettingsScreen(ProjectScreen):
             self.notify(f"{name}: the settings already match", title="Preset")
 
     async def action_reset_field(self) -> None:
+        """ctrl+r: set the default value, an edit like typing it (marked, shown as ``--set``,
+        written on save). On a setting that already has its default, ctrl+r removes its line
+        from the file instead, so the program's default applies."""
         editing = self._editor.key if self._editor is not None else None
         key = editing or self.query_one(SettingsList).highlighted_key
         if key is None or key.startswith("section:"):
             return
-        self.app.reset_setting(key)
+        session, fld = self.session, field_for(key)
+        default = toml_repr(fld.default)
+        if key in session.invalid or session.project.get(key) != fld.default:
+            self.app.edit_setting(key, value=fld.default)
+            if key in session.invalid:
+                self.notify(f"{key}: the default {default} is refused: {session.invalid[key].reason}",
+                            severity="error", timeout=10, markup=False)
+            else:
+                self.notify(f"{key} = {default}, the default (unsaved; ctrl+s saves; "
+                            "ctrl+r again removes the line from the file)", title="Default", timeout=8, markup=False)
+        elif session.project.source_of(key) == "project":
+            self.app.reset_setting(key)
+            self.notify(f"{key}: the line goes from the file on save; the default {default} applies",
+                        title="Default", timeout=8, markup=False)
+        else:
+            self.notify(f"{key} is not in the file: the default {default} applies", title="Default", markup=False)
         if editing == key:  # show the default in the open editor
             await self.edit_field(key)

@@ -1,22 +1,96 @@
 """The editor of one setting: a text field, or a list of choices, docked under the
 settings list while it is open. It reports every keystroke (the screen validates as
-you type) and closes on enter (keep) or escape (put the value back)."""
+you type) and closes on enter (keep) or escape (put the value back).
+
+Keys often arrive many at a time (a fast typist over SSH, a paste, tmux ``send-keys``).
+Textual inserts a typed character as soon as the field reads the key, but runs a key
+binding (backspace, delete, home, enter...) only once the key has travelled up to the
+app and back, so in a burst ``16``, four backspaces, ``64`` became ``1664`` with the
+backspaces applied after it. :class:`ValueInput` runs its own bindings and the editor's
+(escape) the moment it reads the key, and reports the text synchronously, so the setting
+holds the last typed text before any later key (ctrl+s) leaves the field. Keys that reach
+the field after it closed (enter, then down in the same burst) go on to the widget that
+has the focus next.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
-
 from tunedeck.core.schema import Field
+
+
+class ValueInput(Input):
+    """A text field that applies every key in the order it arrived and reports each change
+    at once to ``on_text`` (not through a message that later keys could overtake)."""
+
+    def __init__(self, on_text: Callable[[str], None], on_submit: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_text = on_text
+        self._on_submit = on_submit
+        self._quiet = False
+        self._ahead: list[tuple[str, str | None]] = []  # keys typed after the field closed
+        self.closed = True
+
+    def set_text(self, text: str) -> None:
+        """Show ``text`` without reporting it (the value the field opens with)."""
+        self._quiet = True
+        try:
+            with self.prevent(Input.Changed):
+                self.value = text
+        finally:
+            self._quiet = False
+
+    def _watch_value(self, value: str) -> None:
+        super()._watch_value(value)
+        if not self._quiet and not self.closed:
+            self._on_text(value)
+
+    async def action_submit(self) -> None:
+        if not self.closed:
+            self._on_submit()
+
+    async def _on_key(self, event: events.Key) -> None:
+        if self.closed:  # typed ahead of the focus: the key is for whatever has the focus next
+            event.stop()
+            event.prevent_default()
+            if self.has_focus or self._ahead:  # passed on, in order, once the focus has moved
+                self._ahead.append((event.key, event.character))
+            else:
+                self._pass_on(event.key, event.character)
+            return
+        if event.is_printable:
+            await super()._on_key(event)
+            return
+        self._restart_blink()
+        nodes = [self] + ([self.parent] if self.parent is not None else [])
+        for node in nodes:
+            for binding in node._bindings.key_to_bindings.get(event.key, ()):
+                if not binding.priority and await self.app.run_action(binding.action, node):
+                    event.stop()
+                    event.prevent_default()
+                    return
+        # anything else goes up to the screen and the app, with the text already applied
+
+    def _on_blur(self, event: events.Blur) -> None:
+        super()._on_blur(event)
+        keys, self._ahead = self._ahead, []
+        for key, character in keys:
+            self._pass_on(key, character)
+
+    def _pass_on(self, key: str, character: str | None) -> None:
+        focused = self.screen.focused
+        if focused is not None and focused is not self:
+            focused._forward_event(events.Key(key, character))
 
 
 class FieldEditor(Vertical):
@@ -41,13 +115,6 @@ class FieldEditor(Vertical):
     BINDINGS = [Binding("escape", "cancel", "Cancel edit", id="editor.cancel")]
 
     @dataclass
-    class Typed(Message):
-        """The text of setting ``key`` changed."""
-
-        key: str
-        text: str
-
-    @dataclass
     class Chosen(Message):
         """A value was picked for setting ``key``."""
 
@@ -61,24 +128,26 @@ class FieldEditor(Vertical):
         key: str
         cancelled: bool
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, on_text: Callable[[str, str], None], *, id: str | None = None) -> None:
+        """``on_text(key, text)`` is called, synchronously, on every change of the typed text."""
         super().__init__(id=id)
         self.key: str | None = None
         self._values: list[Any] = []
+        self._report = on_text
 
     def compose(self) -> ComposeResult:
         yield Label(id="editor-title")
-        yield Input(compact=True, id="editor-input")
+        yield ValueInput(self._typed, lambda: self._finish(cancelled=False), compact=True, id="editor-input")
         yield OptionList(compact=True, id="editor-choices")
         yield Label(id="editor-note")
 
     def edit_text(self, fld: Field, text: str) -> None:
         """Open for typing a value, starting from ``text``."""
         self._open(fld, typing=True)
-        field = self.query_one("#editor-input", Input)
+        field = self.query_one("#editor-input", ValueInput)
         field.placeholder = fld.expected()
-        with field.prevent(Input.Changed):
-            field.value = text
+        field.set_text(text)
+        field.closed = False
         field.focus()
 
     def edit_choice(self, fld: Field, choices: Sequence[tuple[str, Any]], current: Any) -> None:
@@ -98,6 +167,7 @@ class FieldEditor(Vertical):
 
     def close(self) -> None:
         self.key = None
+        self.query_one("#editor-input", ValueInput).closed = True
         self.remove_class("-open")
 
     def _open(self, fld: Field, *, typing: bool) -> None:
@@ -108,17 +178,20 @@ class FieldEditor(Vertical):
         self.query_one("#editor-choices").display = not typing
         self.add_class("-open")
 
-    @on(Input.Changed, "#editor-input")
-    def _typed(self, event: Input.Changed) -> None:
-        event.stop()
+    def _typed(self, text: str) -> None:
         if self.key is not None:
-            self.post_message(self.Typed(self.key, event.value))
+            self._report(self.key, text)
 
-    @on(Input.Submitted, "#editor-input")
-    def _submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        if self.key is not None:
-            self.post_message(self.Closed(self.key, cancelled=False))
+    @on(Input.Changed, "#editor-input")
+    def _changed(self, event: Input.Changed) -> None:
+        event.stop()  # reported synchronously by the field itself
+
+    def _finish(self, *, cancelled: bool) -> None:
+        """Close at once (later keys of a burst go elsewhere) and say so to the screen."""
+        key = self.key
+        if key is not None:
+            self.query_one("#editor-input", ValueInput).closed = True
+            self.post_message(self.Closed(key, cancelled=cancelled))
 
     @on(OptionList.OptionSelected, "#editor-choices")
     def _chosen(self, event: OptionList.OptionSelected) -> None:
@@ -128,5 +201,4 @@ class FieldEditor(Vertical):
             self.post_message(self.Closed(self.key, cancelled=False))
 
     def action_cancel(self) -> None:
-        if self.key is not None:
-            self.post_message(self.Closed(self.key, cancelled=True))
+        self._finish(cancelled=True)

@@ -1,22 +1,31 @@
 """One dataset row, three ways: its raw fields, its templated text, and its tokens.
 
 Tokens the loss trains are highlighted, masked ones dimmed, special tokens shown as they
-are written (``<|im_end|>``), whitespace made visible, and the truncation point marked.
-The row is a plain dict from the engine's ``preview_row`` op.
+are written (``<|im_end|>``, underlined), whitespace made visible, and the truncation
+point marked; :func:`legend` says which is which. The token view wraps between tokens,
+never inside one. Text matching the search is highlighted in every view. The row is a
+plain dict from the engine's ``preview_row`` op.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import Static
 
 VIEWS = ("tokens", "text", "fields")
 TRAINED = "bold black on green"
 MASKED = "dim"
+SPECIAL = "underline"
 CUT = "bold white on red"
+MATCH = "bold black on yellow"
+EVAL = "bold black on cyan"
+SEPARATOR = "│"
+_SPECIAL = re.compile(r"^<\|?[^<>\s]+\|?>$|^\[[A-Z_]+\]$")  # <|im_end|>, </s>, <eos>, [INST]
 
 
 def visible(piece: str) -> str:
@@ -24,21 +33,88 @@ def visible(piece: str) -> str:
     return piece.replace("\n", "↵").replace("\t", "→").replace(" ", "·")
 
 
-def tokens_text(row: dict[str, Any]) -> Text:
-    """The token view: ``[token]`` per token, trained highlighted, masked dimmed, then the cut."""
+def is_special(piece: str) -> bool:
+    """Whether a token reads as a special (control) token such as ``<|im_end|>``."""
+    return bool(_SPECIAL.match(piece))
+
+
+def legend(*, eval_row: bool = False) -> Text:
+    """The key to the token and text views' styles, each word in the style it names."""
     out = Text()
-    for i, token in enumerate(row["tokens"]):
-        out.append(visible(token["text"]) or "∅", style=TRAINED if token["trained"] else MASKED)
-        out.append("│" if i + 1 < len(row["tokens"]) else "", style="dim")
+    for sample, style in (("trained", TRAINED), ("masked", MASKED), ("<|special|>", f"{MASKED} {SPECIAL}"),
+                          ("✂ cut", CUT), ("match", MATCH)):
+        out.append(sample, style=style)
+        if sample != "match":
+            out.append("  ")
+    if eval_row:
+        out.append("\n")
+        out.append(" EVAL ", style=EVAL)
+        out.append(" this row is held out for evaluation: it is not trained on")
+    return out
+
+
+def match_spans(text: str, needle: str) -> list[tuple[int, int]]:
+    """Where ``needle`` occurs in ``text`` (any case), as (start, end) offsets."""
+    needle = needle.strip().lower()
+    if not needle:
+        return []
+    lowered = text.lower()
+    spans, start = [], lowered.find(needle)
+    while start >= 0:
+        spans.append((start, start + len(needle)))
+        start = lowered.find(needle, start + len(needle))
+    return spans
+
+
+def _token_matches(tokens: list[dict[str, Any]], needle: str) -> set[int]:
+    """Indices of the tokens that hold part of a match of ``needle``."""
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token["text"])
+    hit: set[int] = set()
+    for start, end in match_spans("".join(t["text"] for t in tokens), needle):
+        hit.update(i for i, off in enumerate(offsets) if off < end and off + len(tokens[i]["text"]) > start)
+    return hit
+
+
+def tokens_text(row: dict[str, Any], width: int = 0, search: str = "") -> Text:
+    """The token view: tokens separated by ``│``, trained highlighted, masked dimmed, then
+    the cut. With a ``width``, lines break between tokens, never inside one (a token wider
+    than the line is the only one folded)."""
+    out = Text()
+    tokens = row["tokens"]
+    matches = _token_matches(tokens, search) if search else set()
+    column = 0
+    for i, token in enumerate(tokens):
+        piece = visible(token["text"]) or "∅"
+        if width and column and column + cell_len(piece) > width:
+            out.append("\n")
+            column = 0
+        style = TRAINED if token["trained"] else MASKED
+        if is_special(token["text"]):
+            style += f" {SPECIAL}"
+        if i in matches:
+            style = MATCH
+        out.append(piece, style=style)
+        column += cell_len(piece)
         if token["text"].endswith("\n"):
             out.append("\n")
+            column = 0
+        elif i + 1 < len(tokens):
+            if width and column + 1 > width:  # no room for the separator: the line ends here
+                out.append("\n")
+                column = 0
+            else:
+                out.append(SEPARATOR, style="dim")
+                column += 1
     if row["truncated_at"] is not None:
         out.append(f"\n✂ truncated at max_length = {row['truncated_at']}: "
                    f"{row['length'] - row['truncated_at']} more tokens are not trained on", style=CUT)
     return out
 
 
-def templated_text(row: dict[str, Any]) -> Text:
+def templated_text(row: dict[str, Any], search: str = "") -> Text:
     """The templated text, trained spans highlighted, the part after the cut struck out."""
     out = Text()
     for token in row["tokens"]:
@@ -48,14 +124,22 @@ def templated_text(row: dict[str, Any]) -> Text:
         kept = "".join(t["text"] for t in row["tokens"])
         rest = row["text"][len(kept):] if row["text"].startswith(kept) else ""
         out.append(rest, style="dim strike")
+    _mark(out, search)
     return out
 
 
-def fields_text(row: dict[str, Any]) -> Text:
+def fields_text(row: dict[str, Any], search: str = "") -> Text:
     """The raw row, as read from the file."""
     if row["fields"] is None:
         return Text("(this row could not be read)", style="dim")
-    return Text(json.dumps(row["fields"], ensure_ascii=False, indent=2))
+    out = Text(json.dumps(row["fields"], ensure_ascii=False, indent=2))
+    _mark(out, search)
+    return out
+
+
+def _mark(text: Text, search: str) -> None:
+    for start, end in match_spans(text.plain, search):
+        text.stylize(MATCH, start, end)
 
 
 class RowView(Static):
@@ -69,15 +153,24 @@ class RowView(Static):
         super().__init__("", markup=False, **kwargs)
         self.row: dict[str, Any] | None = None
         self.view = "tokens"
+        self.search = ""
+        self._width = 0
 
-    def show(self, row: dict[str, Any] | None, view: str | None = None) -> None:
+    def show(self, row: dict[str, Any] | None, view: str | None = None, search: str | None = None) -> None:
         self.row = row
         if view is not None:
             self.view = view
+        if search is not None:
+            self.search = search
         self.update(self.content())
+
+    def on_resize(self) -> None:
+        if self.content_region.width != self._width and self.row is not None:
+            self.update(self.content())
 
     def content(self) -> Text:
         row = self.row
+        self._width = self.content_region.width
         if row is None:
             return Text("")
         if self.view == "fields" or row["error"] or row["unrendered"]:
@@ -86,6 +179,8 @@ class RowView(Static):
                 out.append(f"skipped: {row['error']}\n\n", style="bold red")
             elif row["unrendered"]:
                 out.append(f"not rendered: {row['unrendered']}\n\n", style="bold red")
-            out.append_text(fields_text(row))
+            out.append_text(fields_text(row, self.search))
             return out
-        return tokens_text(row) if self.view == "tokens" else templated_text(row)
+        if self.view == "tokens":
+            return tokens_text(row, self._width, self.search)
+        return templated_text(row, self.search)
