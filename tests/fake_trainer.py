@@ -11,6 +11,10 @@ line:
   with ``stopped``) or abort; save writes a checkpoint event and goes on waiting;
 - ``{"crash": "RuntimeError: boom"}``: a ``failed`` event with a traceback, exit code 1;
 - ``{"kill": true}``: SIGKILL itself, with no final event (the UI must say "died").
+
+``python fake_trainer.py --launched RUN_DIR SCRIPT.jsonl`` plays the trainer as the launcher
+starts it (a test puts it in :func:`tunedeck.core.launcher.trainer_command`): the run folder
+is made, its session begun and its lock held by the launcher, and inherited.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from tunedeck.core.runs import RunLock, write_record
 from tunedeck.core.trainer import Aborted, Controls, Emitter, install_signals
 
 
-def main(run_dir: Path, script: Path) -> int:
+def main(run_dir: Path, script: Path, launched: bool = False) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
-    assert lock.acquire(), "another trainer holds this run"
+    if not launched:  # the launcher holds the lock (inherited) and has begun the session
+        assert lock.acquire(), "another trainer holds this run"
     install_signals(started_by_tunedeck=True)
-    append_event(run_dir / "events.jsonl", event("launched", resume=False, processes=1))
+    if not launched:
+        append_event(run_dir / "events.jsonl", event("launched", resume=False, processes=1))
     log = EventLog(run_dir / "events.jsonl")
     emit = Emitter(log)
     emit.health.observe = lambda ev: []  # the script says which alarms come
@@ -90,4 +96,6 @@ def play(run_dir: Path, script: Path, emit: Emitter, controls: Controls) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--launched":
+        sys.exit(main(Path(sys.argv[2]), Path(sys.argv[3]), launched=True))
     sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -16,11 +17,17 @@ import pytest
 from textual.widgets import Button, OptionList, RichLog, Static
 from tui_helpers import CPU, InProcessEngine, settle, write_project
 
+from tunedeck.core import launcher
 from tunedeck.core.project import Project
+from tunedeck.core.runs import RunInfo, run_info
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.dialogs import ChoiceScreen
-from tunedeck.tui.training import POINTS, RunView, Series
+from tunedeck.tui.training import (
+    POINTS, RunView, Series, lr_grad_summary, read_curve, resume_refusal, settings_diff,
+)
 from tunedeck.tui.widgets.facts import Facts
+from tunedeck.tui.widgets.run_plot import RunPlot
+from tunedeck.tui.widgets.runs_list import RunsList, fit_columns
 
 SIZE = (120, 40)
 FAKE = Path(__file__).parent / "fake_trainer.py"
@@ -97,7 +104,9 @@ def numbers(app: TunedeckApp) -> dict[str, str]:
 
 
 def log_lines(app: TunedeckApp) -> str:
-    return "\n".join(strip.text for strip in app.screen.query_one("#event-log", RichLog).lines)
+    """The event log's text, its wrapped lines joined again (one space where a line broke)."""
+    return re.sub(r" *\n *", " ", "\n".join(strip.text.rstrip() for strip in
+                                            app.screen.query_one("#event-log", RichLog).lines))
 
 
 async def follow(pilot, app: TunedeckApp, trainer: FakeTrainer) -> None:
@@ -311,7 +320,6 @@ async def test_a_refused_start_is_the_line_of_tunedeck_train_and_nothing_runs(tm
     """The Train screen runs the pre-flight of `tunedeck train`: the same line, and no run
     folder, no trainer process."""
     from tui_helpers import PROJECT_TOML
-
     from tunedeck.core import launcher
     from tunedeck.core.errors import UserError
 
@@ -332,3 +340,210 @@ async def test_a_refused_start_is_the_line_of_tunedeck_train_and_nothing_runs(tm
         assert "\n" not in refusal and "Traceback" not in refusal
         assert app.run_view is None and not app.training
     assert not (tmp_path / "runs").exists() and spawned == []
+
+
+# -- the dashboard at 80x24, comparing runs, resuming ------------------------------------------
+
+
+def write_events(run_dir: Path, events: list[dict[str, Any]], t0: float = 1000.0) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "events.jsonl", "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"time": t0 + i, **ev}) + "\n" for i, ev in enumerate(events))
+
+
+def write_checkpoint(run_dir: Path, step: int) -> Path:
+    folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def finished_run(project_path: Path, name: str, *, loss: float = 2.0, eval_loss: float = 1.7,
+                 sets: dict[str, Any] | None = None, t0: float = 1000.0) -> Path:
+    """A finished run folder: events and its project.toml snapshot (with ``sets`` changed)."""
+    run_dir = project_path.parent / "runs" / name
+    write_events(run_dir, [{"type": "launched", "step": 0, "resume": False}, STARTED, *steps(1, 10, loss=loss),
+                           {"type": "eval", "step": 10, "eval_loss": eval_loss},
+                           {"type": "finished", "step": 10, "final_loss": loss - 0.5}], t0)
+    project = Project.load(project_path)
+    for key, value in (sets or {}).items():
+        project.set(key, value)
+    launcher.write_snapshot(project, run_dir)
+    return run_dir
+
+
+def runs_text(app: TunedeckApp) -> list[str]:
+    runs = app.screen.query_one("#runs", RunsList)
+    return [str(runs.get_option_at_index(i).prompt) for i in range(runs.option_count)]
+
+
+def test_the_runs_columns_drop_the_time_and_step_before_the_losses():
+    runs = [RunInfo(name="python-qa-20260101-120000", path="runs/a", status="stopped", step=100, max_steps=120,
+                    final_loss=0.6123, eval_loss=0.7977, started=1.0, duration_s=220.0)]
+    wide, narrow, tight = fit_columns(90, runs), fit_columns(44, runs), fit_columns(30, runs)
+    assert (wide.status, wide.step, wide.time, wide.name) == (13, 7, True, 25)
+    assert narrow.time is False and narrow.status == 6 and narrow.width <= 44
+    assert (tight.status, tight.step, tight.time) == (0, 0, False) and tight.width <= 30
+
+
+def test_settings_differences_and_resume_refusals():
+    assert settings_diff([{"lora.r": 16, "lora.alpha": 32, "training.learning_rate": 2e-4},
+                          {"lora.r": 32, "lora.alpha": 32, "training.learning_rate": 1e-4}]) == [
+        ("lora.r", ["16", "32"]), ("training.learning_rate", ["0.0002", "0.0001"])]
+    assert settings_diff([{"a": 1}, {"a": 1, "b": "x"}]) == [("b", ["-", '"x"'])]
+    info = RunInfo(name="r", path="runs/r", status="failed", checkpoints=[5])
+    assert resume_refusal(info) is None
+    for status, checkpoints, words in [("running", [5], "is running"), ("finished", [5], "has finished"),
+                                       ("died", [], "no checkpoint"), ("unknown", [5], "cannot be resumed")]:
+        why = resume_refusal(RunInfo(name="r", path="runs/r", status=status, checkpoints=checkpoints, host="gpu-2"))
+        assert why is not None and words in why and "\n" not in why
+
+
+def test_a_damaged_or_missing_events_file_is_a_line_not_a_crash(tmp_path):
+    (tmp_path / "gone").mkdir()
+    assert "not a readable events file" in read_curve(tmp_path / "gone").error
+    write_events(tmp_path / "bad", steps(1, 3))
+    with open(tmp_path / "bad" / "events.jsonl", "a") as fh:
+        fh.write('{"type": "step", "step": 4, "loss": [1e999\n\x00\xff not json\n')
+    curve = read_curve(tmp_path / "bad")
+    assert curve.error == "" and curve.smooth[0] == [1, 2, 3]
+
+
+async def test_at_80x24_the_small_plots_give_way_to_a_summary_and_come_back(project_path):
+    run_dir = finished_run(project_path, "old")
+    app = make_app(project_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.ended)
+        await until(pilot, lambda: not app.screen.query_one("#small-plots").display)
+        await pilot.pause(0.3)
+        screen = app.screen
+        loss = screen.query_one("#loss-plot", RunPlot)
+        assert loss.display and loss.readable and loss.size.height >= 8  # the loss keeps a readable plot
+        summary = str(screen.query_one("#plot-summary", Static).render())
+        assert summary == lr_grad_summary(app.run_view.snapshot(), len(summary)) and "\n" not in summary
+        assert summary.startswith("lr 1.9e-4") and "→1.0e-4" in summary and "(max 1.1)" in summary
+        await pilot.resize_terminal(140, 45)
+        await until(pilot, lambda: screen.query_one("#small-plots").display)
+        await pilot.pause(0.3)
+        assert all(plot.display and plot.readable for plot in screen.query(RunPlot).results(RunPlot))
+        assert not screen.query_one("#plot-summary").has_class("shown")
+        await pilot.resize_terminal(80, 14)  # no room for any plot: two summary lines
+        await until(pilot, lambda: not screen.query_one("#loss-plot").display)
+        await pilot.pause(0.3)
+        lines = str(screen.query_one("#plot-summary", Static).render()).splitlines()
+        assert lines[0].startswith("loss 1.") and lines[1].startswith("lr ")
+        assert run_dir.name in runs_text(app)[0]
+
+
+async def test_the_runs_list_shows_the_losses_at_80x24(project_path):
+    finished_run(project_path, "python-qa-20260101-120000", loss=2.0, eval_loss=1.7)
+    finished_run(project_path, "python-qa-20260102-090000", loss=1.5, eval_loss=1.25, t0=5000.0)
+    app = make_app(project_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.ended)
+        await settle(pilot)
+        newest, oldest = runs_text(app)
+        assert "1.0000" in newest and "1.2500" in newest and "0120000" not in newest  # newest first
+        assert "1.5000" in oldest and "1.7000" in oldest and oldest.rstrip().endswith("1.7000")
+        assert "…" in newest  # the name gives way, never the losses
+        assert "loss" in str(app.screen.query_one("#runs-title", Static).render())
+
+
+async def test_picked_runs_are_overlaid_with_their_settings_differences(project_path):
+    finished_run(project_path, "r16", loss=2.0)
+    finished_run(project_path, "r32", loss=1.6, sets={"lora.r": 32, "training.learning_rate": 1e-4}, t0=5000.0)
+    app = make_app(project_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.ended)
+        await pilot.press("r", "space")
+        await until(pilot, lambda: any("r32 marked" in n.message for n in app._notifications))
+        assert not app.screen.query_one("#compare").has_class("shown")  # one run: nothing to compare yet
+        await pilot.press("down", "space")
+        panel = app.screen.query_one("#compare", Static)
+        await until(pilot, lambda: panel.has_class("shown"))
+        text = str(panel.render())
+        assert "r32" in text and "r16" in text
+        assert "lora.r" in text and "32 | 16" in text and "0.0001 | 0.0002" in text and "alpha" not in text
+        compared = app.screen._compared
+        assert [c.name for c in compared.curves] == ["r32", "r16"]
+        assert compared.curves[0].smooth[0] == list(range(1, 11)) and compared.curves[1].eval_loss == ([10], [1.7])
+        runs = app.screen.query_one("#runs", RunsList)
+        assert runs.color_of(compared.curves[0].run_dir) != runs.color_of(compared.curves[1].run_dir)
+        loss = app.screen.query_one("#loss-plot", RunPlot)
+        assert loss.display and loss.readable and "loss of 2 runs" in str(loss.render())
+        await pilot.press("space")  # unpicks r16: back to the followed run's plot
+        await until(pilot, lambda: not panel.has_class("shown"))
+        assert app.screen._compared is None
+
+
+async def test_resume_refused_in_one_line(project_path):
+    finished_run(project_path, "done")
+    no_save = project_path.parent / "runs" / "crashed-early"
+    write_events(no_save, [{"type": "launched", "step": 0}, STARTED, *steps(1, 2),
+                           {"type": "failed", "step": 2, "reason": "RuntimeError: boom"}], t0=5000.0)
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.name == "crashed-early")
+        await pilot.press("R")
+        await until(pilot, lambda: any("no checkpoint" in n.message for n in app._notifications))
+        app.open_run(project_path.parent / "runs" / "done")
+        await until(pilot, lambda: app.run_view.name == "done" and app.run_view.ended)
+        await pilot.press("R")
+        await until(pilot, lambda: any("has finished" in n.message for n in app._notifications))
+        await settle(pilot)
+        assert all("\n" not in n.message and "Traceback" not in n.message for n in app._notifications)
+        assert not app.training and not (no_save / "trainer.pid").exists()
+
+
+async def test_resume_continues_the_run_in_its_folder_and_the_screen_follows_it(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """R on a failed run with a checkpoint: the pre-flight and the launcher of a start, with
+    resume (the trainer is the scripted one), in the same folder, followed by the screen."""
+    from train_support import write_project as write_training_project
+
+    monkeypatch.chdir(tmp_path)
+    project_path = write_training_project(tmp_path, tiny_model_dir, training={"max_steps": 10})
+    run_dir = project_path.parent / "runs" / "crashy"
+    write_events(run_dir, [{"type": "launched", "step": 0, "resume": False}, {**STARTED, "max_steps": 10},
+                           *steps(1, 5, max_steps=10)])
+    checkpoint = write_checkpoint(run_dir, 5)
+    write_events(run_dir, [{"type": "checkpoint", "step": 5, "path": str(checkpoint)},
+                           {"type": "failed", "step": 5, "reason": "RuntimeError: CUDA error", "failure": "crash"}],
+                 t0=1100.0)
+    launcher.write_snapshot(Project.load(project_path), run_dir)
+    script = project_path.parent / "resume.script.jsonl"
+    script.write_text("\n".join(json.dumps(item) for item in [
+        {"type": "run_started", "step": 5, "max_steps": 10, "resumed_from": {"checkpoint": str(checkpoint), "step": 5}},
+        {"sleep": 0.5}, *steps(6, 10, max_steps=10), {"type": "finished", "step": 10, "final_loss": 1.5}]) + "\n")
+    started: list[list[str]] = []
+
+    def trainer_command(spec, python=sys.executable):
+        started.append([spec.run_dir, str(spec.resume)])
+        return [python, str(FAKE), "--launched", spec.run_dir, str(script)]
+
+    monkeypatch.setattr(launcher, "trainer_command", trainer_command)
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await until(pilot, lambda: app.run_view is not None and app.run_view.status == "failed")
+        first_view = app.run_view
+        await until(pilot, lambda: "R resumes it" in str(app.screen.query_one("#run-head", Static).render()))
+        await pilot.press("R")
+        await until(pilot, lambda: app.run_view is not first_view, timeout=120)
+        assert app.run_view.run_dir == run_dir and app.training
+        await until(pilot, lambda: app.run_view.ended, timeout=30)
+        assert app.run_view.status == "finished"
+        await until(pilot, lambda: numbers(app).get("step", "").startswith("10 / 10"))
+        snap = app.run_view.snapshot()
+        assert snap.loss[0] == list(range(1, 11))  # the history, then the resumed session
+        text = log_lines(app)
+        assert "resumed from runs/crashy/checkpoints/checkpoint-5" in text and "finished, final loss 1.5" in text
+        await until(pilot, lambda: "finished" in runs_text(app)[0])
+    assert started == [[str(run_dir), "True"]]
+    assert [p.name for p in (project_path.parent / "runs").iterdir() if p.is_dir()] == ["crashy"]  # no new folder
+    info = run_info(run_dir)
+    assert (info.status, info.step, info.final_loss) == ("finished", 10, 1.5)

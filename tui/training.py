@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunedeck.core.events import finite_number
-from tunedeck.core.runs import ENDED, LIVE, RunState
+from tunedeck.core.errors import UserError, os_reason
+from tunedeck.core.events import EVENTS_FILE, finite_number, read_events
+from tunedeck.core.runs import (
+    ENDED, FINISHED_STATUS, LIVE, SNAPSHOT, UNKNOWN, RunInfo, RunState,
+)
 
 from .session import display_path
 
@@ -31,7 +34,7 @@ TRACEBACK_LINES = 8
 class Series:
     """(step, value) points, thinned evenly to stay under ``2 * cap``; the latest value kept apart."""
 
-    __slots__ = ("xs", "ys", "stride", "seen", "cap", "last")
+    __slots__ = ("xs", "ys", "stride", "seen", "cap", "last", "first", "low", "high")
 
     def __init__(self, cap: int = POINTS) -> None:
         self.xs: list[float] = []
@@ -40,9 +43,18 @@ class Series:
         self.seen = 0
         self.cap = cap
         self.last: float | None = None
+        self.first: float | None = None
+        self.low: float | None = None  # the extremes seen (thinning may drop them from the points)
+        self.high: float | None = None
 
     def add(self, x: float, y: float) -> None:
         self.last = y
+        if self.first is None:
+            self.first = y
+        if self.low is None or y < self.low:
+            self.low = y
+        if self.high is None or y > self.high:
+            self.high = y
         self.seen += 1
         if (self.seen - 1) % self.stride:
             return
@@ -54,6 +66,19 @@ class Series:
 
     def points(self) -> tuple[list[float], list[float]]:
         return list(self.xs), list(self.ys)
+
+    def stats(self) -> Stats:
+        return Stats(self.first, self.low, self.high, self.last)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A series in four numbers (None before its first point)."""
+
+    first: float | None = None
+    low: float | None = None
+    high: float | None = None
+    last: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,9 @@ class Snapshot:
     last_alarm: dict[str, Any] | None = None
     reason: str = ""
     traceback: list[str] = field(default_factory=list)
+    stats: dict[str, Stats] = field(default_factory=dict)  # loss, smooth, eval_loss, lr, grad_norm
+    scheduler: str = ""  # training.lr_scheduler, from the run's run_started event
+    last_checkpoint: str = ""  # "step N", or "" before the first
 
 
 def _float(value: Any) -> float | None:
@@ -174,6 +202,7 @@ class RunView:
         self.events_seen = 0
         self.alarm_count = 0
         self.last_alarm: dict[str, Any] | None = None
+        self.scheduler = ""
 
     @property
     def ended(self) -> bool:
@@ -265,6 +294,10 @@ class RunView:
             if self.started is None or ev.get("resumed_from"):
                 self.started = t  # a resumed run's elapsed time counts from the resume
             self.reason, self.traceback, self.stopped = "", [], False
+            config = ev.get("config")
+            training = config.get("training") if isinstance(config, dict) else None
+            if isinstance(training, dict) and isinstance(training.get("lr_scheduler"), str):
+                self.scheduler = training["lr_scheduler"]
             resumed = ev.get("resumed_from")
             self._note(ev, "started", f"started at step {step}" + (
                 f", resumed from {display_path(Path(str(resumed.get('checkpoint'))))}"
@@ -301,6 +334,8 @@ class RunView:
                 lr=self.lr.points(), grad_norm=self.grad_norm.points(), log=list(self.log), log_total=self.log_total,
                 alarm_count=self.alarm_count, last_alarm=self.last_alarm,
                 reason=self.reason, traceback=list(self.traceback),
+                stats={name: getattr(self, name).stats() for name in ("loss", "smooth", "eval_loss", "lr", "grad_norm")},
+                scheduler=self.scheduler, last_checkpoint=self.last_checkpoint,
             )
 
     def _eta(self, now: float) -> float | None:
@@ -383,3 +418,169 @@ class RunView:
             rows.append(("RAM", f"{gib(s.get('ram_used'))} / {gib(s['ram_total'])}"))
         rows.append(("trainer RSS", gib(s.get("rss"))))
         return rows
+
+
+# -- what a plot with no room says in one line ------------------------------------------------
+
+
+def number(value: float | None) -> str:
+    """A reading in a few characters: 0.557, 12.4, 2.0e-4."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value != 0 and (abs(value) < 0.01 or abs(value) >= 1e5):
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.3g}"
+
+
+def fitted(variants: list[str], width: int | None) -> str:
+    """The first of ``variants`` (longest first) that fits in ``width`` cells, else the last."""
+    for text in variants:
+        if width is None or len(text) <= width:
+            return text
+    return variants[-1]
+
+
+def lr_grad_summary(snap: Snapshot, width: int | None = None) -> str:
+    """The learning rate and grad norm plots in one line of at most ``width`` cells:
+    "lr 2.0e-4 → 1.1e-4 (cosine) · grad norm 0.84 (max 3.1)"."""
+    lr, grad = snap.stats.get("lr", Stats()), snap.stats.get("grad_norm", Stats())
+    if lr.last is None and grad.last is None:
+        return fitted(["learning rate, grad norm: waiting for the first step", "lr, grad norm: waiting"], width)
+    start = number(lr.high if lr.high is not None else lr.first)
+    lr_long = lr_short = ""
+    if lr.last is not None:
+        lr_short = f"lr {start}→{number(lr.last)}"
+        lr_long = f"lr {start} → {number(lr.last)}" + (f" ({snap.scheduler})" if snap.scheduler else "")
+    grad_long = grad_short = ""
+    if grad.last is not None:
+        grad_long = f"grad norm {number(grad.last)} (max {number(grad.high)})"
+        grad_short = f"grad {number(grad.last)} (max {number(grad.high)})"
+
+    def join(*parts: str) -> str:
+        return " · ".join(part for part in parts if part)
+
+    return fitted([join(lr_long, grad_long), join(lr_short, grad_long), join(lr_short, grad_short)], width)
+
+
+def loss_summary(snap: Snapshot, width: int | None = None) -> str:
+    """The loss plot in one line of at most ``width`` cells:
+    "loss 0.557 · smoothed 0.61 (low 0.52) · eval 0.798 (low 0.79)"."""
+    loss, smooth, ev = (snap.stats.get(k, Stats()) for k in ("loss", "smooth", "eval_loss"))
+    if loss.last is None:
+        return "loss: waiting for the first step"
+    evals = ev.last is not None
+    return fitted([
+        f"loss {number(loss.last)} · smoothed {number(smooth.last)} (low {number(smooth.low)})"
+        + (f" · eval {number(ev.last)} (low {number(ev.low)})" if evals else ""),
+        f"loss {number(loss.last)} · smoothed {number(smooth.last)}" + (f" · eval {number(ev.last)}" if evals else ""),
+        f"loss {number(smooth.last)}" + (f" · eval {number(ev.last)}" if evals else ""),
+    ], width)
+
+
+# -- comparing runs: their loss curves and their settings ---------------------------------------
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    """One run's loss, read from its events.jsonl for the comparison plot."""
+
+    name: str
+    run_dir: Path
+    smooth: tuple[list[float], list[float]] = ([], [])
+    eval_loss: tuple[list[float], list[float]] = ([], [])
+    error: str = ""  # why the events could not be read (one line)
+
+
+def read_curve(run_dir: str | Path) -> RunCurve:
+    """A run's smoothed training loss and eval loss, folded as the dashboard folds a run
+    (a slow read for a long run: call it from a worker)."""
+    run_dir = Path(run_dir)
+    path = run_dir / EVENTS_FILE
+    if not path.is_file():  # a pipe would block, a folder is not a file
+        return RunCurve(run_dir.name, run_dir, error=f"{display_path(path)}: not a readable events file")
+    view = RunView(run_dir.name, run_dir, status="")
+    try:
+        view.fold(read_events(path))
+    except OSError as exc:
+        return RunCurve(run_dir.name, run_dir, error=f"{display_path(path)}: {os_reason(exc)}")
+    snap = view.snapshot()
+    return RunCurve(run_dir.name, run_dir, snap.smooth, snap.eval_loss)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: {"lora": {"r": 16}} -> {"lora.r": 16}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix:  # a section (a mapping value in it stays whole)
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def read_settings(run_dir: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """A run's settings as trained (its project.toml snapshot, defaults filled in) as dotted
+    keys; or None and why they could not be read (one line)."""
+    from tunedeck.core.project import Project
+
+    try:
+        return flatten(Project.load(Path(run_dir) / SNAPSHOT).as_dict()), ""
+    except UserError as exc:
+        return None, exc.message
+
+
+_ABSENT = object()
+
+
+def settings_diff(settings: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The keys whose values differ between runs, each with its value per run as TOML
+    writes it ("-" where a run has no such key), in the order the keys come."""
+    from tunedeck.core.schema import toml_repr
+
+    keys: dict[str, None] = {}
+    for values in settings:
+        keys.update(dict.fromkeys(values))
+    out = []
+    for key in keys:
+        values = [run.get(key, _ABSENT) for run in settings]
+        shown = ["-" if v is _ABSENT else toml_repr(v) for v in values]
+        if len(set(shown)) > 1:
+            out.append((key, shown))
+    return out
+
+
+# -- resuming a run ----------------------------------------------------------------------------
+
+
+def resume_refusal(info: RunInfo) -> str | None:
+    """Why a run cannot be resumed (one line), or None when it can: it has ended without
+    finishing and has a checkpoint."""
+    if info.status in LIVE:
+        return f"{info.name} is {status_label(info.status)}: there is nothing to resume (x stops it)"
+    if info.status == UNKNOWN:
+        return f"{info.name} is {status_label(info.status, info.host)}: it cannot be resumed from here"
+    if info.status == FINISHED_STATUS:
+        return f"{info.name} has finished: there is nothing to resume; s starts a new run"
+    if not info.checkpoints:
+        return f"{info.name} has no checkpoint to resume from (it ended before its first save); s starts a new run"
+    return None
+
+
+def launch(engine: Any, project_path: str, overrides: tuple[str, ...] = (), run_name: str | None = None,
+           resume: bool = False) -> Any:
+    """Start a run as ``tunedeck train`` does (``resume``: continue ``run_name`` from its
+    latest checkpoint, in its folder): the pre-flight in the engine process (the target
+    check needs torch), then the run folder and the trainer. A refusal is a UserError and
+    creates nothing. Returns the launcher's RunHandle. Blocks: call it from a worker."""
+    from tunedeck.core import launcher
+
+    found = engine.call("preflight", project_path=project_path, overrides=list(overrides))
+    if found.get("device") == "cuda":
+        engine.call("release")  # the chat model's GPU memory goes to the run
+    try:
+        return launcher.start_run(project_path, overrides, run_name, resume, deep=False)
+    except UserError as exc:
+        message = exc.message.removeprefix("--resume: ") if resume else exc.message
+        raise UserError(message) from None
