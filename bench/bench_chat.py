@@ -12,7 +12,15 @@ every token decoded and sent through the pipe) against plain ``model.generate`` 
 process, on the same prompt, greedy, the same number of new tokens; the median of
 --repeats after a warm-up. Goal: at least 0.9x.
 
-    python bench/bench_chat.py [--tokens 64] [--repeats 3] [--json]
+Both panes: the time from sending a prompt to both panes' last token (base in one pane,
+the run in the other, each answering --tokens tokens), both at once (the engine's
+``chat_panes``: one batch whose rows use different adapters) against one pane after the
+other (two ``chat`` requests, as the Chat screen asked before), in the same engine, the
+repeats interleaved; the median of each. Goal: at least 1.6x faster. And each pane's
+greedy text at once is checked to be the same as that model's answer alone (without
+forcing a length, and with a second prompt of another length in one of the panes).
+
+    python bench/bench_chat.py [--tokens 64] [--repeats 3] [--json] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ import time
 from pathlib import Path
 
 PROMPT = [{"role": "user", "content": "Write a short poem about the sea."}]
+LONGER = [{"role": "user", "content": "Write a short poem about the sea."},
+          {"role": "assistant", "content": "The sea is wide and grey."},
+          {"role": "user", "content": "Now one about the mountains, in four lines, with a rhyme."}]
 
 
 def make_run(root: Path) -> Path:
@@ -36,7 +47,6 @@ def make_run(root: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tunedeck.core.models import ensure_default_model
 
     folder = ensure_default_model()
@@ -119,21 +129,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="only the speed and both-panes measures")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tunedeck.core.engine import EngineClient
     from tunedeck.core.models import ensure_default_model
 
     folder = str(ensure_default_model())
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp))
-        engine_mem = in_fresh_process(_engine_memory, str(run))
-        plain_mem = in_fresh_process(_plain_memory, folder)
+        engine_mem = None if args.skip_memory else in_fresh_process(_engine_memory, str(run))
+        plain_mem = None if args.skip_memory else in_fresh_process(_plain_memory, folder)
 
         # speed: the same greedy answer, the same length, engine (streamed) and plain generate
         n = args.tokens
@@ -164,25 +174,79 @@ def main() -> None:
                 plain_rates.append(plain())
                 base_rates.append(streamed("base", str(run)))
                 adapter_rates.append(streamed(str(run), None))
+            panes = both_panes(client, str(run), n, args.repeats)
     results = {
-        "memory": {"engine_base_plus_adapter_bytes": engine_mem, "plain_model_bytes": plain_mem,
-                   "ratio": engine_mem / plain_mem, "goal": "< 1.1"},
+        "memory": None if engine_mem is None or plain_mem is None else {
+            "engine_base_plus_adapter_bytes": engine_mem, "plain_model_bytes": plain_mem,
+            "ratio": engine_mem / plain_mem, "goal": "< 1.1"},
         "speed": {"tokens": n, "plain_generate_tokens_per_s": statistics.median(plain_rates),
                   "engine_stream_base_tokens_per_s": statistics.median(base_rates),
                   "engine_stream_adapter_tokens_per_s": statistics.median(adapter_rates),
                   "ratio": statistics.median(base_rates) / statistics.median(plain_rates), "goal": ">= 0.9"},
+        "both_panes": panes,
         "torch_threads": torch.get_num_threads(),
     }
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    m, s = results["memory"], results["speed"]
-    print(f"memory: engine base + adapter {m['engine_base_plus_adapter_bytes'] / 2**20:.0f} MiB, plain model "
-          f"{m['plain_model_bytes'] / 2**20:.0f} MiB: {m['ratio']:.2f}x (goal < 1.1x)")
+    m, s, b = results["memory"], results["speed"], results["both_panes"]
+    if m is not None:
+        print(f"memory: engine base + adapter {m['engine_base_plus_adapter_bytes'] / 2**20:.0f} MiB, plain model "
+              f"{m['plain_model_bytes'] / 2**20:.0f} MiB: {m['ratio']:.2f}x (goal < 1.1x)")
     print(f"speed ({n} tokens, greedy): plain generate {s['plain_generate_tokens_per_s']:.1f} tokens/s, engine "
           f"stream base {s['engine_stream_base_tokens_per_s']:.1f}, with the adapter "
           f"{s['engine_stream_adapter_tokens_per_s']:.1f}: {s['ratio']:.2f}x (goal >= 0.9x)")
+    same = "the same as alone" if b["greedy_same_as_alone"] else "NOT the same as alone: " + "; ".join(b["differences"])
+    print(f"both panes (base | run, {n} tokens each, greedy): to both last tokens, one after the other "
+          f"{b['one_after_the_other_s']:.2f} s, at once {b['at_once_s']:.2f} s: {b['ratio']:.2f}x faster "
+          f"(goal >= 1.6x); each pane's greedy text at once is {same} ({b['checked']} answers checked)")
     sys.stdout.flush()
+
+
+def both_panes(client, run: str, tokens: int, repeats: int) -> dict:
+    """Both panes' answers at once against one pane after the other, in one engine; and the
+    greedy texts at once against each model alone."""
+    forced = {"greedy": True, "max_new_tokens": tokens, "min_new_tokens": tokens}
+    panes = [{"model": "base", "messages": PROMPT}, {"model": run, "messages": PROMPT}]
+
+    def at_once() -> float:
+        start = time.perf_counter()
+        result = client.stream("chat_panes", panes=panes, settings=forced)
+        assert result["together"] and all(a["tokens"] == tokens for a in result["answers"]), result
+        return time.perf_counter() - start
+
+    def one_after_the_other() -> float:
+        start = time.perf_counter()
+        for pane, partner in ((panes[0], run), (panes[1], "base")):
+            result = client.stream("chat", model=pane["model"], partner=partner, messages=pane["messages"],
+                                   settings=forced)
+            assert result["tokens"] == tokens
+        return time.perf_counter() - start
+
+    at_once()  # warm-up of the batched path
+    together, apart = [], []
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit both alike
+        apart.append(one_after_the_other())
+        together.append(at_once())
+
+    # the same text as alone: natural greedy answers (each row ends at its own stop), and rows
+    # of different lengths (a longer conversation in one pane)
+    greedy = {"greedy": True, "max_new_tokens": tokens}
+    differences, checked = [], 0
+    for case in ([("base", PROMPT), (run, PROMPT)], [("base", LONGER), (run, PROMPT)], [(run, PROMPT), (run, LONGER)]):
+        result = client.stream("chat_panes", panes=[{"model": m, "messages": msgs} for m, msgs in case],
+                               settings=greedy)
+        models = [m for m, _ in case]
+        for i, (model, messages) in enumerate(case):
+            partner = next((m for j, m in enumerate(models) if j != i and m != "base"), None)
+            alone = client.stream("chat", model=model, partner=partner, messages=messages, settings=greedy)
+            checked += 1
+            if alone["text"] != result["answers"][i]["text"]:
+                differences.append(f"{result['answers'][i]['model']} ({len(messages)} messages)")
+    at, one = statistics.median(together), statistics.median(apart)
+    return {"tokens_per_pane": tokens, "at_once_s": at, "one_after_the_other_s": one, "ratio": one / at,
+            "goal": ">= 1.6", "greedy_same_as_alone": not differences, "differences": differences,
+            "checked": checked}
 
 
 if __name__ == "__main__":

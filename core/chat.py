@@ -1,28 +1,48 @@
 """Chat with a base model and runs' adapters: what the engine process holds and runs.
 
 One copy of the base weights: :class:`ChatState` loads the base model once, loads each
-run's adapter onto it by name (``PeftModel.load_adapter``) and switches between them with
-``set_adapter``; "base" answers with the adapters disabled (peft's ``disable_adapter``).
-So any two of {base, run A, run B, ...} are compared on the same weights in memory. A run
-trained on another base model replaces the base (its adapters go with it). The base is
-held in full precision (bf16 on a GPU, fp32 on a CPU); a QLoRA run's adapter is applied to
-it as it is to the merged model (:mod:`tunedeck.core.merge`), not to 4-bit weights.
+run's adapter onto it by name (``PeftModel.load_adapter``), and any two of {base, run A,
+run B, ...} are compared on the same weights in memory. A run trained on another base
+model replaces the base (its adapters go with it). The base is held in full precision
+(bf16 on a GPU, fp32 on a CPU); a QLoRA run's adapter is applied to it as it is to the
+merged model (:mod:`tunedeck.core.merge`), not to 4-bit weights.
 
 Each answer uses the chat template and the system prompt the run trained with: the
 template saved with the run's adapter (the trainer writes the one it rendered with), and
 ``dataset.system_prompt`` of the run's project snapshot. "base" uses those of the run it
 is compared with, or the project's when it is compared with nothing trained.
 
-Generation streams: a streamer decodes the new tokens as they come and hands each piece
-of text to a callback (the engine sends it to the UI), and a stopping criterion checks a
-cancel event after every token, so Esc stops an answer within a token. Answers of the two
-panes are generated one after the other, each as that model alone would give it: a seeded
-or greedy answer is the same here, in ``tunedeck chat`` and from the merged model, and
-each pane's tokens/s is its own. (A mixed-adapter batch would answer both at once, but
-padding and a shared sampling stream make its answers differ from a model's own.)
+Both panes answer at once (:meth:`ChatState.answer_all`): their prompts go through the
+model as one batch whose rows use different adapters (peft's mixed-adapter batches,
+``adapter_names=[...]`` with ``"__base__"`` for the base), so the time to both answers is
+about that of one. The decode loop is tunedeck's own, with the key/value cache, and keeps
+each row's answer what that model gives alone:
+
+- prompts of different lengths (different system prompts or templates) are left-padded,
+  with the attention mask and position ids of each row's own tokens;
+- each row goes through the logits processors ``generate`` would apply (repetition
+  penalty, min_new_tokens, then temperature, top_k, top_p) on its own tokens only, and
+  samples with a ``torch.Generator`` of its own seeded from the settings, so a greedy or
+  seeded answer is the same as that model alone gives, here, in ``tunedeck chat`` and from
+  the merged model;
+- each row stops at its own end-of-turn / eos ids or ``max_new_tokens`` and leaves the
+  batch (and the cache) then, and each pane's tokens/s counts to its own last token.
+
+Text streams per row: each row's new tokens are decoded as they come and handed, piece by
+piece, to a callback with the row's index (the engine sends them to that pane), and the
+cancel event is checked after every token, so Esc stops both answers within a token. A
+single answer (:meth:`ChatState.answer`) is a batch of one through the same loop, with the
+adapter switched on by ``set_adapter`` (or off, for "base").
+
+Two answers cannot share a batch when the two models are on different base models (one
+base is held at a time), or when an adapter is DoRA (peft's mixed batches do not take
+DoRA): then they are generated one after the other, each alone, the base already loaded
+going first.
 
 The CLI (``tunedeck chat``) uses the same :class:`ChatState` in its own process.
-Imports torch, transformers and peft: engine or CLI process only, never the UI.
+Imports torch, transformers and peft only inside its methods: importing this module is
+light (the UI reads :class:`GenSettings` and the saved settings from it), but answering
+happens in the engine or CLI process only, never the UI.
 """
 
 from __future__ import annotations
@@ -72,6 +92,8 @@ class GenSettings:
             if key not in known:
                 raise UserError(f"generation setting {key!r}: unknown; use {', '.join(known)}")
             if key == "greedy":
+                if isinstance(value, str):
+                    value = value.strip().lower() in ("1", "true", "yes", "on")
                 settings.greedy = bool(value)
                 continue
             kind = int if known[key].type in ("int", int) else float
@@ -102,6 +124,47 @@ class GenSettings:
         else:  # no sampling settings: transformers warns about unused ones
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+SETTINGS_TABLE = "chat_settings"
+"""The user config's table of generation settings, one per project file (its absolute path)."""
+
+
+def _settings_key(project_path: str | Path) -> str:
+    return str(Path(project_path).expanduser().resolve())
+
+
+def saved_settings(project_path: str | Path | None) -> GenSettings:
+    """The generation settings last applied on this project's Chat screen; the defaults for
+    a project never tuned (or without a file yet). A stored value that no longer fits is
+    left at its default: the user config holds preferences, never a reason to fail."""
+    from .paths import load_user_config
+
+    if project_path is None:
+        return GenSettings()
+    table = load_user_config().get(SETTINGS_TABLE)
+    stored = table.get(_settings_key(project_path)) if isinstance(table, dict) else None
+    settings = GenSettings()
+    if not isinstance(stored, dict):
+        return settings
+    for key, value in stored.items():
+        try:
+            setattr(settings, key, getattr(GenSettings.from_dict({key: value}), key))
+        except UserError:
+            continue
+    return settings
+
+
+def save_settings(project_path: str | Path, settings: GenSettings) -> None:
+    """Keep ``settings`` for this project (the user config, atomically written)."""
+    from .paths import load_user_config, save_user_config
+
+    config = load_user_config()
+    table = config.get(SETTINGS_TABLE)
+    if not isinstance(table, dict):
+        table = config[SETTINGS_TABLE] = {}
+    table[_settings_key(project_path)] = settings.as_dict()
+    save_user_config(config)
 
 
 # -- what a pane talks to ---------------------------------------------------------------------------
@@ -402,78 +465,335 @@ class ChatState:
     def answer(self, target: Target, messages: Sequence[dict[str, str]], settings: GenSettings, *,
                cancel: threading.Event | None = None, on_text: Callable[[str, Answer], None] | None = None) -> Answer:
         """Generate one answer from ``target`` to the conversation ``messages`` (the last turn
-        is the user's). ``on_text(piece, answer)`` gets the text as it is decoded (and the answer so far)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
+        is the user's), alone. ``on_text(piece, answer)`` gets the text as it is decoded (and
+        the answer so far). A problem with the target raises :class:`UserError`."""
+        forward = None if on_text is None else (lambda index, piece, answer: on_text(piece, answer))
+        result = self.answer_all([(target, messages)], settings, cancel=cancel, on_text=forward, together=False)
+        if result.errors[0] is not None:
+            raise UserError(result.errors[0])
+        return result.answers[0]  # type: ignore[return-value]
 
+    def answer_all(self, asks: Sequence[tuple[Target, Sequence[dict[str, str]]]], settings: GenSettings, *,
+                   cancel: threading.Event | None = None,
+                   on_text: Callable[[int, str, Answer], None] | None = None, together: bool = True) -> Answers:
+        """Answers to several conversations, one per pane: ``asks`` holds each pane's
+        (target, messages). Those on the loaded base model are generated at once, as one
+        batch (``together=False``: one after the other); see the module's docstring.
+
+        ``on_text(index, piece, answer)`` gets each pane's text as its row produces it. A
+        pane whose target cannot answer (its adapter does not load, its template cannot
+        render the conversation) gets its one-line error in ``errors``; the others answer.
+        """
         cancel = cancel or threading.Event()
+        count = len(asks)
+        result = Answers([None] * count, [None] * count, together=False)
         with self.lock:
-            name = self.prepare(target)
-            template = self.template(target)
-            tok = self.tokenizer
-            try:
-                text = tok.apply_chat_template(prompt_messages(target, messages), chat_template=template,
-                                               tokenize=False, add_generation_prompt=True)
-            except Exception as exc:
-                raise UserError(f"the chat template cannot render this conversation ({_first_line(exc)})") from None
-            inputs = tok(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-            answer = Answer(target.label)
-            started = time.perf_counter()
+            groups: dict[str, list[int]] = {}
+            for index, (target, _) in enumerate(asks):
+                groups.setdefault(target.base_path, []).append(index)
+            # the base already loaded goes first: one load fewer
+            order = sorted(groups, key=lambda path: path != self.base_path)
+            for path in order:
+                indices = groups[path]
+                if cancel.is_set():
+                    for index in indices:
+                        result.answers[index] = Answer(asks[index][0].label, cancelled=True)
+                    continue
+                try:
+                    self._ensure_base(asks[indices[0]][0])
+                except UserError as exc:
+                    for index in indices:
+                        result.errors[index] = exc.message
+                    continue
+                rows: list[_Row] = []
+                for index in indices:
+                    try:
+                        rows.append(self._row(index, *asks[index], settings))
+                    except UserError as exc:
+                        result.errors[index] = exc.message
+                if together and len(rows) > 1 and self._mixable(rows):
+                    self._decode(rows, settings, cancel, on_text)
+                    result.together = True
+                else:
+                    for row in rows:
+                        if cancel.is_set():
+                            row.answer.cancelled = True
+                            continue
+                        self._decode([row], settings, cancel, on_text)
+                for row in rows:
+                    result.answers[row.index] = row.answer
+        return result
 
-            class Stream(BaseStreamer):
-                """Decodes new tokens into text as they come (holding back half a character)."""
+    # -- the decode loop ------------------------------------------------------------------------
 
-                def __init__(self) -> None:
-                    self.ids: list[int] = []
-                    self.sent = 0
-                    self.prompt_seen = False
+    def _row(self, index: int, target: Target, messages: Sequence[dict[str, str]], settings: GenSettings) -> _Row:
+        """A pane's prompt, rendered and tokenized, its adapter loaded (with the base loaded)."""
+        name = self._ensure_adapter(target) if target.adapter else None
+        template = self.template(target)
+        tok = self.tokenizer
+        try:
+            text = tok.apply_chat_template(prompt_messages(target, messages), chat_template=template,
+                                           tokenize=False, add_generation_prompt=True)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"the chat template cannot render this conversation ({_first_line(exc)})") from None
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        if not prompt:
+            raise UserError("the chat template rendered this conversation as nothing to answer")
+        return _Row(index=index, name=name, prompt=list(prompt), stops=self.stop_ids(template),
+                    answer=Answer(target.label))
 
-                def put(self, value: Any) -> None:
-                    if not self.prompt_seen:  # generate() hands over the prompt first
-                        self.prompt_seen = True
-                        return
-                    self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-                    answer.tokens = len(self.ids)
-                    self.flush(final=False)
+    def _mixable(self, rows: Sequence[_Row]) -> bool:
+        """Whether these rows can share a batch: peft's mixed-adapter batches take no DoRA."""
+        configs = getattr(self.model, "peft_config", {})
+        return not any(row.name is not None and getattr(configs.get(row.name), "use_dora", False) for row in rows)
 
-                def end(self) -> None:
-                    self.flush(final=True)
+    def _decode(self, rows: list[_Row], settings: GenSettings, cancel: threading.Event,
+                on_text: Callable[[int, str, Answer], None] | None) -> None:
+        """Generate the rows' answers as one batch, token by token with the key/value cache."""
+        import inspect
 
-                def flush(self, final: bool) -> None:
-                    decoded = tok.decode(self.ids, skip_special_tokens=True)
-                    if not final and decoded.endswith("\ufffd"):
-                        return  # a character cut in two tokens: wait for the rest
-                    piece = decoded[self.sent:]
-                    if piece or final:
-                        self.sent = len(decoded)
-                        answer.text = decoded
-                        answer.seconds = time.perf_counter() - started
-                        if on_text is not None and piece:
-                            on_text(piece, answer)
+        import torch
+        from peft import PeftModel
 
-            class Cancelled(StoppingCriteria):
-                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
-                                      device=input_ids.device)
+        model, tok = self.model, self.tokenizer
+        device = model.device
+        lm = model.get_base_model() if isinstance(model, PeftModel) else model
+        params = inspect.signature(lm.forward).parameters
+        cache_name = "cache" if "cache" in params else "past_key_values"
+        fixed: dict[str, Any] = {"use_cache": True}
+        if "logits_to_keep" in params:
+            fixed["logits_to_keep"] = 1
+        # a batch of one switches its adapter on (or off, for base), as peft runs one model;
+        # a batch of several names each row's adapter (peft's mixed-adapter batch): the names
+        # reach every adapted layer through a hook put on once for the whole answer, rather
+        # than by ``adapter_names=`` to each forward (peft then hooks every layer anew per token)
+        context: Any = _nothing()
+        names: list[str] | None = None
+        if isinstance(model, PeftModel):
+            if len(rows) == 1:
+                if rows[0].name is None:
+                    context = model.disable_adapter()
+                else:
+                    model.set_adapter(rows[0].name)
+            else:
+                names = [row.name or "__base__" for row in rows]
+                context = _AdapterNames(model, names)
 
-            kwargs = settings.generate_kwargs()
-            stops = self.stop_ids(template)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else None)
-            if settings.sampling:
-                torch.manual_seed(settings.seed)
-            if cancel.is_set():
-                answer.cancelled = True
-                return answer
-            context = self.model.disable_adapter() if name is None and self.adapters else _nothing()
-            if name is not None:
-                self.model.set_adapter(name)
-            with torch.inference_mode(), context:
-                self.model.generate(**inputs, **kwargs, eos_token_id=stops or None, pad_token_id=pad,
-                                    streamer=Stream(), stopping_criteria=StoppingCriteriaList([Cancelled()]))
-            answer.seconds = time.perf_counter() - started
-            answer.cancelled = cancel.is_set()
-            return answer
+        width = max(len(row.prompt) for row in rows)
+        pad = tok.pad_token_id
+        if pad is None:
+            pad = next((row.stops[0] for row in rows if row.stops), 0)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt, dtype=torch.long)
+            mask[i, width - len(row.prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        padded = bool((mask == 0).any())
+        if padded:  # each row counts positions from its own first token
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:  # no padding: no mask, as generate() drops an all-ones one
+            positions = torch.arange(width, dtype=torch.long, device=device).unsqueeze(0).expand(len(rows), -1)
+        attention: Any = mask if padded else None
+        for row in rows:
+            row.start(settings, device, tok)
+        live = list(rows)  # the rows still generating, in batch order
+        if cancel.is_set():
+            for row in rows:
+                row.answer.cancelled = True
+            return
+        started = time.perf_counter()
+        with torch.inference_mode(), context:
+            out = model(input_ids=ids, attention_mask=attention, position_ids=positions, **fixed)
+            while True:
+                cache = getattr(out, cache_name, None)
+                if cache is None:
+                    cache = getattr(out, "past_key_values", None)
+                logits = out.logits[:, -1, :].to(dtype=torch.float32)
+                tokens = [row.pick(logits[i:i + 1]) for i, row in enumerate(live)]
+                now = time.perf_counter() - started
+                for row, token in zip(live, tokens):
+                    row.take(token, now, settings, on_text)
+                if cancel.is_set():
+                    for row in live:
+                        row.finish(on_text)
+                    break
+                keep = [i for i, row in enumerate(live) if not row.done]
+                if not keep:
+                    break
+                step = torch.tensor([[tokens[i]] for i in keep], dtype=torch.long, device=device)
+                if len(keep) < len(live):  # a row ended: it leaves the batch and the cache
+                    picked = torch.tensor(keep, dtype=torch.long, device=device)
+                    if hasattr(cache, "batch_select_indices"):
+                        cache.batch_select_indices(picked)
+                        if attention is not None:
+                            attention = attention[picked]
+                        positions = positions[picked]
+                        if names is not None:
+                            names[:] = [names[i] for i in keep]
+                        live = [live[i] for i in keep]
+                    else:  # a cache that cannot drop rows: the ended row runs on, unread
+                        step = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+                        live = [row if not row.done else row.as_ghost() for row in live]
+                positions = positions[:, -1:] + 1
+                if attention is not None:
+                    attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
+                out = model(input_ids=step, attention_mask=attention, position_ids=positions,
+                            **{cache_name: cache}, **fixed)
+
+
+@dataclass
+class Answers:
+    """What :meth:`ChatState.answer_all` gives: per pane its answer or its one-line error,
+    and whether the answers shared a batch."""
+
+    answers: list[Answer | None]
+    errors: list[str | None]
+    together: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"answers": [a.as_dict() if a is not None else None for a in self.answers], "errors": self.errors,
+                "together": self.together}
+
+
+@dataclass
+class _Row:
+    """One pane's answer in a batch: its prompt, adapter, stop ids, sampling and decoding state."""
+
+    index: int
+    name: str | None  # the adapter's name; None for the base
+    prompt: list[int]
+    stops: list[int]
+    answer: Answer
+    done: bool = False
+    ghost: bool = False  # ended, but still in a batch that cannot drop it
+    _seq: Any = None  # the row's own tokens (prompt and answer), for the logits processors
+    _processors: Any = None
+    _generator: Any = None
+    _sampling: bool = False
+    _ids: list[int] | None = None
+    _sent: int = 0
+    _tok: Any = None
+
+    def start(self, settings: GenSettings, device: Any, tok: Any) -> None:
+        """The logits processors ``generate`` applies for these settings, in its order, and a
+        generator seeded from the settings (the row samples from it alone)."""
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self._tok = tok
+        self._ids = []
+        self._seq = torch.tensor([self.prompt], dtype=torch.long, device=device)
+        processors = LogitsProcessorList()
+        if settings.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+        if settings.min_new_tokens > 0 and self.stops:
+            processors.append(MinNewTokensLengthLogitsProcessor(len(self.prompt), settings.min_new_tokens,
+                                                                self.stops, device=device))
+        self._sampling = settings.sampling
+        if self._sampling:
+            if settings.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k != 0:
+                processors.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
+            if settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
+            self._generator = torch.Generator(device=device).manual_seed(settings.seed)
+        self._processors = processors
+
+    def pick(self, logits: Any) -> int:
+        """The row's next token from its logits (1 x vocab)."""
+        import torch
+
+        if self.ghost:
+            return self._ids[-1] if self._ids else self.prompt[-1]  # type: ignore[index]
+        seq = self._seq.to(logits.device)
+        scores = self._processors(seq, logits) if self._processors else logits
+        if self._sampling:
+            generator = self._generator
+            if generator.device != scores.device:  # a model spread over GPUs: logits on the last one
+                generator = self._generator = torch.Generator(device=scores.device).manual_seed(generator.initial_seed())
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            return int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])
+        return int(torch.argmax(scores, dim=-1)[0])
+
+    def take(self, token: int, seconds: float, settings: GenSettings,
+             on_text: Callable[[int, str, Answer], None] | None) -> None:
+        """Add the row's new token; stream the text it completes; end at a stop id or the limit."""
+        import torch
+
+        if self.ghost or self.done:
+            return
+        ids = self._ids
+        assert ids is not None
+        ids.append(token)
+        self._seq = torch.cat([self._seq, self._seq.new_tensor([[token]])], dim=-1)
+        answer = self.answer
+        answer.tokens = len(ids)
+        answer.seconds = seconds
+        self.done = token in self.stops or len(ids) >= settings.max_new_tokens
+        decoded = self._tok.decode(ids, skip_special_tokens=True)
+        if not self.done and decoded.endswith("\ufffd"):
+            return  # a character cut in two tokens: wait for the rest
+        piece = decoded[self._sent:]
+        self._sent = len(decoded)
+        answer.text = decoded
+        if piece and on_text is not None:
+            on_text(self.index, piece, answer)
+
+    def finish(self, on_text: Callable[[int, str, Answer], None] | None) -> None:
+        """Stopped (cancelled): the text so far, to its last token."""
+        if self.ghost or self.done:
+            return
+        self.done = True
+        self.answer.cancelled = True
+        decoded = self._tok.decode(self._ids or [], skip_special_tokens=True)
+        piece = decoded[self._sent:]
+        self._sent = len(decoded)
+        self.answer.text = decoded
+        if piece and on_text is not None:
+            on_text(self.index, piece, self.answer)
+
+    def as_ghost(self) -> _Row:
+        self.ghost = True
+        return self
+
+
+class _AdapterNames:
+    """While it is entered, every adapted layer of ``model`` (peft's LoRA layers and the
+    modules it saves whole) runs a mixed-adapter batch: row i with adapter ``names[i]``
+    ("__base__": none). ``names`` is read at each forward, so rows can leave the batch."""
+
+    def __init__(self, model: Any, names: list[str]) -> None:
+        self.model = model
+        self.names = names
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        def inject(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            kwargs["adapter_names"] = self.names
+            return args, kwargs
+
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                self.handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class _nothing:

@@ -1,23 +1,30 @@
-"""Chat: one base model with runs' adapters, streaming through the engine, cancel, eval mode,
-broken adapters, and `tunedeck chat`."""
+"""Chat: one base model with runs' adapters, both panes answering at once (each as that model
+alone), streaming through the engine, cancel, eval mode, broken adapters, and `tunedeck chat`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
-
+from train_support import (
+    ANSWER,
+    memorisable_rows,
+    sharpened_copy,
+    train_inprocess,
+    write_project,
+)
 from tunedeck.core import engine
 from tunedeck.core.chat import BASE, ChatState, GenSettings, target_for
 from tunedeck.core.cli import main
 from tunedeck.core.engine import EngineClient, EngineError
 from tunedeck.core.errors import UserError
-
-from train_support import ANSWER, memorisable_rows, sharpened_copy, train_inprocess, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +35,8 @@ ASK = [{"role": "user", "content": "Say the magic words."}]
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """A run that memorised one answer, and a second adapter (random, built with peft) in a
-    run folder of its own, both on the same sharpened tiny model."""
+    run folder of its own with a system prompt (its prompts are longer), both on the same
+    sharpened tiny model; a DoRA adapter on it too, and an adapter on another base model."""
     root = tmp_path_factory.mktemp("chat")
     sharp = sharpened_copy(tiny_model_dir, root / "sharp")
     project = write_project(root / "project", sharp, memorisable_rows(),
@@ -36,19 +44,29 @@ def runs(tiny_model_dir, tmp_path_factory):
                             dataset={"eval_split": 0.25, "max_length": 96})
     code, _, tuned = train_inprocess(project, run_name="tuned")
     assert code == 0
-    other = tuned.parent / "other"
-    other.mkdir()
-    shutil.copy(tuned / "project.toml", other / "project.toml")
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(sharp)),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(str(other / "adapter"))
-    shutil.copy(tuned / "adapter" / "chat_template.jinja", other / "adapter" / "chat_template.jinja")
-    return {"project": project, "tuned": tuned, "other": other, "sharp": sharp}
+    snapshot = (tuned / "project.toml").read_text(encoding="utf-8")
+    assert snapshot.count("[dataset]\n") == 1
+    made = {}
+    for name, base, seed, extra in (("other", sharp, 1, {}), ("dora", sharp, 2, {"use_dora": True}),
+                                    ("elsewhere", tiny_model_dir, 3, {})):
+        folder = made[name] = tuned.parent / name
+        folder.mkdir()
+        text = snapshot.replace("[dataset]\n", '[dataset]\nsystem_prompt = "Answer in one short line."\n')
+        if base != sharp:
+            text, changed = re.subn(r"(?m)^source = .*$", f"source = {json.dumps(str(base))}", text)
+            assert changed == 1
+        (folder / "project.toml").write_text(text, encoding="utf-8")
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                          **extra))
+        model.save_pretrained(str(folder / "adapter"))
+        shutil.copy(tuned / "adapter" / "chat_template.jinja", folder / "adapter" / "chat_template.jinja")
+    return {"project": project, "tuned": tuned, "sharp": sharp, **made}
 
 
 def test_base_and_tuned_answer_differently_on_one_copy_of_the_weights(runs):
@@ -207,3 +225,174 @@ def test_cli_chat_json_and_text(runs, capsys, monkeypatch):
     assert err.startswith("tunedeck: error: run 'missing': no such run folder in runs") and "\n" not in err
     assert main(["chat", "tuned", "--prompt", "x", "--top-p", "7"]) == 2
     assert "top_p = 7.0: must be between 0 and 1" in capsys.readouterr().err
+
+
+# -- both panes at once ------------------------------------------------------------------------------
+
+SAMPLED = {"temperature": 1.3, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.2, "seed": 11,
+           "max_new_tokens": 16}
+LONGER = [{"role": "user", "content": "Say the magic words."}, {"role": "assistant", "content": "Not yet."},
+          {"role": "user", "content": "Now say them, all of them, slowly."}]
+
+
+def both(state, pairs, settings, **kwargs):
+    """answer_all on (model, partner, messages) triples, and each pane's streamed pieces."""
+    asks = [(target_for(model, partner=partner), messages) for model, partner, messages in pairs]
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(asks))}
+    order: list[int] = []
+
+    def on_text(index, piece, answer):
+        pieces[index].append(piece)
+        order.append(index)
+
+    result = state.answer_all(asks, settings, on_text=on_text, **kwargs)
+    return asks, result, pieces, order
+
+
+@pytest.mark.parametrize("settings", [GREEDY | {"max_new_tokens": 24}, SAMPLED], ids=["greedy", "seeded"])
+def test_both_panes_answer_at_once_each_as_that_model_alone(runs, settings):
+    state = ChatState(device="cpu")
+    gen = GenSettings.from_dict(settings)
+    tuned, other = str(runs["tuned"]), str(runs["other"])
+    cases = [
+        [(BASE, tuned, ASK), (tuned, BASE, ASK)],  # base against a run: the same prompt
+        [(tuned, other, ASK), (other, tuned, ASK)],  # run against run: other's system prompt pads tuned's row
+        [(BASE, tuned, LONGER), (tuned, BASE, ASK)],  # conversations of different lengths
+        [(other, None, ASK), (other, None, LONGER)],  # one adapter on both rows
+    ]
+    for pairs in cases:
+        asks, result, pieces, order = both(state, pairs, gen)
+        assert result.together and result.errors == [None, None]
+        lengths = set()
+        for index, (target, messages) in enumerate(asks):
+            alone = state.answer(target, messages, gen)
+            answer = result.answers[index]
+            assert answer.text == alone.text and answer.tokens == alone.tokens, (pairs[index], answer, alone)
+            assert answer.model == target.label and "".join(pieces[index]) == answer.text
+            assert answer.tokens_per_s and answer.seconds > 0
+            lengths.add(len(state._row(index, target, messages, gen).prompt))
+        # the two panes stream together: their pieces interleave, not one pane after the other
+        first_b, last_a = order.index(1), len(order) - 1 - order[::-1].index(0)
+        assert first_b < last_a, order
+        if pairs is cases[1] or pairs is cases[2]:
+            assert len(lengths) == 2  # left padding was needed
+
+
+def test_a_row_that_ends_leaves_the_batch_and_the_other_goes_on_as_alone(runs, monkeypatch):
+    """Each row stops at its own stop ids: here "," ends an answer too, which the run's
+    answer has early and base's has not; base then goes on alone in the batch."""
+    state = ChatState(device="cpu")
+    gen = GenSettings.from_dict(GREEDY | {"max_new_tokens": 24})
+    stop_ids = ChatState.stop_ids
+    state.prepare(target_for(str(runs["tuned"])))
+    comma = state.tokenizer.convert_tokens_to_ids(",")
+    assert isinstance(comma, int) and comma != state.tokenizer.unk_token_id
+    monkeypatch.setattr(ChatState, "stop_ids", lambda self, template: [*stop_ids(self, template), comma])
+    tuned = str(runs["tuned"])
+    for pairs in ([(BASE, tuned, ASK), (tuned, BASE, ASK)], [(tuned, BASE, ASK), (BASE, tuned, LONGER)]):
+        asks, result, _, _ = both(state, pairs, gen)
+        assert result.together
+        run = next(a for a in result.answers if a.model == "tuned")
+        base = next(a for a in result.answers if a.model == "base")
+        assert run.text.startswith(ANSWER[:6]) and run.tokens < 8 and base.tokens == 24
+        assert run.seconds < base.seconds  # its tokens/s counts to its own last token
+        for index, (target, messages) in enumerate(asks):
+            alone = state.answer(target, messages, gen)
+            assert (result.answers[index].text, result.answers[index].tokens) == (alone.text, alone.tokens)
+
+
+def test_esc_stops_both_answers_within_a_token(runs):
+    state = ChatState(device="cpu")
+    cancel = threading.Event()
+    long = GenSettings.from_dict({"greedy": True, "max_new_tokens": 3000, "min_new_tokens": 3000})
+    asks = [(target_for(BASE, partner=str(runs["tuned"])), ASK), (target_for(str(runs["tuned"])), ASK)]
+    seen: list[int] = []
+
+    def on_text(index, piece, answer):
+        seen.append(index)
+        if len(seen) >= 6:
+            cancel.set()
+
+    result = state.answer_all(asks, long, cancel=cancel, on_text=on_text)
+    assert result.together
+    for answer in result.answers:
+        assert answer.cancelled and 0 < answer.tokens < 20, answer
+    # what each pane had is the start of its answer alone
+    short = GenSettings.from_dict({"greedy": True, "max_new_tokens": 40, "min_new_tokens": 40})
+    for (target, messages), answer in zip(asks, result.answers):
+        assert state.answer(target, messages, short).text.startswith(answer.text)
+
+
+def test_a_run_on_another_base_or_with_dora_answers_one_after_the_other(runs):
+    state = ChatState(device="cpu")
+    gen = GenSettings.from_dict(GREEDY)
+    tuned = str(runs["tuned"])
+    for other in ("elsewhere", "dora"):
+        pairs = [(tuned, None, ASK), (str(runs[other]), None, ASK)]
+        asks, result, pieces, order = both(state, pairs, gen)
+        assert not result.together and result.errors == [None, None], result
+        assert order == sorted(order, key=lambda i: order.index(i))  # one pane's pieces, then the other's
+        assert len(set(order[:len(pieces[order[0]])])) == 1
+        for index, (target, messages) in enumerate(asks):
+            assert result.answers[index].text == state.answer(target, messages, gen).text
+            assert "".join(pieces[index]) == result.answers[index].text
+    assert target_for(str(runs["elsewhere"])).base_path != target_for(tuned).base_path
+
+
+def test_a_pane_that_cannot_answer_leaves_the_other_answering_through_the_engine(runs, tmp_path):
+    reply = engine.handle({"id": 1, "op": "chat_panes", "args": {
+        "panes": [{"model": BASE, "messages": ASK}, {"model": str(tmp_path / "gone"), "messages": ASK}],
+        "settings": GREEDY, "project_path": str(runs["project"])}})
+    assert reply["ok"], reply
+    result = reply["result"]
+    assert result["answers"][1] is None and "no such run folder" in result["errors"][1]
+    assert "\n" not in result["errors"][1]
+    assert result["errors"][0] is None and result["answers"][0]["tokens"] == 8
+
+
+def test_both_panes_stream_together_through_the_engine(runs, tmp_path):
+    with EngineClient(log_path=tmp_path / "engine.log") as client:
+        partials: list[dict] = []
+        panes = [{"model": BASE, "messages": ASK}, {"model": str(runs["tuned"]), "messages": ASK}]
+        result = client.stream("chat_panes", panes=panes, settings=GREEDY | {"max_new_tokens": 12},
+                               project_path=str(runs["project"]), on_partial=partials.append)
+        assert result["together"] and result["errors"] == [None, None]
+        order = [p["pane"] for p in partials]
+        assert order.index(1) < len(order) - 1 - order[::-1].index(0), order  # interleaved
+        for pane, answer in enumerate(result["answers"]):
+            mine = [p for p in partials if p["pane"] == pane]
+            assert "".join(p["text"] for p in mine) == answer["text"] and mine[-1]["tokens"] == answer["tokens"]
+            assert answer["tokens_per_s"] > 0
+        alone = client.stream("chat", model=str(runs["tuned"]), messages=ASK, settings=GREEDY | {"max_new_tokens": 12},
+                              project_path=str(runs["project"]))
+        assert alone["text"] == result["answers"][1]["text"]
+
+
+def test_cli_chat_prints_no_library_noise(runs, tmp_path):
+    """The real command in a fresh process: its output is the answers, and the libraries'
+    loading bars and warnings are in the log."""
+    env = {**os.environ, "TUNEDECK_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "120"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    command = [sys.executable, "-m", "tunedeck.core", "chat", "tuned", "--prompt", "Say the magic words.",
+               "--greedy", "--max-new-tokens", "8", "--cpu"]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, check=False, cwd=runs["project"].parent,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    out = json.loads(done.stdout)
+    assert out["a"]["model"] == "tuned" and out["a"]["text"].startswith(ANSWER[:6])
+    log = (tmp_path / "cache" / "logs" / "chat.log").read_text(encoding="utf-8")
+    assert log.strip()  # what the libraries said went here (loading bars, warnings)
+
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=runs["project"].parent, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"(\(\d+ tokens(, [\d.]+ tokens/s)?\)\n){2}", done.stderr), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("── tuned ") and lines[1].startswith(ANSWER[:6])
+    assert any(line.startswith("── base ") for line in lines[2:])
+    assert "Loading" not in done.stdout and "arn" not in done.stdout  # no bars, no warnings
+
+    done = subprocess.run([sys.executable, "-m", "tunedeck.core", "chat", "nope", "--prompt", "x"],
+                          capture_output=True, text=True, check=False, cwd=runs["project"].parent, env=env, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("tunedeck: error: run 'nope'") and done.stderr.count("\n") == 1

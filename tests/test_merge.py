@@ -4,6 +4,8 @@ logits equal base + adapter; QLoRA runs merge into the full-precision base."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -87,7 +89,14 @@ def test_a_qlora_run_merges_into_the_full_precision_base(sharp, tmp_path):
     code, _, run_dir = train_inprocess(project, run_name="qlora")
     assert code == 0
     out = tmp_path / "merged"
-    assert main(["merge", str(run_dir), "--out", str(out), "--cpu"]) == 0
+    # the command itself, as a user runs it: its own lines only; the libraries' in the run's log
+    done = subprocess.run([sys.executable, "-m", "tunedeck.core", "merge", str(run_dir), "--out", str(out), "--cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1 and done.stdout.startswith(f"{out}: qlora merged into")
+    stages = done.stderr.splitlines()
+    assert stages and all(line.split()[0] in {"loading", "merging", "writing", "merged"} for line in stages), stages
+    assert (run_dir / "merge.log").is_file()
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # a plain full-precision model
     plain, tuned, merged = logits_pair(sharp, run_dir / "adapter", out)

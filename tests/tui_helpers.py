@@ -8,6 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from textual import events
+from textual.keys import _character_to_key
+
 from tunedeck.core import engine
 from tunedeck.core.engine import EngineError
 from tunedeck.core.hardware import Hardware
@@ -142,3 +145,95 @@ async def settle(pilot: Any, timeout: float = 30.0) -> None:
             return
         await pilot.pause(0.05)
     raise AssertionError(f"workers still running: {busy}")
+
+
+class PanesEngine(InProcessEngine):
+    """The in-process engine with a stand-in for the Chat screen's ``chat_panes``: each pane's
+    answer is ``answers[model name]`` (else "an answer from NAME"), streamed a word at a
+    time to every pane in turn, as one batch streams its rows. With ``hold`` set, the stream
+    stops half-way (``halfway`` is set) until ``go`` is set or the request is cancelled, so a
+    test can look at both panes mid-answer."""
+
+    def __init__(self, answers: dict[str, str] | None = None, *, hold: bool = False) -> None:
+        super().__init__()
+        self.answers = answers or {}
+        self.hold = hold
+        self.halfway = threading.Event()
+        self.go = threading.Event()
+        self.requests: list[dict[str, Any]] = []
+
+    def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
+               cancel: threading.Event | None = None, **args: Any) -> dict[str, Any]:
+        self.calls.append(op)
+        if op != "chat_panes":
+            raise EngineError(f"unknown engine request {op!r}")
+        self.requests.append(args)
+        cancel = cancel or threading.Event()
+        names = ["base" if p["model"] == "base" else Path(p["model"]).name for p in args["panes"]]
+        words = [self.answers.get(name, f"an answer from {name}").split(" ") for name in names]
+        texts, tokens = [""] * len(names), [0] * len(names)
+        steps = max(len(w) for w in words)
+        for step in range(steps):
+            if self.hold and step == steps // 2:
+                self.halfway.set()
+                while not (self.go.is_set() or cancel.is_set()):
+                    self.go.wait(0.05)
+            if cancel.is_set():
+                break
+            for pane, pieces in enumerate(words):
+                if step < len(pieces):
+                    piece = (" " if step else "") + pieces[step]
+                    texts[pane] += piece
+                    tokens[pane] += 1
+                    if on_partial is not None:
+                        on_partial({"pane": pane, "text": piece, "tokens": tokens[pane], "tokens_per_s": 10.0})
+        answers = [{"model": name, "text": text, "tokens": count, "seconds": 0.1, "tokens_per_s": 10.0 * bool(count),
+                    "cancelled": cancel.is_set()} for name, text, count in zip(names, texts, tokens)]
+        return {"answers": answers, "errors": [None] * len(names), "together": True}
+
+
+def write_run(runs_dir: Path, name: str, *, status: str = "finished", steps: int = 10, loss: float | None = 0.5,
+              adapter: bool = True, started: float = 1_700_000_000.0) -> Path:
+    """A run folder as the trainer leaves it, for the run lists: its events (``status``:
+    finished, stopped, failed, died or running) and, with ``adapter``, an adapter config."""
+    from tunedeck.core.runs import write_record
+
+    folder = runs_dir / name
+    folder.mkdir(parents=True)
+    events: list[dict[str, Any]] = [{"type": "run_started", "time": started, "step": 0, "max_steps": steps}]
+    if loss is not None:
+        events.append({"type": "step", "time": started + 1, "step": steps, "loss": loss})
+    end = started + 2
+    if status in ("finished", "stopped"):
+        events.append({"type": "finished", "time": end, "step": steps, "stopped": status == "stopped"})
+    elif status == "failed":
+        events.append({"type": "failed", "time": end, "step": steps if loss is not None else 0,
+                       "reason": "out of memory"})
+    elif status == "running":
+        import os
+
+        write_record(folder, pid=os.getpid())
+    (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    if adapter:
+        (folder / "adapter").mkdir()
+        (folder / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
+    return folder
+
+
+# -- keys as a terminal read delivers them ----------------------------------------------------
+
+
+def burst(app: Any, *keys: str) -> None:
+    """Keys delivered the way a terminal read delivers them: all queued at once, none handled
+    before the next arrives (``pilot.press`` waits for the app to go idle after each key)."""
+    for key in keys:
+        event = events.Key(_character_to_key(key) if len(key) == 1 and not key.isalnum() else key,
+                           key if len(key) == 1 else None)
+        event.set_sender(app)
+        app._driver.send_message(event)
+
+
+async def drain(pilot: Any) -> None:
+    """Let the app handle what a :func:`burst` queued."""
+    for _ in range(5):
+        await pilot.pause(0.05)

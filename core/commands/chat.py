@@ -6,20 +6,26 @@ template and system prompt the run trained with, and one copy of the base weight
 adapter is switched off for "base"). --greedy gives the exact, repeatable answers; with
 sampling, --seed makes them repeatable.
 
+Both answers are generated at once, as one batch on the one base model (each the same
+as that model gives alone); RUN's answer is printed as it comes, the other's when RUN's is
+complete. Two runs on different base models answer one after the other.
+
 --json prints {"a": {"model", "text", "tokens_per_s", ...}, "b": {...}}: a is RUN, b the
 model it is compared with.
+
+What the libraries print while they load and generate (loading bars, warnings) goes to
+chat.log in the logs folder of the user cache dir, not to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..errors import UserError
+from ..paths import cache_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +70,6 @@ def runs_dir_for(project: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notes, not ours
     from ..chat import BASE, GenSettings, run_folder, target_for
 
     runs_dir = runs_dir_for(args.project)
@@ -73,36 +78,60 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_folder(args.run, runs_dir)
     against = BASE if args.against == BASE else str(run_folder(args.against, runs_dir))
     settings = GenSettings.from_dict(generation_settings(args))
-    targets = [target_for(str(run_dir), runs_dir=runs_dir),
-               target_for(against, partner=str(run_dir), runs_dir=runs_dir)]
-    if targets[0].base_path != targets[1].base_path:
-        raise UserError(f"{targets[0].label} and {targets[1].label} were trained on different base models "
-                        f"({targets[0].source}, {targets[1].source}); compare each with base")
-    from ..chat import ChatState
-
-    state = ChatState(device="cpu" if args.cpu else None)
     messages = [{"role": "user", "content": args.prompt}]
-    answers = {}
-    for key, target in zip("ab", targets):
-        if not args.json:
-            print(f"── {target.label} " + "─" * max(2, 60 - len(target.label)), flush=True)
-            printer = _Printer()
-            answer = state.answer(target, messages, settings, on_text=printer)
-            print(flush=True)
-            rate = f", {answer.tokens_per_s:.1f} tokens/s" if answer.tokens_per_s else ""
-            print(f"({answer.tokens} tokens{rate})", file=sys.stderr, flush=True)
+    from ..quiet import library_output
+
+    with library_output(cache_dir() / "logs" / "chat.log") as (out, err):
+        from ..chat import ChatState
+
+        targets = [target_for(str(run_dir), runs_dir=runs_dir),
+                   target_for(against, partner=str(run_dir), runs_dir=runs_dir)]
+        state = ChatState(device="cpu" if args.cpu else None)
+        printer = None if args.json else _Printer(out, targets)
+        result = state.answer_all([(target, messages) for target in targets], settings,
+                                  on_text=None if printer is None else printer.piece)
+        problem = next((e for e in result.errors if e is not None), None)
+        if problem is not None:
+            raise UserError(problem)
+        answers = {key: answer.as_dict() for key, answer in zip("ab", result.answers) if answer is not None}
+        if printer is not None:
+            printer.done(result.answers, err)
         else:
-            answer = state.answer(target, messages, settings)
-        answers[key] = answer.as_dict()
-    if args.json:
-        json.dump(answers, sys.stdout, indent=2)
-        print()
+            json.dump(answers, out, indent=2)
+            out.write("\n")
+            out.flush()
     return 0
 
 
 class _Printer:
-    """Prints an answer as it is generated."""
+    """Prints the answers as they are generated: the first pane's live, the second's (which
+    comes at the same time) once the first is complete."""
 
-    def __call__(self, piece: str, answer: Any) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    def __init__(self, out: TextIO, targets: list[Any]) -> None:
+        self.out = out
+        self.labels = [t.label for t in targets]
+        self.held = ""
+        self.header(0)
+
+    def header(self, index: int) -> None:
+        label = self.labels[index]
+        self.out.write(f"── {label} " + "─" * max(2, 60 - len(label)) + "\n")
+        self.out.flush()
+
+    def piece(self, index: int, piece: str, answer: Any) -> None:
+        if index == 0:
+            self.out.write(piece)
+            self.out.flush()
+        else:
+            self.held += piece
+
+    def done(self, answers: list[Any], err: TextIO) -> None:
+        for index, answer in enumerate(answers):
+            if index:
+                self.header(index)
+                self.out.write(self.held)
+            self.out.write("\n")
+            self.out.flush()
+            rate = f", {answer.tokens_per_s:.1f} tokens/s" if answer.tokens_per_s else ""
+            err.write(f"({answer.tokens} tokens{rate})\n")
+            err.flush()

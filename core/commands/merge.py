@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -31,23 +30,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notes, not ours
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the stages are printed; a bar per shard is noise
     from ..chat import run_folder
     from ..merge import check_out, merge_run
+    from ..quiet import library_output
     from .chat import runs_dir_for
 
     run_dir = run_folder(args.run, runs_dir_for(args.project))
     out = Path(args.out).expanduser()
     check_out(out)  # before loading anything
-    progress = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
-    result = merge_run(run_dir, out, cpu=args.cpu, progress=progress)
+    log = run_dir / "merge.log"
+    with library_output(log) as (_, err):  # loading bars and kernel notices go to the log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        progress = None if args.json else (lambda message: print(message, file=err, flush=True))
+        result = merge_run(run_dir, out, cpu=args.cpu, progress=progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
         print(f"{result['out']}: {result['run']} merged into {result['base']} ({result['params']:,} parameters, "
-              f"{result['dtype']}); load it with AutoModelForCausalLM.from_pretrained")
+              f"{result['dtype']}); load it with AutoModelForCausalLM.from_pretrained (library output: {log})")
     return 0

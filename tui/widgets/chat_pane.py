@@ -4,8 +4,10 @@ speed) and the eval view (one prompt at a time: both answers and the reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -72,20 +74,22 @@ class ChatPane(Vertical):
         self._answer: Turn | None = None
 
     def compose(self) -> ComposeResult:
-        yield Select(self._options, value=self.model, allow_blank=False, compact=True, id=f"{self.id}-model")
+        yield Select(_plain(self._options), value=self.model, allow_blank=False, compact=True, id=f"{self.id}-model")
         yield Static("", classes="pane-stats", markup=False)
         yield VerticalScroll(classes="pane-turns")
 
     @property
     def label(self) -> str:
-        return next((label for label, value in self._options if value == self.model), self.model)
+        """The pane's model in short: "base" or "run NAME"."""
+        return "base" if self.model == "base" else f"run {Path(self.model).name}"
 
     def set_options(self, options: list[tuple[str, str]]) -> None:
-        """The models to pick from (base and the finished runs); keeps the pick when it is there."""
+        """The models to pick from (base and the runs, with what the picker says of each);
+        keeps the pick when it is there."""
         self._options = options
         select = self.query_one(Select)
         with self.prevent(Select.Changed):
-            select.set_options(options)
+            select.set_options(_plain(options))
             values = [value for _, value in options]
             if self.model not in values:
                 self.model = values[0]
@@ -150,6 +154,11 @@ class ChatPane(Vertical):
         self._answer = None
         self.query_one(".pane-turns", VerticalScroll).remove_children()
         self.stats("")
+
+
+def _plain(options: list[tuple[str, str]]) -> list[tuple[Text, str]]:
+    """Options whose labels are shown as they are (a run's name is never read as markup)."""
+    return [(Text(label), value) for label, value in options]
 
 
 def _speed(tokens: int, tokens_per_s: float | None, state: str) -> str:
