@@ -14,7 +14,6 @@ from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import Button, DataTable, Input, Label, OptionList
 from textual.widgets.option_list import Option
-
 from tunedeck.core.errors import UserError
 from tunedeck.core.project import Project
 
@@ -49,6 +48,15 @@ class Dialog(ModalScreen[object]):
     """A centred box; escape cancels (dismisses with None)."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="dialog.cancel")]
+    SHORT = 32
+    """Below this many rows the dialog drops its blank lines and input borders (class
+    ``-short``), so a dialog of three fields and its buttons fits an 80x24 terminal."""
+
+    def on_resize(self) -> None:
+        self.set_class(self.app.size.height < self.SHORT, "-short")
+
+    def on_mount(self) -> None:
+        self.on_resize()
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -9,12 +9,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, OptionList
+from textual.widgets import Button, Header, Label, OptionList
 from textual.widgets.option_list import Option
 
 from tunedeck.core.paths import load_user_config
 
 from ..session import display_path
+from .base import SteadyFooter
 
 if TYPE_CHECKING:
     from ..app import TunedeckApp
@@ -47,7 +48,7 @@ class StartScreen(Screen[None]):
             with Horizontal(id="start-buttons"):
                 yield Button("New project (ctrl+n)", variant="primary", id="new")
                 yield Button("Open… (ctrl+o)", id="open")
-        yield Footer(compact=True)
+        yield SteadyFooter(compact=True)
 
     @on(OptionList.OptionSelected, "#recent")
     def _recent(self, event: OptionList.OptionSelected) -> None:
