@@ -8,7 +8,8 @@ launched       name, resume, processes (written by whoever started this session 
                before the trainer exists: a new session begins here)
 run_started    config (the project's settings), resolved ("auto" made concrete), versions,
                device, trainable_params, total_params, train_rows, eval_rows, max_steps,
-               resumed_from ({checkpoint, step} or null), run_dir, pid
+               resumed_from ({checkpoint, step} or null), run_dir, pid, memory_estimate (the
+               peak memory estimate at the run's settings: core.memory's breakdown, bytes)
 step           loss, learning_rate, grad_norm, tokens (non-pad tokens seen so far, over all
                processes), tokens_per_s (non-pad tokens per second since the previous step
                event), epoch, eta_s, max_steps, plus trl's mean_token_accuracy and entropy
@@ -19,8 +20,8 @@ system         gpu_memory_used, gpu_memory_total, gpu_utilization, gpu_temperatu
                available), gpus (the same per visible GPU, with its NVML index, label and
                UUID; [] on a CPU), torch_peak_memory (since training began),
                torch_reserved, torch_allocated (bytes, null on a CPU), rss (this process,
-               bytes), ram_used, ram_total (bytes), cpu_percent (the machine, since the
-               previous system event)
+               bytes), rss_peak (its peak resident memory since training began), ram_used,
+               ram_total (bytes), cpu_percent (the machine, since the previous system event)
 warning        message
 finished       adapter, run_dir, checkpoints, final_loss, train_loss, runtime_s, tokens and
                tokens_per_s (this session's), stopped

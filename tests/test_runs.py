@@ -188,3 +188,17 @@ def test_attach_text_follows_a_hand_made_run_folder(tmp_path, monkeypatch, capsy
     assert "warning: careful" in err and "finished at step 4: loss 1.2500" in err
     assert cli.main(["attach", str(run_dir), "--stop"]) == 2
     assert "old has ended (finished); nothing to stop" in capsys.readouterr().err
+
+
+def test_the_dashboard_shows_the_recorded_estimate_next_to_the_measured_peak():
+    from tunedeck.tui.training import RunView
+
+    view = RunView("r", Path("runs/r"))
+    view.fold([{"type": "run_started", "step": 0, "max_steps": 4, "memory_estimate": {"total": 3 * 2**30}},
+               {"type": "system", "step": 1, "rss": 2 * 2**30, "rss_peak": int(3.5 * 2**30)}], "running")
+    assert dict(view.snapshot().system)["memory"] == "estimated 3.00 GiB · measured peak 3.50 GiB"
+    view.fold([{"type": "finished", "step": 4, "final_loss": 1.0}], "finished")
+    assert dict(view.snapshot().system)["memory"] == "estimated 3.00 GiB · measured peak 3.50 GiB"
+    bare = RunView("r", Path("runs/r"))  # an older run with neither: no line
+    bare.fold([{"type": "run_started", "step": 0, "max_steps": 4}], "running")
+    assert "memory" not in dict(bare.snapshot().system)

@@ -41,7 +41,7 @@ from tunedeck.core.project import Project
 from .screens.base import one_line
 from .session import Session, display_path
 from .themes import DEFAULT_THEME, bundled_themes, user_themes
-from .training import RunView, status_label
+from .training import RunView, launch, status_label
 from .widgets.mode_tabs import SCREENS, ModeTabs
 
 if TYPE_CHECKING:
@@ -576,12 +576,7 @@ class TunedeckApp(App[int]):
     def _start_run(self, project_path: str, overrides: tuple[str, ...]) -> None:
         """The pre-flight of `tunedeck train` in the engine process (the target check needs
         torch), then the run folder and the trainer: a refusal creates nothing."""
-        from tunedeck.core import launcher
-
-        found = self.engine.call("preflight", project_path=project_path, overrides=list(overrides))
-        if found.get("device") == "cuda":
-            self.engine.call("release")  # the chat model's GPU memory goes to the run
-        handle = launcher.start_run(project_path, overrides, deep=False)
+        handle = launch(self.engine, project_path, overrides)
         self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
 
     @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)

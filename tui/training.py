@@ -19,6 +19,7 @@ from typing import Any
 
 from tunedeck.core.errors import UserError, os_reason
 from tunedeck.core.events import EVENTS_FILE, finite_number, read_events
+from tunedeck.core.memory import estimate_vs_peak
 from tunedeck.core.runs import (
     ENDED, FINISHED_STATUS, LIVE, SNAPSHOT, UNKNOWN, RunInfo, RunState,
 )
@@ -380,6 +381,15 @@ class RunView:
         return rows
 
     def _system(self) -> list[tuple[str, str]]:
+        rows = self._readings()
+        # the estimate the run recorded next to the peak it measured: how far to trust the next one
+        total = (self.state.memory_estimate or {}).get("total")
+        memory = estimate_vs_peak(total if isinstance(total, int) else None, self.state.memory_peak)
+        if memory:
+            rows.append(("memory", memory))
+        return rows
+
+    def _readings(self) -> list[tuple[str, str]]:
         s = self.system
         if self.ended:  # no live readings once the trainer is gone: what it measured, and that it ended
             rows = [("trainer", "ended: no live readings")]
@@ -580,7 +590,10 @@ def launch(engine: Any, project_path: str, overrides: tuple[str, ...] = (), run_
     if found.get("device") == "cuda":
         engine.call("release")  # the chat model's GPU memory goes to the run
     try:
-        return launcher.start_run(project_path, overrides, run_name, resume, deep=False)
+        options: dict[str, Any] = {"run_name": run_name} if run_name is not None else {}
+        if resume:
+            options["resume"] = True
+        return launcher.start_run(project_path, overrides, deep=False, **options)
     except UserError as exc:
         message = exc.message.removeprefix("--resume: ") if resume else exc.message
         raise UserError(message) from None
