@@ -18,7 +18,9 @@ the run in the other, each answering --tokens tokens), both at once (the engine'
 other (two ``chat`` requests, as the Chat screen asked before), in the same engine, the
 repeats interleaved; the median of each. Goal: at least 1.6x faster. And each pane's
 greedy text at once is checked to be the same as that model's answer alone (without
-forcing a length, and with a second prompt of another length in one of the panes).
+forcing a length, and with a second prompt of another length in one of the panes). Next
+to it, this machine's bound: a decode step of the plain model for one row and for two,
+and so the most any batch of two can gain here.
 
     python bench/bench_chat.py [--tokens 64] [--repeats 3] [--json] [--skip-memory]
 """
@@ -175,6 +177,7 @@ def main() -> None:
                 base_rates.append(streamed("base", str(run)))
                 adapter_rates.append(streamed(str(run), None))
             panes = both_panes(client, str(run), n, args.repeats)
+        panes["bound"] = batch_bound(model, inputs["input_ids"].shape[1], n)
     results = {
         "memory": None if engine_mem is None or plain_mem is None else {
             "engine_base_plus_adapter_bytes": engine_mem, "plain_model_bytes": plain_mem,
@@ -200,7 +203,34 @@ def main() -> None:
     print(f"both panes (base | run, {n} tokens each, greedy): to both last tokens, one after the other "
           f"{b['one_after_the_other_s']:.2f} s, at once {b['at_once_s']:.2f} s: {b['ratio']:.2f}x faster "
           f"(goal >= 1.6x); each pane's greedy text at once is {same} ({b['checked']} answers checked)")
+    c = b["bound"]
+    print(f"this machine's bound: a decode step of the plain model ({c['dtype']}) takes {c['one_row_ms']:.1f} ms "
+          f"for one row, {c['two_rows_ms']:.1f} ms for two: two answers in one batch can be at most "
+          f"{c['ratio']:.2f}x faster here")
     sys.stdout.flush()
+
+
+def batch_bound(model, prompt_tokens: int, steps: int) -> dict:
+    """What batching two rows can give on this machine at best: the time of a decode step
+    (one new token against the key/value cache) of the plain model for one row and for two.
+    A CPU whose matrix products are no faster per row for two rows than for one (fp32 on
+    some BLAS builds) bounds the panes' speed-up near 1x, however the batch is run."""
+    import torch
+
+    def step_ms(rows: int) -> float:
+        ids = torch.randint(0, 1000, (rows, prompt_tokens))
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, torch.randint(0, 1000, (rows, 1))
+            start = time.perf_counter()
+            for _ in range(steps):
+                cache = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+            return 1000 * (time.perf_counter() - start) / steps
+
+    step_ms(1), step_ms(2)  # warm-up
+    one, two = statistics.median(step_ms(1) for _ in range(3)), statistics.median(step_ms(2) for _ in range(3))
+    return {"dtype": str(model.dtype).removeprefix("torch."), "one_row_ms": one, "two_rows_ms": two,
+            "ratio": 2 * one / two}
 
 
 def both_panes(client, run: str, tokens: int, repeats: int) -> dict:
