@@ -268,6 +268,7 @@ def test_a_burst_from_tmux_send_keys_is_stored_as_typed(tmp_path, monkeypatch):
             time.sleep(0.05)
         assert "\nr = 64\n" in project.read_text()
         tmux.keys("/", "e", "p", "o", "c", "h")  # search: the keys after / are the search's
+        tmux.wait_for("/epoch")  # every key typed
         screen = tmux.wait_for("1 of ")  # the count: one key matches
         assert "/epoch" in screen and "epochs" in screen and "alpha" not in screen, screen
     finally:
