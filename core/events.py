@@ -208,10 +208,11 @@ class EventReader:
 # -- what the machine says ----------------------------------------------------------------
 
 
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries a run depends on (read from metadata, nothing imported)."""
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (by default the libraries a run depends on), and
+    Python's; read from metadata, nothing imported."""
     out: dict[str, str | None] = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

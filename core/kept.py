@@ -70,15 +70,9 @@ def stamp(path: Path, *, skip: tuple[str, ...] = WEIGHT_SUFFIXES) -> Any:
 
 @lru_cache(maxsize=1)
 def _versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from .events import library_versions
 
-    out: dict[str, str | None] = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return library_versions(_VERSIONED)
 
 
 def kept_file(kind: str, key: dict[str, Any], code: tuple[str, ...] = ()) -> Path:
