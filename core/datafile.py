@@ -13,6 +13,7 @@ render-and-mask code turns into tokens and labels.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import stat
@@ -21,7 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conversation import (
+    ROLES, Conversation, MediaError, check_media, check_turns, normalise_tools, openai_turns, sharegpt_turns,
+)
 from .errors import UserError, file_error
+from .sources import Source, apply_weight, project_sources, shares, source_columns, source_format
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -35,11 +40,6 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
-}
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -66,12 +66,12 @@ def read_rows(path: Path, limit: int | None = None,
                         "dataset file or a save_to_disk folder")
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-               ".parquet": _read_parquet}
+               ".parquet": _read_parquet, ".arrow": _read_arrow}
     reader = readers.get(suffix)
     if reader is None:
         raise UserError(
             f"{key} = {str(path)!r}: unknown file type {suffix or '(none)'}; "
-            "use .jsonl, .json, .csv, .parquet or a save_to_disk folder"
+            "use .jsonl, .json, .csv, .parquet, .arrow or a save_to_disk folder"
         )
     try:
         yield from reader(path, limit)
@@ -207,6 +207,57 @@ def _read_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str
             yield number, obj
 
 
+def _read_arrow(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """An Arrow file as ``datasets`` writes its cache (an IPC stream), or an Arrow IPC file."""
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - comes with datasets
+        raise UserError("reading Arrow files needs pyarrow; pip install pyarrow") from None
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(reader)
+    except Exception as exc:
+        raise UserError(f"dataset {path}: not a readable Arrow file ({exc.__class__.__name__})") from None
+    number = 0
+    while True:
+        try:
+            objs = next(batches).to_pylist()
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise UserError(f"dataset {path}: corrupt Arrow data after row {number} ({exc.__class__.__name__})") from None
+        for obj in objs:
+            number += 1
+            if limit is not None and number > limit:
+                return
+            yield number, obj
+
+
+def read_source(source: Source, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """A source's rows (several files of a cached dataset one after another, numbered on)."""
+    files = source.files()
+    if len(files) == 1:
+        yield from read_rows(files[0], limit, source.key)
+        return
+    offset = 0
+    for path in files:
+        last = 0
+        for number, row in read_rows(path, None if limit is None else limit - offset, source.key):
+            last = number
+            if isinstance(row, RowError):
+                row = RowError(offset + number, row.reason)
+            yield offset + number, row
+        offset += last
+        if limit is not None and offset >= limit:
+            return
+
+
 def _read_saved(path: Path, limit: int | None,
                 key: str = "dataset.path") -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     if not any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -249,32 +300,106 @@ def detect_format(rows: list[dict[str, Any]], columns: dict[str, str] | None = N
     return max(votes, key=lambda f: (votes[f], -FORMATS.index(f)))
 
 
-def _row_format(row: dict[str, Any], columns: dict[str, str]) -> str | None:
-    def has(name: str) -> bool:
-        return columns.get(name, name) in row
+def candidates(rows: list[dict[str, Any]], columns: dict[str, str] | None = None) -> list[str]:
+    """Every format whose fields the first of ``rows`` have (more than one: the choice is ambiguous)."""
+    columns = columns or {}
+    if not rows:
+        return []
+    row = rows[0]
+    return [fmt for fmt in FORMATS if all(columns.get(f, f) in row for f in REQUIRED_FIELDS[fmt])]
 
-    if has("messages"):
-        return "messages"
-    if has("conversations"):
-        return "sharegpt"
-    if has("instruction") and has("output"):
-        return "alpaca"
-    if has("prompt") and has("completion"):
-        return "prompt_completion"
-    if has("text"):
-        return "text"
+
+# the fields a format cannot do without (alpaca's input and the system/tools columns are optional)
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"), "text": ("text",),
+}
+
+
+def _row_format(row: dict[str, Any], columns: dict[str, str]) -> str | None:
+    for fmt in FORMATS:
+        if all(columns.get(f, f) in row for f in REQUIRED_FIELDS[fmt]):
+            return fmt
     return None
+
+
+# preference layouts: (fields that name it, what it is, how to fine-tune on its preferred answers)
+PREFERENCE_LAYOUTS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("conversations", "chosen", "rejected"), "ShareGPT conversations with a chosen and a rejected answer", ""),
+    (("instruction", "chosen", "rejected"), "instruction / chosen / rejected (Alpaca ranking)",
+     'dataset.format = "alpaca" with dataset.columns = {output = "chosen"}'),
+    (("prompt", "chosen", "rejected"), "prompt / chosen / rejected pairs",
+     'dataset.format = "prompt_completion" with dataset.columns = {completion = "chosen"}'),
+    (("chosen", "rejected"), "chosen / rejected conversations",
+     'dataset.format = "messages" with dataset.columns = {messages = "chosen"}'),
+    (("question", "response_j", "response_k"), "question / response_j / response_k pairs",
+     'dataset.format = "prompt_completion" with dataset.columns = {prompt = "question", completion = "response_j"}'),
+)
+
+
+def preference_layout(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(what it is, the settings that fine-tune on its preferred answers) when ``row`` is
+    preference data: paired (chosen / rejected, in the common layouts) or unpaired
+    (prompt / completion / a true-or-false label, as KTO reads it)."""
+    for fields, what, hint in PREFERENCE_LAYOUTS:
+        if all(f in row for f in fields):
+            if fields == ("chosen", "rejected") and not isinstance(row["chosen"], list):
+                return "chosen / rejected texts without a prompt", ""
+            return what, hint
+    if "prompt" in row and "completion" in row and isinstance(row.get("label"), bool):
+        return "unpaired preference data: prompt / completion / a true-or-false label (KTO)", ""
+    return None
+
+
+def media_refusal(path: Any, error: MediaError, row: int, key: str = "dataset.path") -> str:
+    return (f"{key}: {path} has {error.what} in {error.where} (row {row}); tunedeck fine-tunes on text only: "
+            "use a text-only dataset, or remove those rows or the column")
+
+
+def sniff(sample: list[tuple[int, dict[str, Any] | RowError]], fmt: str, columns: dict[str, str] | None,
+          path: Any, key: str = "dataset.path") -> str:
+    """The format to read a file with: ``fmt``, or the one detected from its first rows.
+    Raises UserError, one line, for what cannot be fine-tuned on: rows with images, audio or
+    video (under any format), preference data (detected), fields no format fits."""
+    columns = columns or {}
+    rows = [(n, r) for n, r in sample if isinstance(r, dict)]
+    for number, row in rows:
+        try:
+            check_media(row)
+        except MediaError as exc:
+            raise UserError(media_refusal(path, exc, number, key)) from None
+    if fmt != "auto":
+        return fmt
+    if not rows:
+        return "empty"
+    if not columns:
+        for _, row in rows[:20]:
+            layout = preference_layout(row)
+            if layout:
+                what, hint = layout
+                tail = (f"; to fine-tune on the chosen answers alone, set {hint}" if hint else
+                        "; convert it to conversations with one answer each to fine-tune on it")
+                raise UserError(f"{key}: {path} is preference data ({what}), which trains a preference "
+                                f"method (DPO, ORPO, KTO), not supervised fine-tuning{tail}")
+    detected = detect_format([r for _, r in rows], columns)
+    if detected is None:
+        fields = sorted({k for _, r in rows for k in r})[:8]
+        raise UserError(f"{key}: {path}: cannot tell the format from the fields {fields}; set dataset.format "
+                        "and, for other field names, dataset.columns (the Dataset screen's m key maps them)")
+    return detected
 
 
 def to_messages(
     row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None, system_prompt: str = "",
     notes: list[str] | None = None,
-) -> list[dict[str, str]]:
-    """One row as chat messages; raises ValueError with the reason when it does not fit.
+) -> Conversation:
+    """One row as a :class:`~tunedeck.core.conversation.Conversation`; raises ValueError with
+    the reason when it does not fit (:class:`~tunedeck.core.conversation.MediaError` for
+    images, audio or video).
 
     ``text`` rows become a single assistant turn with no prompt (everything trains). A row
-    that ends with prompt turns after its last answer (a conversation cut after a question)
-    loses them: nothing would train on them; ``notes`` gets a word about it.
+    that ends with prompt or tool-result turns after its last answer (a conversation cut
+    after a question) loses them: nothing would train on them; ``notes`` gets a word about it.
     """
     columns = columns or {}
 
@@ -286,40 +411,22 @@ def to_messages(
             return None
         return row[key]
 
-    if fmt == "messages":
-        raw = get("messages")
+    check_media(row)
+    tools = normalise_tools(get("tools", required=False), columns.get("tools", "tools"))
+    if fmt in ("messages", "sharegpt"):
+        name = FORMAT_FIELDS[fmt][0]
+        raw = get(name)
         if isinstance(raw, str):
             try:
                 raw = _json_row(raw)
             except ValueError:
-                raise ValueError('"messages" is a string that is not JSON') from None
+                raise ValueError(f'"{columns.get(name, name)}" is a string that is not JSON') from None
         if not isinstance(raw, list):
-            raise ValueError(f'"messages" is not a list (got {type(raw).__name__})')
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise ValueError(f"message {i + 1} is not an object")
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise ValueError(f"message {i + 1}: unknown role {role!r} (expected system, user or assistant)")
-            if not isinstance(content, str):
-                raise ValueError(f"message {i + 1}: content is not text")
-            messages.append({"role": role, "content": content})
-    elif fmt == "sharegpt":
-        raw = get("conversations")
-        if not isinstance(raw, list):
-            raise ValueError(f'"conversations" is not a list (got {type(raw).__name__})')
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise ValueError(f"turn {i + 1} is not an object")
-            who, value = m.get("from"), m.get("value")
-            role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
-            if role is None:
-                raise ValueError(f'turn {i + 1}: unknown speaker {who!r} (expected human, gpt or system)')
-            if not isinstance(value, str):
-                raise ValueError(f"turn {i + 1}: value is not text")
-            messages.append({"role": role, "content": value})
+            raise ValueError(f'"{columns.get(name, name)}" is not a list (got {type(raw).__name__})')
+        messages = openai_turns(raw) if fmt == "messages" else sharegpt_turns(raw)
+        system = get("system", required=False)
+        if isinstance(system, str) and system.strip() and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system})  # a separate system column (LLaMA-Factory)
     elif fmt == "alpaca":
         instruction, extra, output = get("instruction"), get("input", required=False), get("output")
         for name, value in (("instruction", instruction), ("output", output)):
@@ -327,11 +434,17 @@ def to_messages(
                 raise ValueError(f'"{columns.get(name, name)}" is not text')
         prompt = instruction if not extra else f"{instruction}\n\n{extra}"
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        system = get("system", required=False)
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
     elif fmt == "prompt_completion":
         prompt, completion = get("prompt"), get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError("prompt and completion must be text")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt / completion
+            messages = openai_turns(prompt) + openai_turns(completion)
+        elif isinstance(prompt, str) and isinstance(completion, str):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        else:
+            raise ValueError("prompt and completion must be text (or both lists of messages)")
     elif fmt == "text":
         text = get("text")
         if not isinstance(text, str):
@@ -339,20 +452,22 @@ def to_messages(
         if not text.strip():
             raise ValueError("empty text")
         _check_text(text)
-        return [{"role": "assistant", "content": text}]
+        return Conversation([{"role": "assistant", "content": text}])
     else:
         raise ValueError(f"unknown format {fmt!r}")
     for m in messages:
         _check_text(m["content"])
+        if m.get("reasoning_content"):
+            _check_text(m["reasoning_content"])
     last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if 0 <= last_answer < len(messages) - 1 and all(m["role"] == "user" for m in messages[last_answer + 1:]):
+    if 0 <= last_answer < len(messages) - 1 and all(m["role"] in ("user", "tool") for m in messages[last_answer + 1:]):
         if notes is not None:
             notes.append("a question after the last answer was dropped (nothing trains on it)")
         messages = messages[: last_answer + 1]
-    _check_turns(messages)
+    check_turns(messages)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    return messages
+    return Conversation(messages, tools)
 
 
 def _check_text(text: str) -> None:
@@ -362,26 +477,6 @@ def _check_text(text: str) -> None:
     except UnicodeEncodeError as exc:
         raise ValueError(f"text that is not valid Unicode (a lone surrogate {text[exc.start]!r} at character "
                          f"{exc.start + 1})") from None
-
-
-def _check_turns(messages: list[dict[str, str]]) -> None:
-    if not messages:
-        raise ValueError("no messages")
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    if not body:
-        raise ValueError("only a system message")
-    if any(m["role"] == "system" for m in body):
-        raise ValueError("a system message after the first turn")
-    if not any(m["role"] == "assistant" for m in body):
-        raise ValueError("no assistant answer to train on")
-    for m in body:
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise ValueError("an empty assistant answer")
-    if body[0]["role"] != "user":
-        raise ValueError("the conversation does not start with a user turn")
-    for a, b in zip(body, body[1:]):
-        if a["role"] == b["role"]:
-            raise ValueError(f"two {a['role']} turns in a row")
 
 
 @dataclass
@@ -397,6 +492,9 @@ class DatasetSummary:
         return self.rows - len(self.skipped)
 
 
+SAMPLE_ROWS = 200  # rows the format is detected from
+
+
 def load_messages(
     path: Path,
     fmt: str = "auto",
@@ -404,39 +502,50 @@ def load_messages(
     system_prompt: str = "",
     limit: int | None = None,
     key: str = "dataset.path",
-) -> tuple[list[tuple[int, list[dict[str, str]]]], DatasetSummary]:
-    """Every usable row as (row number, messages), and a summary with the skipped rows.
-    ``key`` names the project key the path came from, in the messages."""
+) -> tuple[list[tuple[int, Conversation]], DatasetSummary]:
+    """Every usable row of one file as (row number, conversation), and a summary with the
+    skipped rows. ``key`` names the project key the path came from, in the messages."""
+    return load_source(Source(str(path), key), fmt, columns, system_prompt, limit)
+
+
+def load_source(
+    source: Source,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    system_prompt: str = "",
+    limit: int | None = None,
+) -> tuple[list[tuple[int, Conversation]], DatasetSummary]:
+    """Every usable row of a source, as :func:`load_messages`; streamed (the format is
+    detected from the first rows), refusing with one line what cannot be fine-tuned on."""
     columns = columns or {}
-    raw = list(read_rows(path, limit, key))
-    if fmt == "auto" and not raw:
-        fmt = "empty"
-    if fmt == "auto":
-        sample = [r for _, r in raw[:200] if isinstance(r, dict)]
-        detected = detect_format(sample, columns)
-        if detected is None:
-            fields = sorted({k for r in sample for k in r})[:8]
-            raise UserError(
-                f"dataset {path}: cannot tell the format from the fields {fields}; set dataset.format "
-                "and, for other field names, dataset.columns"
-            )
-        fmt = detected
-    good: list[tuple[int, list[dict[str, str]]]] = []
+    where = source.where()
+    rows = read_source(source, limit)
+    sample = []
+    for item in rows:
+        sample.append(item)
+        if len(sample) >= SAMPLE_ROWS:
+            break
+    fmt = sniff(sample, fmt, columns, where, source.key)
+    good: list[tuple[int, Conversation]] = []
     skipped: list[RowError] = []
     trimmed: list[int] = []
-    for number, row in raw:
+    count = 0
+    for number, row in itertools.chain(sample, rows):
+        count += 1
         if isinstance(row, RowError):
             skipped.append(row)
             continue
         notes: list[str] = []
         try:
             good.append((number, to_messages(row, fmt, columns, system_prompt, notes)))
+        except MediaError as exc:
+            raise UserError(media_refusal(where, exc, number, source.key)) from None
         except ValueError as exc:
             skipped.append(RowError(number, str(exc)))
             continue
         if notes:
             trimmed.append(number)
-    return good, DatasetSummary(str(path), fmt, len(raw), skipped, trimmed)
+    return good, DatasetSummary(where, fmt, count, skipped, trimmed)
 
 
 def dataset_problem(summary: DatasetSummary, key: str = "dataset.path") -> str | None:
@@ -462,44 +571,99 @@ def eval_count(rows: int, ratio: float) -> int:
 
 
 @dataclass
+class SourceSummary:
+    """One source of a project's rows: what it gave and its part of the mix."""
+
+    source: Source
+    summary: DatasetSummary
+    train_rows: int = 0  # rows it gives the training set per epoch (after its weight)
+    share: float = 0.0  # of the training rows per epoch
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.source.spec, "key": self.source.key, "where": self.summary.path,
+                "format": self.summary.format, "rows": self.summary.rows, "usable": self.summary.good,
+                "skipped": len(self.summary.skipped), "weight": self.source.weight, "train_rows": self.train_rows,
+                "share": round(self.share, 4)}
+
+
+@dataclass
 class Splits:
     """A project's usable rows, split into training and evaluation (seeded)."""
 
-    train: list[tuple[int, list[dict[str, str]]]]
-    eval: list[tuple[int, list[dict[str, str]]]]
-    summary: DatasetSummary
+    train: list[tuple[int, Conversation]]
+    eval: list[tuple[int, Conversation]]
+    summary: DatasetSummary  # every source's together
     eval_summary: DatasetSummary | None  # a separate eval file's; None for a ratio
     eval_path: Path | None
+    sources: list[SourceSummary] = field(default_factory=list)
+
+
+def load_sources(project: Any) -> list[tuple[Source, list[tuple[int, Conversation]], DatasetSummary]]:
+    """Each of the project's sources read (its format and columns, or the [dataset] ones),
+    refusing with one line a source that cannot train."""
+    out = []
+    for source in project_sources(project):
+        rows, summary = load_source(source, source_format(source, project), source_columns(source, project),
+                                    project["dataset.system_prompt"])
+        problem = dataset_problem(summary, key=source.key)
+        if problem:
+            raise UserError(problem)
+        out.append((source, rows, summary))
+    return out
+
+
+def _merged(parts: list[tuple[Source, list[Any], DatasetSummary]]) -> DatasetSummary:
+    if len(parts) == 1:
+        return parts[0][2]
+    formats = {p[2].format for p in parts}
+    skipped = [RowError(e.row, f"{src.spec}: {e.reason}") for src, _, summary in parts for e in summary.skipped]
+    return DatasetSummary(" + ".join(src.spec for src, _, _ in parts), formats.pop() if len(formats) == 1 else "mixed",
+                          sum(p[2].rows for p in parts), skipped,
+                          [n for _, _, summary in parts for n in summary.trimmed])
 
 
 def load_splits(project: Any) -> Splits:
-    """Read a project's [dataset] rows and its eval split, refusing, with one line, a dataset
-    that cannot train. The one place that does this: check, the launcher's pre-flight and
-    the trainer all call it, so they agree on every row."""
+    """Read a project's [dataset] rows (every source, weighted) and its eval split, refusing,
+    with one line, a dataset that cannot train. The one place that does this: check, the
+    launcher's pre-flight and the trainer all call it, so they agree on every row.
+
+    The eval rows are held out of the sources' usable rows before the weights apply, so a
+    repeated row never lands on both sides."""
     import random
 
-    if not project["dataset.path"]:
-        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
-                        "(e.g. --set dataset.path=data.jsonl)")
+    parts = load_sources(project)
     opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
                 system_prompt=project["dataset.system_prompt"])
-    rows, summary = load_messages(project.resolve_path(project["dataset.path"]), **opts)
-    problem = dataset_problem(summary)
-    if problem:
-        raise UserError(problem)
+    summary = _merged(parts)
+    tagged = [(k, r) for k, (_, rows, _) in enumerate(parts) for r in rows]
+    seed = project["training.seed"]
     split = project["dataset.eval_split"]
+    eval_summary = eval_path = None
     if isinstance(split, str):
         eval_path = project.resolve_path(split)
         eval_rows, eval_summary = load_messages(eval_path, key="dataset.eval_split", **opts)
         problem = dataset_problem(eval_summary, key="dataset.eval_split")
         if problem:
             raise UserError(problem)
-        return Splits(rows, eval_rows, summary, eval_summary, eval_path)
-    order = list(range(len(rows)))
-    random.Random(project["training.seed"]).shuffle(order)
-    held = set(order[: eval_count(len(rows), split)])
-    train = [r for i, r in enumerate(rows) if i not in held]
-    if split > 0 and not train:
-        raise UserError(f"dataset.eval_split = {split}: {len(rows)} usable row(s) leave nothing to train on; "
-                        "add rows or set dataset.eval_split = 0")
-    return Splits(train, [r for i, r in enumerate(rows) if i in held], summary, None, None)
+        held: set[int] = set()
+    else:
+        order = list(range(len(tagged)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: eval_count(len(tagged), split)])
+        eval_rows = [r for i, (_, r) in enumerate(tagged) if i in held]
+        if split > 0 and len(held) == len(tagged):
+            raise UserError(f"dataset.eval_split = {split}: {len(tagged)} usable row(s) leave nothing to train on; "
+                            "add rows or set dataset.eval_split = 0")
+    by_source: list[list[tuple[int, Conversation]]] = [[] for _ in parts]
+    for i, (k, r) in enumerate(tagged):
+        if i not in held:
+            by_source[k].append(r)
+    train: list[tuple[int, Conversation]] = []
+    infos = []
+    for k, ((source, _, source_summary), rows) in enumerate(zip(parts, by_source)):
+        used = apply_weight(rows, source.weight, seed + k)
+        train.extend(used)
+        infos.append(SourceSummary(source, source_summary, len(used)))
+    for info, share in zip(infos, shares([i.train_rows for i in infos], [1.0] * len(infos))):
+        info.share = share
+    return Splits(train, eval_rows, summary, eval_summary, eval_path, infos)

@@ -60,7 +60,7 @@ from typing import Any
 from .errors import UserError
 from .kept import Kept
 from .paths import cache_dir
-from .preview import PREVIEW_OPS
+from .preview import PREVIEW_OPS, PREVIEW_STREAMS
 
 # how often blocking waits wake up to look at cancellation and the engine's health
 POLL_S = 0.1
@@ -725,5 +725,6 @@ STREAMS: dict[str, Callable[..., dict[str, Any]]] = {
     "chat_panes": op_chat_panes,
     "chat_eval": op_chat_eval,
     "merge": op_merge,
+    **PREVIEW_STREAMS,  # the dataset's stats, with progress
 }
 """Ops that stream partial results; each is called with ``emit`` and ``cancel`` too."""

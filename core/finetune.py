@@ -142,7 +142,7 @@ class Run:
         if eval_stats is not None:
             self._report_render(eval_stats, "eval", max_length)
             eval_ds = Dataset.from_list(rendered.eval)
-        info = {"format": summary.format, "train": stats.as_dict(),
+        info = {"format": summary.format, "sources": [s.as_dict() for s in splits.sources], "train": stats.as_dict(),
                 "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name}
         return Dataset.from_list(train_examples), eval_ds, info
 

@@ -46,6 +46,7 @@ from .channel import ChannelError, Client, default_address, ensure_key
 from .errors import UserError, os_reason
 from .events import EVENTS_FILE, LAUNCHED, EventReader, append_event, event
 from .kept import kept_answer, stamp
+from .sources import data_stamps, relative_sources
 from .runs import (
     CONTROLS,
     LOG_FILE,
@@ -194,13 +195,13 @@ def check_rendering(project: Any, ref: Any, splits: Any) -> None:
         return {"ok": True}
 
     model = stamp(ref.path)  # a folder: its files but the weights
-    data = [stamp(project.resolve_path(project["dataset.path"]))]
+    data = [data_stamps(project)]
     if isinstance(project["dataset.eval_split"], str):
         data.append(stamp(project.resolve_path(project["dataset.eval_split"])))
     key = {"model": model, "data": data, "trust": project["model.trust_remote_code"],
            "template": project["model.chat_template"], "dataset": project.values["dataset"],
            "seed": project["training.seed"]}
-    kept_answer("rendering", key, render, code=("render.py", "datafile.py"), keep_refusal=_about_the_settings)
+    kept_answer("rendering", key, render, code=("render.py", "datafile.py", "conversation.py", "sources.py"), keep_refusal=_about_the_settings)
 
 
 def _about_the_settings(exc: UserError) -> bool:
@@ -462,8 +463,9 @@ def write_snapshot(project: Any, folder: Path, run_dir: Path | None = None) -> P
 
     run_dir = run_dir or folder
     snap = Project.from_text(project.text(), project.path)
-    for key in ("model.source", "dataset.path", "dataset.eval_split", "output.runs_dir",
-                "training.accelerate_config"):
+    if project["dataset.path"]:
+        snap.set("dataset.path", relative_sources(project["dataset.path"], project.root, run_dir))
+    for key in ("model.source", "dataset.eval_split", "output.runs_dir", "training.accelerate_config"):
         value = snap[key]
         if not isinstance(value, str) or not value:
             continue

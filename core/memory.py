@@ -534,6 +534,7 @@ def dataset_key(project: Any) -> str | None:
     that render them. None without a dataset or a model."""
     from .kept import kept_file, stamp
     from .models import resolve_source
+    from .sources import data_stamps
 
     if not project["dataset.path"]:
         return None
@@ -541,10 +542,10 @@ def dataset_key(project: Any) -> str | None:
         ref = resolve_source(project["model.source"], project.root, allow_pickle=True)
     except Exception:  # noqa: BLE001 - no model, no tokens: the estimate stays at max_length
         return None
-    key = {"model": stamp(ref.path), "data": stamp(project.resolve_path(project["dataset.path"])),
-           "dataset": {k: project[f"dataset.{k}"] for k in ("format", "columns", "system_prompt")},
+    key = {"model": stamp(ref.path), "data": data_stamps(project),
+           "dataset": {k: project[f"dataset.{k}"] for k in ("format", "columns", "system_prompt", "reasoning")},
            "template": project["model.chat_template"], "trust": project["model.trust_remote_code"]}
-    return str(kept_file("longest", key, code=("render.py", "datafile.py", "preview.py")))
+    return str(kept_file("longest", key, code=("render.py", "datafile.py", "preview.py", "conversation.py", "sources.py")))
 
 
 def known_longest_row(project: Any) -> int | None:

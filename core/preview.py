@@ -25,13 +25,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .datafile import RowError, dataset_problem, DatasetSummary, detect_format, eval_count, read_rows, to_messages
+from .conversation import Conversation, MediaError
+from .datafile import (
+    SAMPLE_ROWS, DatasetSummary, RowError, dataset_problem, eval_count, media_refusal, read_source, sniff, to_messages,
+)
 from .errors import UserError
 from .kept import Kept
 from .render import Rendered, dataset_refusal, is_text_row, render, resolve_chat_template
+from .sources import project_sources, shares, source_columns, source_format, weighted_count
 
 TOKENIZERS_KEPT = 4
-SAMPLE_ROWS = 200  # rows the format is detected from
 HISTOGRAM_BINS = 20
 SKIPPED_SHOWN = 10  # skipped rows listed in the text stats
 
@@ -51,41 +54,51 @@ def project_tokenizer(project: Any) -> Any:
 # -- reading ------------------------------------------------------------------------------
 
 
-def _data_path(project: Any) -> Path:
-    if not project["dataset.path"]:
-        raise UserError("dataset.path is empty; set it to a JSONL/JSON/CSV/Parquet file "
-                        "(e.g. --set dataset.path=data.jsonl)")
-    return project.resolve_path(project["dataset.path"])
+class _Data:
+    """The project's sources, read as the trainer reads them: each with its format (given,
+    or detected from its first rows) and its columns."""
 
+    def __init__(self, project: Any) -> None:
+        self.project = project
+        self.sources = project_sources(project)
+        self._formats: dict[int, str] = {}
 
-def _format(project: Any, path: Path) -> str:
-    """dataset.format, or the format detected from the first rows (as the trainer detects it)."""
-    fmt = project["dataset.format"]
-    if fmt != "auto":
-        return fmt
-    sample = [r for _, r in read_rows(path, SAMPLE_ROWS) if isinstance(r, dict)]
-    detected = detect_format(sample, project["dataset.columns"])
-    if detected is None:
-        if not sample:
-            return "empty"
-        fields = sorted({k for r in sample for k in r})[:8]
-        raise UserError(f"dataset {path}: cannot tell the format from the fields {fields}; set dataset.format "
-                        "and, for other field names, dataset.columns")
-    return detected
+    def format(self, k: int) -> str:
+        if k not in self._formats:
+            source = self.sources[k]
+            sample = list(read_source(source, SAMPLE_ROWS))
+            self._formats[k] = sniff(sample, source_format(source, self.project),
+                                     source_columns(source, self.project), source.where(), source.key)
+        return self._formats[k]
 
+    @property
+    def formats(self) -> list[str]:
+        return [self.format(k) for k in range(len(self.sources))]
 
-def _entries(path: Path, limit: int | None = None) -> Iterator[tuple[int, int, dict[str, Any] | RowError]]:
-    """(position, row number, row or RowError) for every row read."""
-    for index, (number, row) in enumerate(read_rows(path, limit)):
-        yield index, number, row
+    def shown_format(self) -> str:
+        formats = set(self.formats)
+        return formats.pop() if len(formats) == 1 else "mixed"
 
+    def entries(self, limit: int | None = None) -> Iterator[tuple[int, int, int, dict[str, Any] | RowError]]:
+        """(position, source index, row number, row or RowError) for every row, source after source."""
+        index = 0
+        for k, source in enumerate(self.sources):
+            for number, row in read_source(source, None if limit is None else limit - index):
+                if limit is not None and index >= limit:
+                    return
+                yield index, k, number, row
+                index += 1
 
-def _messages(project: Any, row: dict[str, Any] | RowError, fmt: str,
-              notes: list[str] | None = None) -> list[dict[str, str]]:
-    """The row as messages; ValueError with the reason it is skipped."""
-    if isinstance(row, RowError):
-        raise ValueError(row.reason)
-    return to_messages(row, fmt, project["dataset.columns"], project["dataset.system_prompt"], notes)
+    def messages(self, k: int, row: dict[str, Any] | RowError, notes: list[str] | None = None) -> Conversation:
+        """The row as a conversation; ValueError with the reason it is skipped."""
+        if isinstance(row, RowError):
+            raise ValueError(row.reason)
+        p, source = self.project, self.sources[k]
+        return to_messages(row, self.format(k), source_columns(source, p), p["dataset.system_prompt"], notes)
+
+    def source_info(self, k: int) -> dict[str, Any]:
+        source = self.sources[k]
+        return {"index": k, "path": source.spec, "key": source.key, "weight": source.weight}
 
 
 class _Renderer:
@@ -102,11 +115,11 @@ class _Renderer:
                                                    model_label=f"model {p['model.source']}")
         return self._template
 
-    def __call__(self, messages: list[dict[str, str]]) -> Rendered:
+    def __call__(self, messages: list[dict[str, Any]], parts: bool = False) -> Rendered:
         p = self.project
         template = None if is_text_row(messages) else self.template()
         return render(self.tokenizer, messages, max_length=p["dataset.max_length"], loss_on=p["dataset.loss_on"],
-                      chat_template=template)
+                      chat_template=template, reasoning=p["dataset.reasoning"], parts=parts)
 
 
 def _plain(value: Any) -> Any:
@@ -122,59 +135,68 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 # -- one row ------------------------------------------------------------------------------
 
 
-def preview_row(project: Any, *, index: int | None = None, row: int | None = None,
+def preview_row(project: Any, *, index: int | None = None, row: int | None = None, source: int = 0,
                 tokenizer: Any = None) -> dict[str, Any]:
-    """One row, by position (``index``, from 0) or by row number (``row``, as in the skipped
-    list; the line number for JSONL); the first row when neither is given.
+    """One row, by position (``index``, from 0, across the sources in order) or by row
+    number (``row``, as in the skipped list; the line number for JSONL) in source
+    ``source`` (from 0); the first row when neither is given.
 
-    Returns ``index``, ``row``, ``last`` (no row after it), ``format``, ``fields`` (the raw
-    row), ``error`` (why the row is skipped, or None), ``messages``, ``text`` (templated),
-    ``tokens`` ([{"id", "text", "trained"}] up to the truncation point), ``length`` (tokens
-    before truncation), ``truncated_at`` (the token position of the cut, or None),
-    ``trained`` (tokens trained) and ``stop_trained``; ``unrendered`` says why the row could
-    not be rendered at all (the model's tokenizer or chat template), or is None.
+    Returns ``index``, ``row``, ``source`` ({"index", "path", "key", "weight"}), ``last``
+    (no row after it), ``format``, ``fields`` (the raw row), ``error`` (why the row is
+    skipped, or None), ``messages``, ``tools`` (the row's tool schemas, or None), ``text``
+    (templated), ``tokens`` ([{"id", "text", "trained", "part"}] up to the truncation
+    point; ``part`` is what the token renders: system, user, assistant, reasoning,
+    tool_call, tool_result, tools or template), ``length`` (tokens before truncation),
+    ``truncated_at`` (the token position of the cut, or None), ``trained`` (tokens trained)
+    and ``stop_trained``; ``unrendered`` says why the row could not be rendered at all (the
+    model's tokenizer or chat template), or is None.
     """
-    path = _data_path(project)
-    fmt = _format(project, path)
+    data = _Data(project)
     found = None
     if row is not None:
         if row < 1:
             raise UserError(f"--row {row}: row numbers start at 1")
-        for i, number, data in _entries(path):
-            if number == row:
-                found = (i, number, data)
-            elif number > row:
+        if not 0 <= source < len(data.sources):
+            raise UserError(f"--source {source + 1}: the project has {len(data.sources)} source(s)")
+        for i, k, number, entry in data.entries():
+            if k < source:
+                continue
+            if k > source or number > row:
                 break
-            if found:
+            if number == row:
+                found = (i, k, number, entry)
                 break
         if found is None:
-            raise UserError(f"--row {row}: {path.name} has no row {row}")
+            name = Path(data.sources[source].spec).name
+            raise UserError(f"--row {row}: {name} has no row {row}")
     else:
         index = index or 0
         if index < 0:
             raise UserError(f"row position {index}: positions start at 0")
-        for i, number, data in _entries(path, index + 1):
-            if i == index:
-                found = (i, number, data)
+        for entry in data.entries(index + 1):
+            if entry[0] == index:
+                found = entry
         if found is None:
-            raise UserError(f"{path.name} has no row at position {index + 1}")
-    i, number, data = found
-    last = sum(1 for _ in _entries(path, i + 2)) <= i + 1
+            raise UserError(f"{Path(data.sources[0].spec).name if len(data.sources) == 1 else 'the dataset'} "
+                            f"has no row at position {index + 1}")
+    i, k, number, entry = found
+    last = sum(1 for _ in data.entries(i + 2)) <= i + 1
     result: dict[str, Any] = {
-        "index": i, "row": number, "last": last, "format": fmt,
-        "fields": None if isinstance(data, RowError) else _plain(data),
-        "error": None, "messages": None, "text": "", "tokens": [], "length": 0, "truncated_at": None,
+        "index": i, "row": number, "source": data.source_info(k), "sources": len(data.sources), "last": last,
+        "format": data.format(k), "fields": None if isinstance(entry, RowError) else _plain(entry),
+        "error": None, "messages": None, "tools": None, "text": "", "tokens": [], "length": 0, "truncated_at": None,
         "trained": 0, "stop_trained": True, "max_length": project["dataset.max_length"], "unrendered": None,
     }
     try:
-        messages = _messages(project, data, fmt)
+        messages = data.messages(k, entry)
     except ValueError as exc:
         result["error"] = str(exc)
         return result
-    result["messages"] = messages
+    result["messages"] = [dict(m) for m in messages]
+    result["tools"] = messages.tools
     try:
         tokenizer = tokenizer if tokenizer is not None else project_tokenizer(project)
-        r = _Renderer(project, tokenizer)(messages)
+        r = _Renderer(project, tokenizer)(messages, parts=True)
     except ValueError as exc:
         result["error"] = str(exc)
         return result
@@ -186,10 +208,12 @@ def preview_row(project: Any, *, index: int | None = None, row: int | None = Non
 
 
 def row_tokens(tokenizer: Any, r: Rendered) -> dict[str, Any]:
-    """A rendered row as the preview shows it: text, tokens with their mask, the cut."""
+    """A rendered row as the preview shows it: text, tokens with their mask and part, the cut."""
+    parts = r.parts or ["text"] * len(r.input_ids)  # a plain document
     return {
         "text": r.text,
-        "tokens": [{"id": tid, "text": token_text(tokenizer, tid), "trained": trained} for tid, trained in r.tokens],
+        "tokens": [{"id": tid, "text": token_text(tokenizer, tid), "trained": trained, "part": part}
+                   for (tid, trained), part in zip(r.tokens, parts)],
         "length": r.full_length,
         "truncated_at": len(r.input_ids) if r.truncated else None,
         "trained": r.n_trained,
@@ -213,69 +237,145 @@ def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> dict[str, list[
     return {"edges": [low + k * width for k in range(n + 1)], "counts": counts}
 
 
-def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
+SKIPPED_KEPT = 1000  # skipped rows (and rows with nothing trained) listed; the counts count them all
+
+
+def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
     """The whole set, every row read and rendered as for training (see the module docstring).
 
-    ``skipped`` lists every row left out before training ({"row", "reason"}): rows that do
+    ``skipped`` lists the rows left out before training ({"row", "reason"}, and "source"
+    with several sources; the first 1,000, ``skipped_count`` counts them all): rows that do
     not fit the format and rows the chat template cannot render. ``nothing_trained`` lists
     rows whose trained tokens are all cut off by truncation; ``trailing_question_dropped``
     the rows that ended with a question after their last answer, which is dropped (a
-    warning: the rest of the row trains). ``refusal`` is the line
-    training would refuse the dataset with, or None.
+    warning: the rest of the row trains). ``sources`` gives each source's rows, usable rows,
+    weight and share of the training mix. ``refusal`` is the line training would refuse the
+    dataset with, or None.
+
+    Streams: memory stays flat whatever the file's size. ``progress`` (if given) is called
+    now and then with the stats so far (``done`` false); ``cancel`` (a threading.Event)
+    stops the pass early, and the result then has ``done`` false.
     """
-    path = _data_path(project)
-    fmt = _format(project, path)
+    import time
+    from array import array
+
+    data = _Data(project)
+    formats = data.formats
     tokenizer = tokenizer if tokenizer is not None else project_tokenizer(project)
     renderer = _Renderer(project, tokenizer)
+    several = len(data.sources) > 1
     rows = 0
     skipped: list[dict[str, Any]] = []
-    format_skipped: list[RowError] = []
-    lengths: list[int] = []
+    skipped_count = 0
+    format_skipped: list[RowError] = []  # the first of them, for the refusal's wording
+    format_skipped_count = 0
+    lengths = array("I")
     nothing_trained: list[int] = []
+    nothing_count = 0
     trimmed: list[int] = []
+    trimmed_count = 0
+    per_rows = [0] * len(data.sources)
+    per_usable = [0] * len(data.sources)
+    media: str | None = None
+    render_failed: list[tuple[int, str]] = []  # the first row the template cannot render
     truncated = tokens = trained = 0
-    for _, number, data in _entries(path):
+    done = True
+    last_report = time.monotonic()
+
+    def skip(k: int, number: int, reason: str) -> None:
+        nonlocal skipped_count
+        skipped_count += 1
+        if len(skipped) < SKIPPED_KEPT:
+            skipped.append({"row": number, "reason": reason, **({"source": data.sources[k].spec} if several else {})})
+
+    def snapshot(finished: bool) -> dict[str, Any]:
+        return _stats_result(project, data, formats, rows, skipped, skipped_count, format_skipped,
+                             format_skipped_count, lengths, nothing_trained, nothing_count, trimmed, trimmed_count,
+                             per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished)
+
+    for _, k, number, entry in data.entries():
+        if cancel is not None and cancel.is_set():
+            done = False
+            break
         rows += 1
+        per_rows[k] += 1
+        if progress is not None and time.monotonic() - last_report > 0.5:
+            last_report = time.monotonic()
+            progress(snapshot(False))
         notes: list[str] = []
         try:
-            messages = _messages(project, data, fmt, notes)
-        except ValueError as exc:
-            skipped.append({"row": number, "reason": str(exc)})
-            format_skipped.append(RowError(number, str(exc)))
+            messages = data.messages(k, entry, notes)
+        except MediaError as exc:
+            media = media or media_refusal(data.sources[k].where(), exc, number, data.sources[k].key)
+            skip(k, number, str(exc))
+            format_skipped_count += 1
             continue
+        except ValueError as exc:
+            skip(k, number, str(exc))
+            format_skipped_count += 1
+            if len(format_skipped) < 1:
+                format_skipped.append(RowError(number, str(exc)))
+            continue
+        per_usable[k] += 1
         try:
             r = renderer(messages)
         except ValueError as exc:
-            skipped.append({"row": number, "reason": str(exc)})
+            skip(k, number, str(exc))
+            if not render_failed:
+                render_failed.append((number, str(exc)))
             continue
         if notes:
-            trimmed.append(number)
+            trimmed_count += 1
+            if len(trimmed) < SKIPPED_KEPT:
+                trimmed.append(number)
         lengths.append(r.full_length)
         truncated += r.truncated
         if r.n_trained == 0:
-            nothing_trained.append(number)
+            nothing_count += 1
+            if len(nothing_trained) < SKIPPED_KEPT:
+                nothing_trained.append(number)
             continue
         tokens += len(r.input_ids)
         trained += r.n_trained
+    return snapshot(done)
+
+
+def _stats_result(project: Any, data: _Data, formats: list[str], rows: int, skipped: list[dict[str, Any]],
+                  skipped_count: int, format_skipped: list[RowError], format_skipped_count: int, lengths: Any,
+                  nothing_trained: list[int], nothing_count: int, trimmed: list[int], trimmed_count: int,
+                  per_rows: list[int], per_usable: list[int], truncated: int, tokens: int, trained: int,
+                  media: str | None, render_failed: list[tuple[int, str]], done: bool) -> dict[str, Any]:
     max_length = project["dataset.max_length"]
-    refusal = dataset_problem(DatasetSummary(str(path), fmt, rows, format_skipped))
-    if refusal is None and rows and not tokens:
-        refusal = dataset_refusal(_stats_for_refusal(skipped, format_skipped, nothing_trained, lengths),
-                                  max_length=max_length)
+    first_bad = format_skipped or [RowError(0, "")]
+    refusal = media
+    if refusal is None and done:
+        summary = DatasetSummary(data.sources[0].where() if len(data.sources) == 1 else "the dataset",
+                                 data.shown_format(), rows, _Many(first_bad[0], format_skipped_count))
+        refusal = dataset_problem(summary)
+        if refusal is None and rows and not tokens:
+            refusal = dataset_refusal(_stats_for_refusal(render_failed, nothing_count, lengths),
+                                      max_length=max_length)
     rendered = len(lengths)
     split = project["dataset.eval_split"]
-    usable = rows - len(format_skipped)
+    usable = rows - format_skipped_count
     eval_info: dict[str, Any] = ({"path": str(project.resolve_path(split))} if isinstance(split, str)
                                  else {"ratio": split, "rows": eval_count(usable, split)})
+    weights = [src.weight for src in data.sources]
+    source_shares = shares(per_usable, weights)
+    sources = [{**data.source_info(k), "format": formats[k], "rows": per_rows[k], "usable": per_usable[k],
+                "train_rows": weighted_count(per_usable[k], weights[k]), "share": round(source_shares[k], 4)}
+               for k in range(len(data.sources))]
     return {
-        "path": str(path),
-        "format": fmt,
+        "path": data.sources[0].where() if len(data.sources) == 1 else " + ".join(s.spec for s in data.sources),
+        "format": data.shown_format(),
+        "sources": sources,
         "rows": rows,
         "usable": usable,
         "skipped": skipped,
+        "skipped_count": skipped_count,
         "max_length": max_length,
         "loss_on": project["dataset.loss_on"],
-        "histogram": histogram(lengths),
+        "histogram": histogram(list(lengths)),
         "longest": max(lengths, default=0),
         "truncated": truncated,
         "percent_truncated": round(100.0 * truncated / rendered, 2) if rendered else 0.0,
@@ -283,43 +383,66 @@ def preview_stats(project: Any, *, tokenizer: Any = None) -> dict[str, Any]:
         "trained_tokens": trained,
         "percent_trained": round(100.0 * trained / tokens, 2) if tokens else 0.0,
         "nothing_trained": nothing_trained,
+        "nothing_trained_count": nothing_count,
         "trailing_question_dropped": trimmed,
+        "trailing_question_dropped_count": trimmed_count,
         "eval": eval_info,
         "refusal": refusal,
+        "done": done,
     }
 
 
-def _stats_for_refusal(skipped: list[dict[str, Any]], format_skipped: list[RowError], nothing_trained: list[int],
-                       lengths: list[int]) -> Any:
+class _Many:
+    """``n`` times the same skipped row, without a list of them (for the refusal's wording)."""
+
+    def __init__(self, item: RowError, n: int) -> None:
+        self.item, self.n = item, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> RowError:
+        return self.item
+
+
+def _stats_for_refusal(render_failed: list[tuple[int, str]], nothing_count: int, lengths: Any) -> Any:
     from .render import RenderStats
 
-    failed_rows = {e.row for e in format_skipped}
-    return RenderStats(rows=len(lengths) + len(skipped) - len(format_skipped), kept=0,
-                       fully_masked=list(nothing_trained),
-                       failed=[(s["row"], s["reason"]) for s in skipped if s["row"] not in failed_rows],
-                       longest=max(lengths, default=0))
+    return RenderStats(rows=len(lengths) + len(render_failed), kept=0, fully_masked=[0] * min(nothing_count, 1),
+                       failed=list(render_failed), longest=max(lengths, default=0))
 
 
 def stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[str]:
     """The whole-set stats as short lines of text (the CLI and the app's stats panel)."""
     skipped, none = stats["skipped"], stats["nothing_trained"]
+    n_skipped = stats.get("skipped_count", len(skipped))
+    n_none = stats.get("nothing_trained_count", len(none))
+    trimmed = stats.get("trailing_question_dropped") or []
+    n_trimmed = stats.get("trailing_question_dropped_count", len(trimmed))
     ev = stats["eval"]
-    lines = [
-        f"format: {stats['format']}",
-        f"rows: {stats['rows']:,} · skipped: {len(skipped):,}",
+    lines = [f"format: {stats['format']}"]
+    sources = stats.get("sources") or []
+    if len(sources) > 1:
+        lines.append(f"sources: {len(sources)}")
+        for src in sources:
+            lines.append(f"  {src['path']}: {src['rows']:,} rows ({src['usable']:,} usable, {src['format']}) · "
+                         f"weight {src['weight']:g} · {100 * src['share']:.1f}% of the mix")
+    lines += [
+        f"rows: {stats['rows']:,} · skipped: {n_skipped:,}",
         f"tokens: {stats['tokens']:,} · trained: {stats['percent_trained']}% (loss_on = {stats['loss_on']})",
         f"truncated: {stats['truncated']:,} rows ({stats['percent_truncated']}%) at max_length = "
         f"{stats['max_length']:,}",
         f"longest: {stats['longest']:,} tokens",
-        f"nothing trained: {len(none):,} rows" + (f" (first: row {none[0]})" if none else ""),
-        *([f"a question after the last answer dropped: {len(stats['trailing_question_dropped']):,} rows (first: "
-           f"row {stats['trailing_question_dropped'][0]})"] if stats.get("trailing_question_dropped") else []),
+        f"nothing trained: {n_none:,} rows" + (f" (first: row {none[0]})" if none else ""),
+        *([f"a question after the last answer dropped: {n_trimmed:,} rows (first: row {trimmed[0]})"] if trimmed
+          else []),
         f"eval: {ev['path']}" if "path" in ev else f"eval: {ev['rows']:,} rows held out (eval_split = {ev['ratio']})",
     ]
     for s in skipped[:SKIPPED_SHOWN]:
-        lines.append(f"  row {s['row']}: {s['reason']}")
-    if len(skipped) > SKIPPED_SHOWN:
-        lines.append(f"  … {len(skipped) - SKIPPED_SHOWN} more skipped rows")
+        where = f"{s['source']} " if s.get("source") else ""
+        lines.append(f"  {where}row {s['row']}: {s['reason']}")
+    if n_skipped > SKIPPED_SHOWN:
+        lines.append(f"  … {n_skipped - SKIPPED_SHOWN:,} more skipped rows")
     if refusal and stats["refusal"]:
         lines.append(f"training refuses this dataset: {stats['refusal']}")
     return lines
@@ -330,26 +453,28 @@ def stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[str]:
 
 def preview_search(project: Any, text: str, *, start: int = 0, backward: bool = False) -> dict[str, Any]:
     """The first row at or after position ``start`` (before it, ``backward``) whose fields
-    contain ``text`` (any case), wrapping around: {"index", "row"}, or {"index": None}."""
+    contain ``text`` (any case), wrapping around: {"index", "row"}, or {"index": None}.
+    Streams, keeping no more than two hits."""
     needle = text.strip().lower()
     if not needle:
         raise UserError("search: type some text to look for")
-    path = _data_path(project)
-    hits: list[tuple[int, int]] = []
-    for i, number, data in _entries(path):
-        body = json.dumps(_plain(data), ensure_ascii=False) if isinstance(data, dict) else data.reason
+    data = _Data(project)
+    first: tuple[int, int] | None = None  # the first hit (a forward search wraps to it)
+    before: tuple[int, int] | None = None  # the last hit at or before start
+    last: tuple[int, int] | None = None  # the last hit (a backward search wraps to it)
+    for i, _, number, entry in data.entries():
+        body = json.dumps(_plain(entry), ensure_ascii=False) if isinstance(entry, dict) else entry.reason
         if needle in body.lower() or needle in body.encode("ascii", "backslashreplace").decode().lower():
             if not backward and i >= start:
                 return {"index": i, "row": number}
-            hits.append((i, number))
-    if not hits:
+            first = first or (i, number)
+            last = (i, number)
+            if i <= start:
+                before = (i, number)
+    hit = (before or last) if backward else first
+    if hit is None:
         return {"index": None, "row": None}
-    if backward:
-        before = [h for h in hits if h[0] <= start]
-        i, number = before[-1] if before else hits[-1]
-    else:
-        i, number = hits[0]  # wrapped around
-    return {"index": i, "row": number}
+    return {"index": hit[0], "row": hit[1]}
 
 
 # -- engine ops ---------------------------------------------------------------------------------
@@ -362,9 +487,9 @@ def _project(project_text: str, project_path: str | None) -> Any:
 
 
 def op_preview_row(project_text: str, project_path: str | None = None, index: int | None = None,
-                   row: int | None = None) -> dict[str, Any]:
+                   row: int | None = None, source: int = 0) -> dict[str, Any]:
     """One row of the project's dataset, rendered and masked (:func:`preview_row`)."""
-    return preview_row(_project(project_text, project_path), index=index, row=row)
+    return preview_row(_project(project_text, project_path), index=index, row=row, source=source)
 
 
 def op_preview_stats(project_text: str, project_path: str | None = None) -> dict[str, Any]:
@@ -372,11 +497,20 @@ def op_preview_stats(project_text: str, project_path: str | None = None) -> dict
     return preview_stats(_project(project_text, project_path))
 
 
+def op_preview_stats_stream(emit: Any, cancel: Any, project_text: str, project_path: str | None = None
+                            ) -> dict[str, Any]:
+    """The whole dataset's stats (:func:`preview_stats`), streamed: a partial (the stats so
+    far, ``done`` false) about twice a second; a cancel stops the pass."""
+    return preview_stats(_project(project_text, project_path), progress=emit, cancel=cancel)
+
+
 def op_preview_search(project_text: str, project_path: str | None = None, text: str = "", start: int = 0,
                       backward: bool = False) -> dict[str, Any]:
     """The next row containing ``text`` (:func:`preview_search`)."""
     return preview_search(_project(project_text, project_path), text, start=start, backward=backward)
 
+
+PREVIEW_STREAMS = {"preview_stats_stream": op_preview_stats_stream}
 
 PREVIEW_OPS = {
     "preview_row": op_preview_row,

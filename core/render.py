@@ -68,11 +68,52 @@ ALPACA = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
+# ChatML with tools (Hermes style: schemas in the system turn, <tool_call> JSON in the
+# answer, results as <tool_response> in a tool turn) and reasoning as <think> before the
+# answer, in every turn (so a conversation renders as its prefixes followed by more text)
+CHATML_TOOLS = (
+    "{%- if tools or messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- endif %}"
+    "{%- if tools %}"
+    "{%- if messages[0]['role'] == 'system' %}{{- '\n\n' }}{%- endif %}"
+    "{{- 'You can call these functions. Answer a call with <tool_call></tool_call> holding a JSON object "
+    "with the name and the arguments.\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>' }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if not loop.first %}{{- raise_exception('a system message after the first turn') }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] or '' }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' + (fn['arguments'] | tojson) "
+    "+ '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>tool\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 #: named templates for ``model.chat_template`` (``"auto"`` is the model's own)
-TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama-3": LLAMA3, "alpaca": ALPACA}
+TEMPLATES: dict[str, str] = {"chatml": CHATML, "chatml-tools": CHATML_TOOLS, "llama-3": LLAMA3, "alpaca": ALPACA}
 #: the special strings each named template relies on being single tokens
 TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
+    "chatml-tools": ("<|im_start|>", "<|im_end|>"),
     "llama-3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "alpaca": (),
 }
@@ -119,6 +160,7 @@ class Rendered:
     offsets: list[tuple[int, int]]
     full_length: int  # tokens before truncation
     stop_trained: bool = True  # every assistant turn's end-of-turn token is trained (if not cut off)
+    parts: list[str] | None = None  # per token: the part it renders (render(..., parts=True))
 
     @property
     def truncated(self) -> bool:
@@ -142,28 +184,131 @@ class Rendered:
         return {"input_ids": self.input_ids, "labels": self.labels}
 
 
-def is_text_row(messages: Sequence[dict[str, str]]) -> bool:
+def is_text_row(messages: Sequence[dict[str, Any]]) -> bool:
     """A ``text``-format row: a single assistant message with no prompt."""
-    return len(messages) == 1 and messages[0]["role"] == "assistant"
+    return len(messages) == 1 and messages[0]["role"] == "assistant" and not messages[0].get("tool_calls")
+
+
+# templates that render tool calls and reasoning, named in the refusals
+TOOL_TEMPLATES = ("Qwen2.5", "Qwen3", "Llama 3.1", "Mistral", "Hermes")
+FEATURE_NAMES = {
+    "tools": 'tool schemas (the row\'s "tools")', "tool_calls": "tool calls", "tool_results": "tool results",
+    "reasoning": "reasoning",
+}
+
+
+def template_features(tokenizer: Any, chat_template: str | None) -> frozenset[str]:
+    """What a chat template renders besides plain turns: "tools" (the schemas),
+    "tool_calls", "tool_results" and "reasoning"; found by rendering a probe conversation
+    once per template and looking for each piece in the text."""
+    key = (id(tokenizer), chat_template)
+    found = _features.get(key)
+    if found is None:
+        found = _probe(tokenizer, chat_template)
+        if len(_features) > 64:
+            _features.clear()
+        _features[key] = found
+    return found
+
+
+_features: dict[tuple[int, str | None], frozenset[str]] = {}
+
+
+def _probe(tokenizer: Any, chat_template: str | None) -> frozenset[str]:
+    from .conversation import Conversation
+
+    call = {"type": "function", "function": {"name": "zqprobecall", "arguments": {"zqprobearg": "zqprobevalue"}}}
+    tools = [{"type": "function", "function": {"name": "zqprobetool", "description": "a probe",
+                                              "parameters": {"type": "object", "properties": {}}}}]
+    found = set()
+    tries = [
+        (("tools",), Conversation([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tools),
+         ("zqprobetool",)),
+        (("tool_calls", "tool_results"), Conversation([
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "zqproberesult", "name": "zqprobecall"},
+            {"role": "assistant", "content": "a"}], tools), ("zqprobecall", "zqprobevalue", "zqproberesult")),
+        (("reasoning",), [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a", "reasoning_content": "zqprobethought"}],
+         ("zqprobethought",)),
+    ]
+    for names, messages, needles in tries:
+        try:
+            text = _apply(tokenizer, messages, chat_template, add_generation_prompt=False)
+        except ValueError:
+            continue
+        if names == ("tool_calls", "tool_results"):
+            if all(n in text for n in needles[:2]):
+                found.add("tool_calls")
+            if needles[2] in text:
+                found.add("tool_results")
+        elif all(n in text for n in needles):
+            found.update(names)
+    return frozenset(found)
+
+
+def needed_features(messages: Sequence[dict[str, Any]]) -> list[str]:
+    """What of a conversation needs more than plain turns rendered."""
+    from .conversation import tools_of
+
+    need = []
+    if tools_of(messages):
+        need.append("tools")
+    if any(m.get("tool_calls") for m in messages):
+        need.append("tool_calls")
+    if any(m["role"] == "tool" for m in messages):
+        need.append("tool_results")
+    if any(m.get("reasoning_content") for m in messages):
+        need.append("reasoning")
+    return need
+
+
+def check_features(tokenizer: Any, messages: Sequence[dict[str, Any]], chat_template: str | None) -> None:
+    """ValueError, one line, when the template would silently drop part of the conversation."""
+    need = needed_features(messages)
+    if not need:
+        return
+    has = template_features(tokenizer, chat_template)
+    missing = [n for n in need if n not in has]
+    if not missing:
+        return
+    what = " and ".join(FEATURE_NAMES[n] for n in missing)
+    if missing == ["reasoning"]:
+        raise ValueError(f"the row has reasoning, but this chat template does not render it; set "
+                         'dataset.reasoning = "drop" to train without it, or use a template that renders '
+                         'reasoning (Qwen3-style <think>, e.g. model.chat_template = "chatml-tools")')
+    raise ValueError(f"the row has {what}, but this chat template does not render them; use a model whose "
+                     f"template does ({', '.join(TOOL_TEMPLATES)}) or set model.chat_template = \"chatml-tools\"")
 
 
 def render(
     tokenizer: Any,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     *,
     max_length: int,
     loss_on: str = "assistant",
     chat_template: str | None = None,
+    reasoning: str = "train",
+    parts: bool = False,
 ) -> Rendered:
     """Render one conversation and mask it (see the module docstring).
 
     ``chat_template`` overrides the tokenizer's own (see :func:`resolve_chat_template`).
-    Raises ValueError when the template cannot render the conversation.
+    ``reasoning = "drop"`` leaves the turns' reasoning out. ``parts``: also label every
+    token with the part of the conversation it renders (for the preview). Raises
+    ValueError when the template cannot render the conversation, or would drop part of it
+    (tools, tool calls or results, reasoning).
     """
+    from .conversation import drop_reasoning
+
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on must be 'assistant' or 'all', not {loss_on!r}")
+    if reasoning == "drop":
+        messages = drop_reasoning(messages)
     if is_text_row(messages):
         return _render_text(tokenizer, messages[0]["content"], max_length)
+    check_features(tokenizer, messages, chat_template)
     text = _apply(tokenizer, messages, chat_template, add_generation_prompt=False)
     if loss_on == "all":
         spans: list[tuple[int, int]] = [(0, len(text))]
@@ -172,7 +317,10 @@ def render(
         spans, stop_trained = _assistant_spans(tokenizer, messages, text, chat_template)
     ids, trained, offsets = _tokenize_marked(tokenizer, text, spans)
     labels = [tid if t else IGNORE for tid, t in zip(ids, trained)]
-    return _finish(ids, labels, text, offsets, max_length, stop_trained)
+    out = _finish(ids, labels, text, offsets, max_length, stop_trained)
+    if parts:
+        out.parts = _token_parts(out.offsets, _parts(tokenizer, messages, text, chat_template))
+    return out
 
 
 def _render_text(tokenizer: Any, text: str, max_length: int) -> Rendered:
@@ -204,11 +352,26 @@ def _finish(
     )
 
 
-def _apply(tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: str | None, *,
-           add_generation_prompt: bool) -> str:
+def _template_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as templates read them: reasoning also as ``thinking`` (gpt-oss style)."""
+    out = []
+    for m in messages:
+        if m.get("reasoning_content") and "thinking" not in m:
+            m = {**m, "thinking": m["reasoning_content"]}
+        out.append(m)
+    return out
+
+
+def _apply(tokenizer: Any, messages: Sequence[dict[str, Any]], chat_template: str | None, *,
+           add_generation_prompt: bool, tools: Any = None) -> str:
+    from .conversation import tools_of
+
+    tools = tools if tools is not None else tools_of(messages)
+    extra = {"tools": tools} if tools else {}
     try:
         out = tokenizer.apply_chat_template(
-            list(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            _template_messages(messages), chat_template=chat_template, tokenize=False,
+            add_generation_prompt=add_generation_prompt, **extra,
         )
     except Exception as exc:  # jinja raises its own errors (TemplateError, raise_exception(...))
         raise ValueError(f"the chat template cannot render this conversation ({_one_line(exc)})") from None
@@ -218,35 +381,149 @@ def _apply(tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: st
 
 
 def _assistant_spans(
-    tokenizer: Any, messages: Sequence[dict[str, str]], text: str, chat_template: str | None,
+    tokenizer: Any, messages: Sequence[dict[str, Any]], text: str, chat_template: str | None,
 ) -> tuple[list[tuple[int, int]], bool]:
-    """Character spans of every assistant answer plus its end-of-turn marker in ``text``."""
+    """Character spans of every assistant answer (its reasoning, text and tool calls as the
+    template renders them) plus its end-of-turn marker in ``text``."""
+    from .conversation import tools_of
+
+    tools = tools_of(messages)
     markers = _end_markers(tokenizer)
     spans: list[tuple[int, int]] = []
     stop_trained = True
+    cursor = 0  # where the turns read so far end in ``text``
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
+            content = message["content"].strip()
+            found = text.find(content, cursor) if content else -1
+            if found >= 0:
+                cursor = found + len(content)
             continue
         if i == 0:
             raise ValueError("an assistant turn with no prompt before it")
-        prompt = _apply(tokenizer, messages[:i], chat_template, add_generation_prompt=True)
-        start = len(prompt) if text.startswith(prompt) else _common_prefix(prompt, text)
-        through = _apply(tokenizer, messages[: i + 1], chat_template, add_generation_prompt=False)
-        turn_end = len(through) if text.startswith(through) else len(text)
-        content = message["content"].strip()
-        found = text.find(content, start, turn_end) if content else -1
-        if found < 0:
-            # the template rewrites the answer: train the whole turn up to its trailing whitespace
-            end = len(text[:turn_end].rstrip())
-            spans.append((start, end))
+        prompt = _apply(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools)
+        if text.startswith(prompt):
+            start = len(prompt)
+        else:
+            # the template renders earlier turns differently once more follow (reasoning
+            # models drop the reasoning of answers before the last question): the answer
+            # starts after the generation prompt's header that follows the turns read so far
+            bare = _apply(tokenizer, messages[:i], chat_template, add_generation_prompt=False, tools=tools)
+            header = prompt[len(bare):] if prompt.startswith(bare) else ""
+            found = text.find(header, cursor) if header.strip() else -1
+            start = found + len(header) if found >= 0 else max(cursor, _common_prefix(prompt, text))
+        through = _apply(tokenizer, messages[: i + 1], chat_template, add_generation_prompt=False, tools=tools)
+        prefix = text.startswith(through)
+        turn_end = len(through) if prefix else len(text)
+        pos = _anchor(text, message, start, turn_end)
+        if pos is None:
+            # the template rewrites the answer: train the whole turn up to its end marker
+            # (or, rendered as a prefix, up to its trailing whitespace)
+            stop = len(text[:turn_end].rstrip()) if prefix else _first_marker(text, markers, start, turn_end)
+            stop = stop if stop is not None else len(text[:turn_end].rstrip())
+            spans.append((start, stop))
+            cursor = max(cursor, stop)
             continue
-        content_end = found + len(content)
-        stop = _first_marker(text, markers, content_end, turn_end)
+        stop = _first_marker(text, markers, pos, turn_end)
         if stop is None:
             stop_trained = False
-            stop = content_end
+            stop = pos
         spans.append((start, stop))
+        cursor = max(cursor, stop)
     return spans, stop_trained
+
+
+def _anchor(text: str, message: dict[str, Any], start: int, end: int) -> int | None:
+    """Where the last piece of an assistant turn ends in ``text``: its answer text, then the
+    name and arguments of each tool call, found in order; None when none is found."""
+    pos = None
+    at = start
+    content = message["content"].strip()
+    if content:
+        found = text.find(content, at, end)
+        if found >= 0:
+            pos = at = found + len(content)
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function", call)
+        found = text.find(fn["name"], at, end)
+        if found < 0:
+            continue
+        pos = at = found + len(fn["name"])
+        for value in _leaves(fn.get("arguments")):
+            found = text.find(value, at, end)
+            if found >= 0:
+                pos = at = found + len(value)
+    return pos
+
+
+def _leaves(value: Any) -> list[str]:
+    """The string and number values of a tool call's arguments, in order (as text)."""
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _leaves(item)]
+    if isinstance(value, list):
+        return [v for item in value for v in _leaves(item)]
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [str(value)]
+    return [value] if isinstance(value, str) and value and "\n" not in value and '"' not in value else []
+
+
+def _parts(tokenizer: Any, messages: Sequence[dict[str, Any]], text: str,
+           chat_template: str | None) -> list[tuple[int, int, str]]:
+    """Character ranges of ``text`` by what they render: each turn by its role
+    ("tool_call" for an assistant turn's calls, "tool_result" for a tool turn,
+    "reasoning" for an answer's reasoning), found from the rendered prefixes."""
+    from .conversation import tools_of
+
+    tools = tools_of(messages)
+    bounds = [0]
+    for i in range(1, len(messages) + 1):
+        try:
+            head = _apply(tokenizer, messages[:i], chat_template, add_generation_prompt=False, tools=tools)
+        except ValueError:
+            head = ""
+        bounds.append(max(bounds[-1], _common_prefix(head, text)))
+    bounds[-1] = len(text)
+    out: list[tuple[int, int, str]] = []
+    first = messages[0]
+    content = first["content"].strip()
+    c = text.find(content, 0, bounds[1]) if content and first["role"] != "system" else -1
+    if c > 0:  # what the template puts before the first turn: a default system prompt, the tool schemas
+        header = text.rfind("\n", 0, text.rfind("\n", 0, c)) + 1 if "\n" in text[:c] else 0
+        if header > 0:
+            out.append((0, header, "tools" if tools else "system"))
+            bounds[0] = header
+    for m, a, b in zip(messages, bounds, bounds[1:]):
+        role = m["role"]
+        if role == "tool":
+            out.append((a, b, "tool_result"))
+            continue
+        if role != "assistant":
+            out.append((a, b, role))
+            continue
+        reasoning = (m.get("reasoning_content") or "").strip()
+        r_at = text.find(reasoning, a, b) if reasoning else -1
+        after = r_at + len(reasoning) if r_at >= 0 else a
+        content = m["content"].strip()
+        c_at = text.find(content, after, b) if content else -1
+        calls_at = (c_at + len(content) if c_at >= 0 else after) if m.get("tool_calls") else b
+        if r_at >= 0:
+            out += [(a, r_at, "assistant"), (r_at, r_at + len(reasoning), "reasoning"),
+                    (r_at + len(reasoning), calls_at, "assistant")]
+        else:
+            out.append((a, calls_at, "assistant"))
+        if calls_at < b:
+            out.append((calls_at, b, "tool_call"))
+    return [p for p in out if p[1] > p[0]]
+
+
+def _token_parts(offsets: list[tuple[int, int]], parts: list[tuple[int, int, str]]) -> list[str]:
+    labels = []
+    for s, e in offsets:
+        mid = s if e <= s else s + (e - s - 1) // 2
+        labels.append(next((kind for a, b, kind in parts if a <= mid < b), "template"))
+    return labels
 
 
 def _end_markers(tokenizer: Any) -> tuple[str, ...]:
@@ -349,6 +626,7 @@ def render_rows(
     loss_on: str = "assistant",
     chat_template: str | None = None,
     until_one_trains: bool = False,
+    reasoning: str = "train",
 ) -> tuple[list[dict[str, list[int]]], RenderStats]:
     """Render (row number, messages) pairs into training examples; rows left with no trained
     token (or that the template cannot render) are counted in the stats, not returned.
@@ -361,7 +639,8 @@ def render_rows(
             break
         stats.rows += 1
         try:
-            r = render(tokenizer, messages, max_length=max_length, loss_on=loss_on, chat_template=chat_template)
+            r = render(tokenizer, messages, max_length=max_length, loss_on=loss_on, chat_template=chat_template,
+                       reasoning=reasoning)
         except ValueError as exc:
             stats.failed.append((number, str(exc)))
             continue
@@ -400,7 +679,7 @@ def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str
     template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
     max_length = project["dataset.max_length"]
     opts = dict(max_length=max_length, loss_on=project["dataset.loss_on"], chat_template=template,
-                until_one_trains=until_one_trains)
+                until_one_trains=until_one_trains, reasoning=project["dataset.reasoning"])
     train, stats = render_rows(tokenizer, splits.train, **opts)
     refusal = dataset_refusal(stats, max_length=max_length)
     if refusal:

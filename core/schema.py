@@ -55,6 +55,9 @@ class Field:
             return "a ratio in [0, 1) such as 0.05, or the path of a separate eval file"
         if self.kind == "mapping":
             return 'a table of strings such as {messages = "dialog"}'
+        if self.kind == "sources":
+            return ('a path, or a list of paths and tables such as [{path = "a.jsonl", weight = 2}, '
+                    '{path = "b.parquet", format = "alpaca"}]')
         if self.kind == "str_list":
             return "a list of strings"
         if self.kind == "devices":
@@ -83,7 +86,7 @@ def _f(section: str, name: str, kind: str, default: Any, help: str, **kw: Any) -
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
-CHAT_TEMPLATES = ("auto", "chatml", "llama-3", "alpaca")
+CHAT_TEMPLATES = ("auto", "chatml", "chatml-tools", "llama-3", "alpaca")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -146,7 +149,9 @@ FIELDS: tuple[Field, ...] = (
     _f("lora", "modules_to_save", "str_list", [],
        "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", group="LoRA"),
     # [dataset]
-    _f("dataset", "path", "str", "", "Training data: JSONL, JSON, CSV, Parquet or a save_to_disk folder.",
+    _f("dataset", "path", "sources", "",
+       "Training data: JSONL, JSON, CSV, Parquet, a save_to_disk folder or a dataset in the local Hugging Face "
+       'cache; or a list of them, each with a weight and its own format ([{path = "a.jsonl", weight = 2}]).',
        group="Dataset"),
     _f("dataset", "format", "choice", "auto", "Row format; auto detects it from the fields.",
        choices=FORMATS, group="Dataset"),
@@ -162,6 +167,9 @@ FIELDS: tuple[Field, ...] = (
     _f("dataset", "loss_on", "choice", "assistant",
        '"assistant" trains on answers only (prompt masked); "all" on every token.',
        choices=("assistant", "all"), group="Dataset"),
+    _f("dataset", "reasoning", "choice", "train",
+       'Reasoning in the rows (reasoning_content, <think>): "train" renders it through the chat template and '
+       'trains on it; "drop" leaves it out.', choices=("train", "drop"), group="Dataset"),
     _f("dataset", "packing", "bool", False, "Pack several rows into one sequence of max_length.",
        group="Dataset"),
     # [training]
@@ -312,6 +320,16 @@ def check_value(fld: Field, value: Any, source: str | None = None) -> Any:
         value = float(value)
         _check_range(fld, value, source)
         return value
+    if kind == "sources":
+        if isinstance(value, str):
+            return value
+        from .sources import parse_sources
+
+        try:
+            parse_sources(value, None, fld.key)
+        except ValueError as exc:
+            raise ProjectError(fld.key, f"{toml_repr(value)[:60]} is not valid: {exc}", source) from None
+        return _copy(value)
     if kind == "mapping":
         if isinstance(value, dict) and all(
             isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()

@@ -47,6 +47,10 @@ def test_check_prints_resolved_settings(project, capsys):
     assert report["model"]["kind"] == "default"
     assert report["dataset"] == {"path": str(project.parent / "data.jsonl"), "format": "messages", "rows": 4,
                                  "usable": 4, "skipped": [], "trailing_question_dropped": [],
+                                 "sources": [{"path": "data.jsonl", "key": "dataset.path",
+                                              "where": str(project.parent / "data.jsonl"), "format": "messages",
+                                              "rows": 4, "usable": 4, "skipped": 0, "weight": 1.0, "train_rows": 4,
+                                              "share": 1.0}],
                                  "eval": {"ratio": 0.0, "rows": 0}}
     assert report["resolved"]["precision"] == "fp32"
     assert report["resolved"]["gradient_checkpointing"] is False

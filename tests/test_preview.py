@@ -108,7 +108,7 @@ def test_every_assistant_turn_trains_and_eos_trains_with_pad_eos(tmp_path, defau
     # a text row ends with eos, trained, also when eos is the pad token
     text_project = make_project(tmp_path, default_model_dir, **{"dataset__format": "text"})
     text_row = preview_row(text_project, index=1, tokenizer=tok)
-    assert text_row["tokens"][-1] == {"id": tok.eos_token_id, "text": tok.eos_token, "trained": True}
+    assert text_row["tokens"][-1] == {"id": tok.eos_token_id, "text": tok.eos_token, "trained": True, "part": "text"}
     from tunedeck.core.render import PadCollator
 
     example = {"input_ids": [t["id"] for t in text_row["tokens"]],
@@ -321,7 +321,7 @@ def test_cli_json_row_and_stats(tmp_path, default_model_dir, write_jsonl, capsys
     assert cli.main(["preview", str(project.path), "--row", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     tokens = report["row"]["tokens"]
-    assert tokens and all(set(t) == {"id", "text", "trained"} for t in tokens)
+    assert tokens and all(set(t) == {"id", "text", "trained", "part"} for t in tokens)
     assert report["row"]["row"] == 3 and any(t["trained"] for t in tokens)
     stats = report["stats"]
     assert stats["rows"] == 3 and stats["skipped"] == [{"row": 2, "reason": stats["skipped"][0]["reason"]}]

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunedeck.core.errors import ProjectError, UserError
 from tunedeck.core.project import Project, parse_override
-from tunedeck.core.schema import Field, field_for
+from tunedeck.core.schema import Field, field_for, toml_repr
 
 # a target string with any of these is a regex (peft full-matches it against module names)
 _REGEX_CHARS = re.compile(r"[.*+?()\[\]|^$\\{}]")
@@ -32,6 +32,8 @@ def format_value(fld: Field, value: Any) -> str:
         return ", ".join(value)
     if fld.kind == "mapping":
         return ", ".join(f"{k}={v}" for k, v in value.items())
+    if fld.kind == "sources" and not isinstance(value, str):
+        return toml_repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -43,10 +45,11 @@ def parse_text(fld: Field, text: str) -> Any:
     Numbers, ``eval_split`` and auto/bool values are read like ``--set`` reads them.
     Strings are taken as typed. ``target_modules``: ``all-linear``, a regex, or names
     separated by commas (a list, matched as suffixes). Lists: comma-separated or TOML.
-    Tables: ``key=value, ...`` or a TOML inline table.
+    Tables: ``key=value, ...`` or a TOML inline table. ``dataset.path``: a path as typed, or
+    a TOML list of sources (``[{path = "a.jsonl", weight = 2}, "b.jsonl"]``).
     """
     raw = text.strip()
-    if fld.kind == "str":
+    if fld.kind == "str" or (fld.kind == "sources" and not raw.startswith("[")):
         return text
     if fld.kind in ("targets", "str_list"):
         if raw.startswith("["):

@@ -55,6 +55,7 @@ def collect(project_path: str, overrides: list[str], params: bool = False) -> di
         "dataset": {"path": summary.path, "format": summary.format, "rows": summary.rows,
                     "usable": summary.good, "skipped": [{"row": e.row, "reason": e.reason} for e in summary.skipped],
                     "trailing_question_dropped": summary.trimmed,
+                    "sources": [info.as_dict() for info in splits.sources],
                     "eval": eval_info},
         "resolved": resolved.as_dict(),
         "settings": project.as_dict(),
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
                   + (f" ({m['note']})" if m["note"] else ""))
     console.print(f"dataset  {d['path']}: {d['format']}, {d['usable']} rows"
                   + (f", {len(d['skipped'])} skipped" if d["skipped"] else ""))
+    if len(d.get("sources") or []) > 1:
+        for src in d["sources"]:
+            console.print(f"         {src['path']}: {src['usable']} of {src['rows']} rows ({src['format']}), "
+                          f"weight {src['weight']:g}, {100 * src['share']:.1f}% of the training mix")
     for e in d["skipped"][:5]:
         console.print(Text(f"         row {e['row']}: {e['reason']}", style="yellow"))
     if len(d["skipped"]) > 5:

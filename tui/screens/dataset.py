@@ -205,7 +205,8 @@ class DatasetScreen(ProjectScreen):
     def _read_marks(self, key: PreviewKey, text: str) -> None:
         """Which rows are held out for evaluation (the trainer's own split) and which match
         ``text``; raw rows only, no tokenizer, so this is read here rather than in the engine."""
-        from tunedeck.core.datafile import load_splits, read_rows
+        from tunedeck.core.datafile import load_splits, read_source
+        from tunedeck.core.sources import project_sources
         from tunedeck.core.errors import UserError
 
         project = self.session.project
@@ -220,9 +221,9 @@ class DatasetScreen(ProjectScreen):
         matches: list[int] = []
         needle = text.strip().lower()
         if needle:
-            path = project.resolve_path(project["dataset.path"])
             try:
-                for i, (_, data) in enumerate(read_rows(path)):
+                rows = (row for source in project_sources(project) for row in read_source(source))
+                for i, (_, data) in enumerate(rows):
                     if worker.is_cancelled:
                         return
                     body = (json.dumps(data, ensure_ascii=False, default=str) if isinstance(data, dict)
