@@ -17,6 +17,8 @@ chat template needs besides text:
 - **Reasoning.** ``reasoning_content`` (or ``reasoning`` / ``thinking``) on an
   assistant turn, kept as ``reasoning_content`` (the renderer also passes it as
   ``thinking``, the name some templates read).
+- **Answers not to train.** An assistant turn with ``"weight": 0`` (OpenAI's fine-tuning
+  format) stays in the conversation as context and is masked.
 - **Images, audio, video.** Refused with :class:`MediaError`, never dropped: tunedeck
   trains on text only.
 
@@ -236,6 +238,8 @@ def make_turn(role: str, content: Any, where: str, source: dict[str, Any] | None
                 break
         if reasoning:
             message["reasoning_content"] = reasoning
+        if source.get("weight") in (0, 0.0) and not isinstance(source.get("weight"), bool):
+            message["weight"] = 0  # OpenAI's fine-tuning format: this answer is context, not trained
     elif role == "tool":
         for key in ("name", "tool_call_id"):
             if isinstance(source.get(key), str):

@@ -425,6 +425,9 @@ def _assistant_spans(
             cursor = max(cursor, stop)
             continue
         stop = _first_marker(text, markers, pos, turn_end)
+        if message.get("weight") == 0:  # context, not trained (OpenAI's per-message weight)
+            cursor = max(cursor, stop if stop is not None else pos)
+            continue
         if stop is None:
             stop_trained = False
             stop = pos

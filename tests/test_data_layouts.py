@@ -420,3 +420,43 @@ def test_conversations_survive_pickling_with_their_tools():
     conv = to_messages(SHAREGPT_TOOLS, "sharegpt")
     back = pickle.loads(pickle.dumps(conv))
     assert isinstance(back, Conversation) and back == conv and back.tools == conv.tools
+
+
+def test_a_run_trains_on_tool_rows_with_the_rendered_labels(tiny_model_dir, tmp_path):
+    """The trainer takes tool rows end to end; a batch is exactly their render()."""
+    from train_support import train_inprocess, write_project
+
+    project = write_project(tmp_path, tiny_model_dir, [SHAREGPT_TOOLS] * 4, dataset={"max_length": 256},
+                            training={"max_steps": 2})
+    (tmp_path / "openai.jsonl").write_text((json.dumps(OPENAI_TOOLS) + "\n") * 4, encoding="utf-8")
+    edited = Project.load(project)
+    edited.set("model.chat_template", "chatml-tools")
+    edited.set("dataset.path", ["data.jsonl", "openai.jsonl"])  # one ShareGPT file, one OpenAI file
+    edited.save()
+    code, events, run_dir = train_inprocess(project)
+    assert code == 0, [e for e in events if e["type"] in ("failed", "warning")]
+    started = next(e for e in events if e["type"] == "run_started")
+    assert started["data"]["train"]["kept"] == 8, started["data"]
+    assert started["data"]["train"]["failed"] == 0
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    assert saved.chat_template == TEMPLATES["chatml-tools"]  # chat renders what trained
+
+
+def test_an_answer_with_weight_0_is_context_not_trained(tok):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey.", "weight": 0},
+                        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 1}]}
+    r = render(tok, to_messages(row, "messages"), max_length=256)
+    assert trained_runs(tok, r) == ["4<|im_end|>"] and "Hey." in r.text
+
+
+def test_the_tool_calling_sample_renders_every_row_with_its_calls_trained():
+    sample = Path(__file__).resolve().parent.parent / "sample_data" / "tools.toml"
+    project = Project.load(sample)
+    stats = preview_stats(project)
+    assert stats["rows"] == stats["usable"] == 24 and stats["skipped_count"] == 0 and stats["refusal"] is None
+    row = preview_row(project)
+    trained_parts = {t["part"] for t in row["tokens"] if t["trained"]}
+    assert trained_parts == {"tool_call", "assistant"}
+    assert all(not t["trained"] for t in row["tokens"] if t["part"] in ("tool_result", "tools", "user"))
