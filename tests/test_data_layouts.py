@@ -460,3 +460,59 @@ def test_the_tool_calling_sample_renders_every_row_with_its_calls_trained():
     trained_parts = {t["part"] for t in row["tokens"] if t["trained"]}
     assert trained_parts == {"tool_call", "assistant"}
     assert all(not t["trained"] for t in row["tokens"] if t["part"] in ("tool_result", "tools", "user"))
+
+
+# -- fuzzing: whatever the turns hold, a reason or a conversation that renders ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(max_size=10)
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | TEXT,
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+                       max_leaves=6)
+PART = st.one_of(TEXT, JSONISH, st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "thinking", "reasoning", "image_url", "input_audio", "odd", None]),
+     "text": st.one_of(TEXT, st.none()), "value": st.one_of(TEXT, JSONISH)}))
+CALL = st.one_of(JSONISH, st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.one_of(st.sampled_from(["f", "get_weather"]), JSONISH),
+         "arguments": st.one_of(st.just('{"a": 1}'), st.just("{bad"), JSONISH)})}))
+FUZZ_TURN = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool", "system", "function_call", "observation", "ipython", 7]),
+     "content": st.one_of(TEXT, st.lists(PART, max_size=3), JSONISH)},
+    optional={"tool_calls": st.one_of(st.lists(CALL, max_size=2), JSONISH), "reasoning_content": JSONISH,
+              "weight": JSONISH})
+FUZZ_ROW = st.fixed_dictionaries({"messages": st.lists(FUZZ_TURN, max_size=5)},
+                                 optional={"tools": st.one_of(JSONISH, st.just('[{"name": "f"}]'))})
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(FUZZ_ROW, st.sampled_from(["chatml-tools", "auto"]), st.sampled_from(["train", "drop"]))
+def test_fuzzed_tool_rows_give_a_reason_or_render_with_a_consistent_mask(tok, row, template, reasoning):
+    try:
+        conv = to_messages(row, "messages")
+    except ValueError as exc:
+        assert str(exc).strip() and "\n" not in str(exc)
+        return
+    assert conv[-1]["role"] == "assistant"
+    try:
+        r = render(tok, conv, max_length=512, chat_template=None if template == "auto" else TEMPLATES[template],
+                   reasoning=reasoning, parts=True)
+    except ValueError as exc:
+        assert str(exc).strip()
+        return
+    assert len(r.input_ids) == len(r.labels) == len(r.parts)
+    assert all(label in (IGNORE, tid) for tid, label in zip(r.input_ids, r.labels))
+    assert not any(t for (_, t), p in zip(r.tokens, r.parts) if p in ("tool_result", "user"))
+
+
+def test_the_settings_field_takes_a_path_as_typed_or_a_list_of_sources():
+    from tunedeck.core.schema import field_for
+    from tunedeck.tui.session import format_value, parse_text
+
+    fld = field_for("dataset.path")
+    assert parse_text(fld, "my data.jsonl") == "my data.jsonl"
+    value = parse_text(fld, '[{path = "a.jsonl", weight = 2}, "b.jsonl"]')
+    assert value == [{"path": "a.jsonl", "weight": 2}, "b.jsonl"]
+    assert parse_text(fld, format_value(fld, value)) == value
