@@ -346,8 +346,10 @@ def preference_layout(row: dict[str, Any]) -> tuple[str, str] | None:
             if fields == ("chosen", "rejected") and not isinstance(row["chosen"], list):
                 return "chosen / rejected texts without a prompt", ""
             return what, hint
-    if "prompt" in row and "completion" in row and isinstance(row.get("label"), bool):
-        return "unpaired preference data: prompt / completion / a true-or-false label (KTO)", ""
+    if isinstance(row.get("label"), bool) and (("prompt" in row and "completion" in row)
+                                                or "messages" in row or "conversations" in row):
+        fields = "prompt / completion" if "prompt" in row else ("messages" if "messages" in row else "conversations")
+        return f"unpaired preference data: {fields} with a true-or-false label (KTO)", ""
     return None
 
 
@@ -413,6 +415,8 @@ def to_messages(
 
     check_media(row)
     tools = normalise_tools(get("tools", required=False), columns.get("tools", "tools"))
+    if tools is None and "tools" not in columns and row.get("functions") is not None:  # OpenAI's older name
+        tools = normalise_tools(row["functions"], "functions")
     if fmt in ("messages", "sharegpt"):
         name = FORMAT_FIELDS[fmt][0]
         raw = get(name)

@@ -113,6 +113,18 @@ def test_openai_tool_calls_with_string_arguments_and_tool_turns():
     assert conv.tools[0]["function"]["name"] == "get_weather"
 
 
+def test_openais_older_function_calling_layout():
+    row = {"messages": [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                        {"role": "function", "name": "get_weather", "content": "cold"},
+                        {"role": "assistant", "content": "Cold."}],
+           "functions": TOOLS_SCHEMA}
+    conv = to_messages(row, "messages")
+    assert [m["role"] for m in conv] == ["user", "assistant", "tool", "assistant"]
+    assert conv[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert conv[2]["name"] == "get_weather" and conv.tools[0]["function"]["name"] == "get_weather"
+
+
 def test_a_text_turn_then_a_call_turn_is_one_assistant_turn():
     row = {"conversations": [
         {"from": "human", "value": "Weather?"}, {"from": "gpt", "value": "Let me look."},
@@ -256,6 +268,8 @@ def test_an_image_part_is_refused_also_after_the_first_rows(tmp_path, default_mo
     ({"instruction": "Q?", "input": "", "chosen": "Good.", "rejected": "Bad."}, 'columns = {output = "chosen"}'),
     ({"question": "Q?", "response_j": "Good.", "response_k": "Bad."}, "response_j"),
     ({"prompt": "Q?", "completion": "Good.", "label": True}, "KTO"),
+    ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Bad."}], "label": False},
+     "KTO"),
     ({"prompt": "Q?", "chosen": "Good.", "rejected": "Bad.", "messages": [
         {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Good."}]}, "preference data"),
 ])
