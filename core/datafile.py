@@ -437,7 +437,15 @@ def to_messages(
             if not isinstance(value, str):
                 raise ValueError(f'"{columns.get(name, name)}" is not text')
         prompt = instruction if not extra else f"{instruction}\n\n{extra}"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages = []
+        history = get("history", required=False)  # LLaMA-Factory: earlier [question, answer] pairs
+        if history:
+            if not isinstance(history, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history):
+                raise ValueError(f'"{columns.get("history", "history")}" is not a list of [question, answer] pairs')
+            for question, answer in history:
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
         system = get("system", required=False)
         if isinstance(system, str) and system.strip():
             messages.insert(0, {"role": "system", "content": system})

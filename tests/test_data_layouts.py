@@ -113,6 +113,17 @@ def test_openai_tool_calls_with_string_arguments_and_tool_turns():
     assert conv.tools[0]["function"]["name"] == "get_weather"
 
 
+def test_alpaca_history_and_system_columns_as_llama_factory_writes_them():
+    row = {"instruction": "And 3+3?", "input": "", "output": "6", "system": "Be brief.",
+           "history": [["2+2?", "4"]]}
+    assert to_messages(row, "alpaca") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"}]
+    with pytest.raises(ValueError, match="question, answer"):
+        to_messages({**row, "history": [["only a question"]]}, "alpaca")
+
+
 def test_openais_older_function_calling_layout():
     row = {"messages": [{"role": "user", "content": "Weather?"},
                         {"role": "assistant", "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
