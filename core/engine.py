@@ -60,7 +60,7 @@ from typing import Any
 from .errors import UserError
 from .kept import Kept
 from .paths import cache_dir
-from .preview import PREVIEW_OPS, PREVIEW_STREAMS
+from .preview import BACKGROUND_OPS, PREVIEW_OPS, PREVIEW_STREAMS
 
 # how often blocking waits wake up to look at cancellation and the engine's health
 POLL_S = 0.1
@@ -379,12 +379,32 @@ def serve(requests: Any, replies: Any, log_path: str) -> None:
             def emit(partial: dict[str, Any], request_id: Any = request_id) -> None:
                 send({"id": request_id, "ok": True, "partial": partial})
 
+            if request.get("op") in BACKGROUND_OPS:
+                # a pass over the whole dataset: in a thread of its own, so the rows asked
+                # for meanwhile are answered between two rows of it, not after it
+                threading.Thread(target=_in_background, args=(request, log_path, emit, cancel, send, cancels,
+                                                              cancels_lock),
+                                 name=f"tunedeck-engine-{request.get('op')}", daemon=True).start()
+                continue
             send(handle(request, log_path, emit=emit, cancel=cancel))
         except (OSError, ValueError):
             return
         finally:
-            with cancels_lock:
-                cancels.pop(request_id, None)
+            if request.get("op") not in BACKGROUND_OPS:
+                with cancels_lock:
+                    cancels.pop(request_id, None)
+
+
+def _in_background(request: dict[str, Any], log_path: str, emit: Callable[[dict[str, Any]], None],
+                   cancel: threading.Event, send: Callable[[dict[str, Any]], None], cancels: dict[Any, Any],
+                   cancels_lock: Any) -> None:
+    try:
+        send(handle(request, log_path, emit=emit, cancel=cancel))
+    except (OSError, ValueError):  # the client has gone
+        pass
+    finally:
+        with cancels_lock:
+            cancels.pop(request.get("id"), None)
 
 
 def handle(request: dict[str, Any], log_path: str = "", *, emit: Callable[[dict[str, Any]], None] | None = None,

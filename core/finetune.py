@@ -8,7 +8,10 @@ starts):
    "auto" settings for this machine;
 2. loads the tokenizer, picks the chat template, and renders every row through
    :func:`tunedeck.core.render.render_rows` (the same code as the dataset preview);
-   refuses a dataset with no trainable token left;
+   refuses a dataset with no trainable token left. Rows rendered before (by the dataset
+   preview's stats or an earlier run on the same data, tokenizer and settings) are read
+   from :mod:`tunedeck.core.rendercache` instead, and the rows rendered now are added to
+   it; the run's data info (``render_cache`` in run_started) says which;
 3. loads the model: full precision for LoRA (fp32 on a CPU, bf16/fp16 on a GPU), or
    4-bit / 8-bit through bitsandbytes for QLoRA, then ``prepare_model_for_kbit_training``;
    weights come from safetensors (or GGUF) only, unless ``model.allow_pickle``;
@@ -115,6 +118,7 @@ class Run:
 
         from .datafile import load_splits
         from .render import missing_template_tokens, render_splits
+        from .rendercache import RowCache, cache_path
 
         p = self.project
         splits = load_splits(p)
@@ -127,7 +131,12 @@ class Run:
                            f"and the rest trains (first: row {summary.trimmed[0]})")
 
         template_name = p["model.chat_template"]
-        rendered = render_splits(p, tokenizer, splits, model_label=f"model {self.ref.display}")
+        # rows rendered before (by the Dataset screen's stats or an earlier run) are read, not tokenized
+        cache = RowCache(cache_path(p), repeats=True, write=getattr(self, "rank", 0) == 0)
+        try:
+            rendered = render_splits(p, tokenizer, splits, model_label=f"model {self.ref.display}", cache=cache)
+        finally:
+            cache.finish()
         if rendered.template is not None:
             tokenizer.chat_template = rendered.template  # saved with the adapter: chat uses what trained
             missing = missing_template_tokens(tokenizer, template_name)
@@ -143,7 +152,8 @@ class Run:
             self._report_render(eval_stats, "eval", max_length)
             eval_ds = Dataset.from_list(rendered.eval)
         info = {"format": summary.format, "sources": [s.as_dict() for s in splits.sources], "train": stats.as_dict(),
-                "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name}
+                "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name,
+                "render_cache": cache.report()}
         return Dataset.from_list(train_examples), eval_ds, info
 
     def _report_render(self, stats: Any, which: str, max_length: int) -> None:

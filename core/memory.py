@@ -328,13 +328,18 @@ def arch_from_config(config: dict[str, Any]) -> ArchInfo:
 
 
 def arch_from_gguf(path: Path) -> ArchInfo:
-    """An :class:`ArchInfo` from a GGUF file's header (reads metadata, not tensors).
+    """An :class:`ArchInfo` from a GGUF file's header (reads metadata, not tensors; a file
+    read before, unchanged, is not read again: :func:`tunedeck.core.models.read_gguf_header`).
 
     Raises ValueError naming the first size the header does not give.
     """
-    from gguf import GGUFReader
+    from .models import read_gguf_header
 
-    reader = GGUFReader(str(path))
+    return read_gguf_header(path).arch()
+
+
+def arch_from_gguf_reader(reader: Any) -> ArchInfo:
+    """:func:`arch_from_gguf` on an open ``gguf.GGUFReader``."""
 
     def meta(key: str) -> Any:
         fld = reader.fields.get(key)

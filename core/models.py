@@ -17,6 +17,7 @@ trainer and engine processes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -419,12 +420,65 @@ def _safetensors_header(path: Path) -> dict[str, tuple[str, int]]:
 def describe_gguf(path: Path, *, source: str, kind: str = "gguf") -> ModelInfo:
     info = ModelInfo(source=source, kind=kind, path=str(path), size_bytes=_file_size(path))
     try:
-        from gguf import GGUFReader
-        reader = GGUFReader(str(path))
+        header = read_gguf_header(path)
     except Exception as exc:
         info.error = f"unreadable GGUF header ({exc.__class__.__name__}: {str(exc)[:80]})"
         return info
+    for name, value in header.described().items():
+        setattr(info, name, value)
+    return info
 
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """One read of a GGUF file's header: what :func:`describe_gguf` takes from it (ModelInfo
+    fields) and the model's shape (:func:`tunedeck.core.memory.arch_from_gguf`), each kept
+    as the value or the exception reading it raised. A header is big (the tokenizer's whole
+    vocabulary): a file is read once per version (path, size, modification time), not once
+    for the Models row and again for its memory estimate, and again at each listing."""
+
+    _described: dict[str, Any] | BaseException
+    _arch: Any  # an ArchInfo, or the exception
+
+    def described(self) -> dict[str, Any]:
+        if isinstance(self._described, BaseException):
+            raise self._described.with_traceback(None)
+        return dict(self._described)
+
+    def arch(self) -> Any:
+        if isinstance(self._arch, BaseException):
+            raise self._arch.with_traceback(None)
+        return self._arch
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """The header of the GGUF file at ``path`` (raises what the gguf reader raises on a file
+    it cannot read)."""
+    stat = os.stat(path)
+    return _read_gguf_header(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_gguf_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
+    from gguf import GGUFReader
+
+    from .memory import arch_from_gguf_reader
+
+    reader = GGUFReader(path)
+    described: dict[str, Any] | BaseException
+    try:
+        described = _describe_gguf_reader(reader)
+    except Exception as exc:
+        described = exc
+    try:
+        arch = arch_from_gguf_reader(reader)
+    except Exception as exc:
+        arch = exc
+    return GGUFHeader(described, arch)
+
+
+def _describe_gguf_reader(reader: Any) -> dict[str, Any]:
+    """The :class:`ModelInfo` fields a GGUF header gives."""
     def meta(key: str) -> Any:
         fld = reader.fields.get(key)
         if fld is None or not fld.data:
@@ -434,26 +488,27 @@ def describe_gguf(path: Path, *, source: str, kind: str = "gguf") -> ModelInfo:
         except Exception:
             return None
 
+    out: dict[str, Any] = {}
     arch = meta("general.architecture") or "?"
-    info.model_type = str(arch)
-    info.architecture = str(arch)
-    info.hidden_size = meta(f"{arch}.embedding_length")
-    info.layers = meta(f"{arch}.block_count")
-    info.context_length = meta(f"{arch}.context_length")
-    info.chat_template = meta("tokenizer.chat_template") is not None
+    out["model_type"] = str(arch)
+    out["architecture"] = str(arch)
+    out["hidden_size"] = meta(f"{arch}.embedding_length")
+    out["layers"] = meta(f"{arch}.block_count")
+    out["context_length"] = meta(f"{arch}.context_length")
+    out["chat_template"] = meta("tokenizer.chat_template") is not None
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    info.vocab_size = len(tokens.data) if tokens is not None else None
+    out["vocab_size"] = len(tokens.data) if tokens is not None else None
     params, types = 0, {}
     for t in reader.tensors:
         params += int(t.n_elements)
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
-    info.params = params or None
+    out["params"] = params or None
     if types:
-        info.dtype = max(types, key=types.__getitem__)
-        if info.dtype not in ("F32", "F16", "BF16"):
-            info.quantized = f"gguf {info.dtype}"
-        info.dtype = info.dtype.lower()
-    return info
+        dtype = max(types, key=types.__getitem__)
+        if dtype not in ("F32", "F16", "BF16"):
+            out["quantized"] = f"gguf {dtype}"
+        out["dtype"] = dtype.lower()
+    return out
 
 
 # -- listing -------------------------------------------------------------------------

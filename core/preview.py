@@ -2,7 +2,7 @@
 
 Each row is read by :mod:`tunedeck.core.datafile` (the reader the trainer uses) and
 rendered by :func:`tunedeck.core.render.render`, the function that builds the training
-examples, so the mask shown is the labels the trainer builds. Three questions, each
+examples, so the mask shown is the labels the trainer builds. Four questions, each
 answerable on its own:
 
 - :func:`preview_row`: one row (by position, or by its row number): its raw fields, the
@@ -13,6 +13,8 @@ answerable on its own:
   length histogram, percent truncated at ``max_length``, percent of tokens trained, rows
   with nothing trained, and what training would refuse.
 - :func:`preview_search`: the next row whose fields contain a text.
+- :func:`held_out_positions`: which rows the eval split holds out (the trainer's own
+  seeded choice), read in one streaming pass without a tokenizer and kept.
 
 The ``op_*`` functions are the engine's ops (the app asks the engine process: tokenizers
 need transformers); the engine keeps one tokenizer per model (:func:`project_tokenizer`).
@@ -21,6 +23,7 @@ need transformers); the engine keeps one tokenizer per model (:func:`project_tok
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,11 @@ from .sources import project_sources, shares, source_columns, source_format, wei
 TOKENIZERS_KEPT = 4
 HISTOGRAM_BINS = 20
 SKIPPED_SHOWN = 10  # skipped rows listed in the text stats
+
+# The engine reads the whole set (stats, held-out rows) in a thread of its own, so a row
+# asked for meanwhile is answered between two rows of that pass; renders take turns here.
+RENDER_LOCK = threading.RLock()
+BACKGROUND_OPS = ("preview_stats_stream", "preview_held_out_stream")
 
 _tokenizers: Kept[tuple[str, str, bool, bool], Any] = Kept(TOKENIZERS_KEPT)
 
@@ -117,9 +125,11 @@ class _Renderer:
 
     def __call__(self, messages: list[dict[str, Any]], parts: bool = False) -> Rendered:
         p = self.project
-        template = None if is_text_row(messages) else self.template()
-        return render(self.tokenizer, messages, max_length=p["dataset.max_length"], loss_on=p["dataset.loss_on"],
-                      chat_template=template, reasoning=p["dataset.reasoning"], parts=parts)
+        with RENDER_LOCK:  # one row at a time on a kept tokenizer, whichever thread asks
+            template = None if is_text_row(messages) else self.template()
+            return render(self.tokenizer, messages, max_length=p["dataset.max_length"],
+                          loss_on=p["dataset.loss_on"], chat_template=template, reasoning=p["dataset.reasoning"],
+                          parts=parts)
 
 
 def _plain(value: Any) -> Any:
@@ -158,7 +168,8 @@ def preview_row(project: Any, *, index: int | None = None, row: int | None = Non
             raise UserError(f"--row {row}: row numbers start at 1")
         if not 0 <= source < len(data.sources):
             raise UserError(f"--source {source + 1}: the project has {len(data.sources)} source(s)")
-        for i, k, number, entry in data.entries():
+        entries = data.entries()
+        for i, k, number, entry in entries:
             if k < source:
                 continue
             if k > source or number > row:
@@ -169,18 +180,21 @@ def preview_row(project: Any, *, index: int | None = None, row: int | None = Non
         if found is None:
             name = Path(data.sources[source].spec).name
             raise UserError(f"--row {row}: {name} has no row {row}")
+        last = next(entries, None) is None  # one pass: the row after it, if any, is the next one read
     else:
         index = index or 0
         if index < 0:
             raise UserError(f"row position {index}: positions start at 0")
-        for entry in data.entries(index + 1):
+        last = True
+        for entry in data.entries(index + 2):
             if entry[0] == index:
                 found = entry
+            elif entry[0] > index:
+                last = False
         if found is None:
             raise UserError(f"{Path(data.sources[0].spec).name if len(data.sources) == 1 else 'the dataset'} "
                             f"has no row at position {index + 1}")
     i, k, number, entry = found
-    last = sum(1 for _ in data.entries(i + 2)) <= i + 1
     result: dict[str, Any] = {
         "index": i, "row": number, "source": data.source_info(k), "sources": len(data.sources), "last": last,
         "format": data.format(k), "fields": None if isinstance(entry, RowError) else _plain(entry),
@@ -240,7 +254,11 @@ def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> dict[str, list[
 SKIPPED_KEPT = 1000  # skipped rows (and rows with nothing trained) listed; the counts count them all
 
 
-def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, cancel: Any = None) -> dict[str, Any]:
+PROGRESS_EVERY_S = 0.5  # seconds between the stats' progress partials
+
+
+def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, cancel: Any = None,
+                  cache: bool | None = None) -> dict[str, Any]:
     """The whole set, every row read and rendered as for training (see the module docstring).
 
     ``skipped`` lists the rows left out before training ({"row", "reason"}, and "source"
@@ -252,17 +270,27 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
     weight and share of the training mix. ``refusal`` is the line training would refuse the
     dataset with, or None.
 
-    Streams: memory stays flat whatever the file's size. ``progress`` (if given) is called
+    Streams: memory does not grow with the file's text, only by a few compact numbers a row
+    (its token length, its position, the render cache's index entry). ``progress`` (if given) is called
     now and then with the stats so far (``done`` false); ``cancel`` (a threading.Event)
     stops the pass early, and the result then has ``done`` false.
+
+    ``cache`` (default: when ``tokenizer`` is the project's own, not one passed in): read
+    rows rendered before from the project's render cache and add the rows rendered now
+    (:mod:`tunedeck.core.rendercache`), so training after the stats tokenizes nothing. A
+    finished pass also keeps which rows the eval split holds out (:func:`held_out_positions`).
     """
     import time
     from array import array
 
     data = _Data(project)
     formats = data.formats
+    if cache is None:
+        cache = tokenizer is None
     tokenizer = tokenizer if tokenizer is not None else project_tokenizer(project)
     renderer = _Renderer(project, tokenizer)
+    rows_cache = _stats_cache(project) if cache else None
+    usable_positions = array("q")  # for the held-out split, kept at the end of a finished pass
     several = len(data.sources) > 1
     rows = 0
     skipped: list[dict[str, Any]] = []
@@ -293,13 +321,13 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
                              format_skipped_count, lengths, nothing_trained, nothing_count, trimmed, trimmed_count,
                              per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished)
 
-    for _, k, number, entry in data.entries():
+    for position, k, number, entry in data.entries():
         if cancel is not None and cancel.is_set():
             done = False
             break
         rows += 1
         per_rows[k] += 1
-        if progress is not None and time.monotonic() - last_report > 0.5:
+        if progress is not None and time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             progress(snapshot(False))
         notes: list[str] = []
@@ -317,8 +345,9 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
                 format_skipped.append(RowError(number, str(exc)))
             continue
         per_usable[k] += 1
+        usable_positions.append(position)
         try:
-            r = renderer(messages)
+            r = renderer(messages) if rows_cache is None else rows_cache.render(messages, renderer)
         except ValueError as exc:
             skip(k, number, str(exc))
             if not render_failed:
@@ -337,6 +366,10 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
             continue
         tokens += len(r.input_ids)
         trained += r.n_trained
+    if rows_cache is not None:
+        rows_cache.finish()
+    if done:
+        _keep_held_out(project, usable_positions, rows)
     return snapshot(done)
 
 
@@ -517,3 +550,213 @@ PREVIEW_OPS = {
     "preview_stats": op_preview_stats,
     "preview_search": op_preview_search,
 }
+
+
+# -- the parts of a row a reader tells apart ------------------------------------------------------
+
+MARKED_PARTS = {"reasoning": "reasoning", "tool_call": "tool call", "tool_result": "tool result",
+                "tools": "tools"}
+"""Token parts (``preview_row``'s ``part``) that the views mark, with their names: the tool
+calls, the tool results, the reasoning and the tool-schema block."""
+PART_COLOURS = {"reasoning": "magenta", "tool_call": "bright_blue", "tool_result": "dark_orange", "tools": "cyan"}
+"""The marked parts' colours (rich colour names), the same in the app and the CLI."""
+
+
+def part_marker(part: str, *, end: bool = False) -> str | None:
+    """The marker written where a run of ``part`` starts (``⟨tool call⟩``) or, with
+    ``end``, where it ends (``⟨/tool call⟩``); None for a part that is not marked."""
+    name = MARKED_PARTS.get(part)
+    if name is None:
+        return None
+    return f"⟨/{name}⟩" if end else f"⟨{name}⟩"
+
+
+# -- the render cache of the stats pass --------------------------------------------------------
+
+
+def _stats_cache(project: Any) -> Any:
+    """The project's render cache (:class:`tunedeck.core.rendercache.RowCache`), or None."""
+    from .rendercache import RowCache, cache_path
+
+    path = cache_path(project)
+    return RowCache(path) if path is not None else None
+
+
+# -- the rows held out for evaluation ----------------------------------------------------------
+#
+# Which row positions (as preview_row counts them: every row of every source in order, the
+# skipped ones too) the trainer holds out for evaluation, without the trainer's whole-file
+# read: one streaming pass keeps the positions of the usable rows (8 bytes a row), and the
+# same seeded shuffle as tunedeck.core.datafile.load_splits picks the held ones, so the two
+# agree row for row. Kept per project key in the engine and on disk (the UI process may read
+# what is known: compute=False); a finished stats pass keeps it too.
+
+HELD_KEPT = 4
+
+
+class HeldOut:
+    """The held-out positions of one dataset and split, sorted; ``usable`` and ``rows`` counted."""
+
+    def __init__(self, held: Any, usable: int | None, rows: int | None) -> None:
+        self.held, self.usable, self.rows = held, usable, rows
+
+    def __contains__(self, position: int) -> bool:
+        from bisect import bisect_left
+
+        i = bisect_left(self.held, position)
+        return i < len(self.held) and self.held[i] == position
+
+    def within(self, start: int, stop: int) -> list[int]:
+        from bisect import bisect_left
+
+        return list(self.held[bisect_left(self.held, start):bisect_left(self.held, stop)])
+
+
+_held: Kept[str, HeldOut] = Kept(HELD_KEPT)
+
+
+class _NotKnown(Exception):
+    pass
+
+
+def _held_key(project: Any) -> str:
+    from .kept import kept_file
+    from .sources import data_stamps
+
+    key = {"data": data_stamps(project),
+           "dataset": {k: project[f"dataset.{k}"] for k in ("format", "columns", "system_prompt")},
+           "split": project["dataset.eval_split"], "seed": project["training.seed"]}
+    return str(kept_file("held", key, code=("datafile.py", "conversation.py", "sources.py", "preview.py")))
+
+
+def _splits_rows(project: Any) -> bool:
+    """Whether the eval split is held out of the sources' rows (a ratio above 0)."""
+    split = project["dataset.eval_split"]
+    return not isinstance(split, str) and split > 0
+
+
+def _split_held(project: Any, usable: Any, rows: int) -> HeldOut:
+    """The seeded choice of :func:`tunedeck.core.datafile.load_splits`, on usable positions."""
+    import random
+    from array import array
+
+    n = len(usable)
+    order = array("q", range(n))  # shuffled in place as load_splits shuffles its list
+    random.Random(project["training.seed"]).shuffle(order)
+    count = eval_count(n, project["dataset.eval_split"])
+    return HeldOut(array("q", sorted(usable[u] for u in order[:count])), n, rows)
+
+
+def _keep_held_out(project: Any, usable: Any, rows: int) -> HeldOut:
+    from .kept import write_kept
+
+    if not _splits_rows(project):
+        return HeldOut([], None, None)
+    key = _held_key(project)
+
+    def build() -> HeldOut:
+        held = _split_held(project, usable, rows)
+        write_kept(Path(key), {"held": list(held.held), "usable": held.usable, "rows": held.rows})
+        return held
+
+    return _held.get(key, build)
+
+
+def _read_held(key: str) -> HeldOut:
+    from array import array
+
+    from .kept import read_kept
+
+    kept = read_kept(Path(key)) or {}
+    held, usable, rows = kept.get("held"), kept.get("usable"), kept.get("rows")
+    if not (isinstance(held, list) and isinstance(usable, int) and isinstance(rows, int)
+            and all(isinstance(p, int) for p in held)):
+        raise _NotKnown
+    return HeldOut(array("q", sorted(held)), usable, rows)
+
+
+def _compute_held(project: Any, cancel: Any = None, progress: Any = None) -> HeldOut | None:
+    """One streaming pass over the rows (no tokenizer); None when cancelled."""
+    import time
+    from array import array
+
+    data = _Data(project)
+    usable = array("q")
+    rows = 0
+    last_report = time.monotonic()
+    for position, k, _, entry in data.entries():
+        if cancel is not None and cancel.is_set():
+            return None
+        rows += 1
+        if progress is not None and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            progress({"done": False, "rows": rows})
+        try:
+            data.messages(k, entry)
+        except ValueError:
+            continue
+        usable.append(position)
+    return _keep_held_out(project, usable, rows)
+
+
+def held_out(project: Any, *, compute: bool = True, cancel: Any = None, progress: Any = None) -> HeldOut | None:
+    """The project's held-out positions: kept, or read in one streaming pass (``compute``);
+    None when not known (``compute`` false) or the pass was cancelled."""
+    if not _splits_rows(project):
+        return HeldOut([], None, None)  # a separate eval file, or none: no row of these is held out
+    key = _held_key(project)
+    try:
+        return _held.get(key, lambda: _read_held(key))
+    except _NotKnown:
+        pass
+    if not compute:
+        return None
+    return _compute_held(project, cancel, progress)
+
+
+def held_out_positions(project: Any, positions: Any = (), *, start: int | None = None, stop: int | None = None,
+                       compute: bool = True, cancel: Any = None, progress: Any = None) -> dict[str, Any] | None:
+    """Which row positions (from 0, across the sources in order, as :func:`preview_row`
+    counts them) the trainer holds out for evaluation, exactly as
+    :func:`tunedeck.core.datafile.load_splits` chooses them.
+
+    Returns ``held`` (a bool per position in ``positions``), ``held_in`` (the held
+    positions in ``[start, stop)`` when ``start`` is given; ``stop`` None: to the end),
+    ``eval_rows`` (how many are held out), ``usable`` and ``rows`` (None when nothing is
+    held out of these rows: ``dataset.eval_split`` is 0 or a file) and ``done`` (false
+    when ``cancel`` stopped the pass: nothing is marked). The first call reads the rows once
+    (streaming, no tokenizer; ``progress`` gets ``{"done": false, "rows"}`` now and then);
+    then the answer is kept per dataset, split and seed, in this process and on disk.
+    ``compute`` false: None unless that is already known (no pass).
+    """
+    positions = [int(p) for p in positions]
+    held = held_out(project, compute=compute, cancel=cancel, progress=progress)
+    if held is None:
+        if not compute:
+            return None
+        return {"held": [False] * len(positions), "held_in": [], "eval_rows": 0, "usable": None, "rows": None,
+                "done": False}
+    return {
+        "held": [p in held for p in positions],
+        "held_in": held.within(start, stop if stop is not None else 1 << 62) if start is not None else [],
+        "eval_rows": len(held.held), "usable": held.usable, "rows": held.rows, "done": True,
+    }
+
+
+def op_preview_held_out(project_text: str, project_path: str | None = None, positions: Any = (),
+                        start: int | None = None, stop: int | None = None) -> dict[str, Any]:
+    """Which row positions are held out for evaluation (:func:`held_out_positions`)."""
+    return held_out_positions(_project(project_text, project_path), positions, start=start, stop=stop)  # type: ignore[return-value]
+
+
+def op_preview_held_out_stream(emit: Any, cancel: Any, project_text: str, project_path: str | None = None,
+                               positions: Any = (), start: int | None = None, stop: int | None = None
+                               ) -> dict[str, Any]:
+    """:func:`held_out_positions`, streamed: ``{"done": false, "rows"}`` about twice a second
+    while the rows are read; a cancel stops the pass."""
+    return held_out_positions(_project(project_text, project_path), positions, start=start, stop=stop,  # type: ignore[return-value]
+                              cancel=cancel, progress=emit)
+
+
+PREVIEW_OPS["preview_held_out"] = op_preview_held_out
+PREVIEW_STREAMS["preview_held_out_stream"] = op_preview_held_out_stream

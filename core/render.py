@@ -630,20 +630,26 @@ def render_rows(
     chat_template: str | None = None,
     until_one_trains: bool = False,
     reasoning: str = "train",
+    cache: Any = None,
 ) -> tuple[list[dict[str, list[int]]], RenderStats]:
     """Render (row number, messages) pairs into training examples; rows left with no trained
     token (or that the template cannot render) are counted in the stats, not returned.
     ``until_one_trains``: stop at the first row that trains (enough to know the set is not
-    refused; a set that is gets the same stats as a full pass)."""
+    refused; a set that is gets the same stats as a full pass). ``cache``: a
+    :class:`tunedeck.core.rendercache.RowCache` the rows are read from (and added to)."""
     examples: list[dict[str, list[int]]] = []
     stats = RenderStats()
+
+    def one(messages: Sequence[dict[str, Any]]) -> Rendered:
+        return render(tokenizer, messages, max_length=max_length, loss_on=loss_on, chat_template=chat_template,
+                      reasoning=reasoning)
+
     for number, messages in rows:
         if until_one_trains and stats.kept:
             break
         stats.rows += 1
         try:
-            r = render(tokenizer, messages, max_length=max_length, loss_on=loss_on, chat_template=chat_template,
-                       reasoning=reasoning)
+            r = one(messages) if cache is None else cache.render(messages, one)
         except ValueError as exc:
             stats.failed.append((number, str(exc)))
             continue
@@ -672,17 +678,19 @@ class RenderedSplits:
 
 
 def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str,
-                  until_one_trains: bool = False) -> RenderedSplits:
+                  until_one_trains: bool = False, cache: Any = None) -> RenderedSplits:
     """The rows of a project's splits (:func:`tunedeck.core.datafile.load_splits`) rendered
     through the chat template the trainer uses; raises UserError (one line) for what cannot
     train: a model without a chat template for chat rows, a set with no row that trains.
-    The trainer and the pre-flight both call it (the pre-flight with ``until_one_trains``)."""
+    The trainer and the pre-flight both call it (the pre-flight with ``until_one_trains``).
+    ``cache``: a :class:`tunedeck.core.rendercache.RowCache` (the trainer's): rows rendered
+    before are read from it, and a row repeated by its source's weight is rendered once."""
     template_name = project["model.chat_template"]
     needs_template = any(not is_text_row(m) for _, m in splits.train + splits.eval)
     template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
     max_length = project["dataset.max_length"]
     opts = dict(max_length=max_length, loss_on=project["dataset.loss_on"], chat_template=template,
-                until_one_trains=until_one_trains, reasoning=project["dataset.reasoning"])
+                until_one_trains=until_one_trains, reasoning=project["dataset.reasoning"], cache=cache)
     train, stats = render_rows(tokenizer, splits.train, **opts)
     refusal = dataset_refusal(stats, max_length=max_length)
     if refusal:

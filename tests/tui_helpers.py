@@ -114,6 +114,17 @@ class InProcessEngine:
             return reply["result"]
         raise EngineError(reply["error"])
 
+    def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
+               cancel: threading.Event | None = None, **args: Any) -> dict[str, Any]:
+        """A streaming op: partials go to ``on_partial``, the caller's cancel reaches the op."""
+        self.calls.append(op)
+        with self._serving:
+            reply = engine.handle({"id": 0, "op": op, "args": args}, emit=on_partial or (lambda p: None),
+                                  cancel=cancel)
+        if reply["ok"]:
+            return reply["result"]
+        raise EngineError(reply["error"])
+
     def close(self, timeout: float = 0.0) -> None:
         pass
 
@@ -125,6 +136,10 @@ class SilentEngine:
              **args: Any) -> dict[str, Any]:
         (cancel or threading.Event()).wait(30)
         raise EngineError(f"engine request {op!r} cancelled")
+
+    def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
+               cancel: threading.Event | None = None, **args: Any) -> dict[str, Any]:
+        return self.call(op, timeout=timeout, cancel=cancel, **args)
 
     def close(self, timeout: float = 0.0) -> None:
         pass

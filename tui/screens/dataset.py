@@ -6,10 +6,14 @@ style is which; rows held out for evaluation (``dataset.eval_split``, split as t
 splits it) are marked; a search highlights its matches and says which match of how many
 the row is. A row shows as its
 tokens (trained highlighted, masked dimmed, special tokens visible, the truncation point
-marked), its templated text, or its raw fields. The first row shows as soon as it is
-rendered; the whole set's stats (rows, skipped rows and why, a token length histogram,
-truncation, the share of tokens trained) follow from a second request. Changing the
-dataset or model settings on the Settings screen reads the data again.
+marked; tool calls, tool results, reasoning and the tool schemas each in their colour,
+marked where they start), its templated text, or its raw fields. The first row shows as
+soon as it is rendered; the whole set's stats (rows, skipped rows and why, a token length
+histogram, truncation, the share of tokens trained, each source's share of the mix)
+stream in from a second request, the count so far shown as it runs. Changing the dataset
+or model settings on the Settings screen reads the data again (a count still running is
+cancelled). ``m`` maps the file's columns to a format's fields (:mod:`.column_map`), which
+the screen offers when the format cannot be told or the fields fit several formats.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from textual.worker import Worker, get_current_worker
 
 from ..widgets.dataset_stats import DatasetStats
 from ..widgets.keys_ahead import KeysAhead, bound_to
-from ..widgets.tokens_view import VIEWS, RowView, legend
+from ..widgets.tokens_view import VIEWS, RowView, legend, row_parts
 from .base import ProjectScreen
 
 READING = "reading the first row… (the first time, the engine process starts and loads the tokenizer)"
@@ -57,6 +61,7 @@ class DatasetScreen(ProjectScreen):
         Binding("v", "switch_view", "Tokens/text/fields", id="dataset.view"),
         Binding("g", "ask('row')", "Go to row", id="dataset.goto"),
         Binding("slash", "ask('search')", "Search", id="dataset.search"),
+        Binding("m", "map_columns", "Map columns", show=False, id="dataset.columns"),
         Binding("N", "search_again(1)", "Next match", show=False, id="dataset.search_next"),
         Binding("escape", "close_input", "Close", show=False, id="dataset.close_input"),
     ]
@@ -76,12 +81,29 @@ class DatasetScreen(ProjectScreen):
         stats: dict[str, Any]
 
     @dataclass
+    class StatsCounting(Message):
+        """The count so far, while the engine reads the whole set (a newer one replaces it)."""
+
+        key: PreviewKey
+        stats: dict[str, Any]
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, DatasetScreen.StatsCounting)
+
+    @dataclass
+    class FormatsRead(Message):
+        """Sources whose fields fit several formats: (where, the formats, the one read)."""
+
+        key: PreviewKey
+        ambiguous: list[tuple[str, list[str], str]]
+
+    @dataclass
     class MarksRead(Message):
         """The rows held out for evaluation, and the rows matching the search ``text``."""
 
         key: PreviewKey
         text: str
-        eval_rows: frozenset[int]
+        eval_rows: Any  # the held-out row positions (``position in eval_rows``)
         matches: list[int]
 
     @dataclass
@@ -101,8 +123,9 @@ class DatasetScreen(ProjectScreen):
         self._view = VIEWS[0]
         self._asking = ""  # "row" or "search" while the input is open
         self._search = ""
-        self._eval_rows: frozenset[int] = frozenset()  # row numbers held out for evaluation
+        self._eval_rows: Any = frozenset()  # row positions held out for evaluation
         self._matches: list[int] | None = None  # positions of the rows matching the search
+        self._told: set[tuple[str, tuple[str, ...], str]] = set()  # fields fitting several formats, said
 
     def compose_body(self) -> ComposeResult:
         yield Static(READING, id="dataset-status", classes="screen-status", markup=False)
@@ -132,6 +155,7 @@ class DatasetScreen(ProjectScreen):
 
     def forget_project(self) -> None:
         self._key, self._row, self._index = None, None, 0
+        self._told.clear()
 
     # -- what the project asks for ------------------------------------------------------
 
@@ -165,16 +189,17 @@ class DatasetScreen(ProjectScreen):
         self._read_row(key, self._request(), index, fallback=True)
         self._read_stats(key, self._request())
         self._read_marks(key, self._search)
+        self._read_formats(key)
 
     # -- engine requests ------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="row", exit_on_error=False)
     def _read_row(self, key: PreviewKey, request: dict[str, Any], index: int | None = None,
-                  row: int | None = None, fallback: bool = False) -> None:
+                  row: int | None = None, fallback: bool = False, source: int = 0) -> None:
         """Read a row; ``fallback``: the first row when that one is gone (the data changed)."""
         worker = get_current_worker()
         try:
-            result = self.app.engine.call("preview_row", **request, index=index, row=row,
+            result = self.app.engine.call("preview_row", **request, index=index, row=row, source=source,
                                           cancel=worker.cancelled_event)
         except Exception:
             if worker.is_cancelled:
@@ -188,10 +213,44 @@ class DatasetScreen(ProjectScreen):
 
     @work(thread=True, exclusive=True, group="stats", exit_on_error=False)
     def _read_stats(self, key: PreviewKey, request: dict[str, Any]) -> None:
+        """The whole set's stats, streamed: the count so far twice a second, then the whole.
+        A newer request (the settings changed) cancels this one, in the engine too."""
         worker = get_current_worker()
-        result = self.app.engine.call("preview_stats", **request, cancel=worker.cancelled_event)
+
+        def counting(partial: dict[str, Any]) -> None:
+            if not worker.is_cancelled:
+                self.post_message(self.StatsCounting(key, partial))
+
+        result = self.app.engine.stream("preview_stats_stream", **request, on_partial=counting,
+                                        cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.StatsRead(key, result))
+
+    @work(thread=True, exclusive=True, group="formats", exit_on_error=False)
+    def _read_formats(self, key: PreviewKey) -> None:
+        """Sources read with format "auto" whose first row fits several formats; raw rows
+        only (no tokenizer), read here. What cannot be read is the row's and stats' to say."""
+        from tunedeck.core.datafile import RowError, candidates, detect_format, read_source
+        from tunedeck.core.errors import UserError
+        from tunedeck.core.sources import project_sources, source_columns, source_format
+
+        project = self.session.project
+        ambiguous = []
+        try:
+            sources = project_sources(project)
+            for source in sources:
+                if source_format(source, project) != "auto":
+                    continue
+                rows = [r for _, r in read_source(source, 20) if not isinstance(r, RowError)]
+                columns = source_columns(source, project)
+                fits = candidates(rows, columns)
+                if len(fits) > 1:
+                    where = source.key if len(sources) > 1 else source.spec
+                    ambiguous.append((where, fits, detect_format(rows, columns) or fits[0]))
+        except UserError:
+            return
+        if ambiguous and not get_current_worker().is_cancelled:
+            self.post_message(self.FormatsRead(key, ambiguous))
 
     @work(thread=True, exclusive=True, group="search", exit_on_error=False)
     def _find(self, key: PreviewKey, request: dict[str, Any], text: str, start: int, backward: bool) -> None:
@@ -205,19 +264,18 @@ class DatasetScreen(ProjectScreen):
     def _read_marks(self, key: PreviewKey, text: str) -> None:
         """Which rows are held out for evaluation (the trainer's own split) and which match
         ``text``; raw rows only, no tokenizer, so this is read here rather than in the engine."""
-        from tunedeck.core.datafile import load_splits, read_source
-        from tunedeck.core.sources import project_sources
+        from tunedeck.core.datafile import read_source
         from tunedeck.core.errors import UserError
+        from tunedeck.core.preview import held_out
+        from tunedeck.core.sources import project_sources
 
         project = self.session.project
         worker = get_current_worker()
-        eval_rows: frozenset[int] = frozenset()
-        split = project["dataset.eval_split"]
-        if not isinstance(split, str) and split > 0:  # a separate eval file holds none of these rows
-            try:
-                eval_rows = frozenset(number for number, _ in load_splits(project).eval)
-            except UserError:  # the data cannot train: the stats say why
-                pass
+        eval_rows: Any = frozenset()
+        try:  # one streaming pass, kept per dataset, split and seed (no whole-file read)
+            eval_rows = held_out(project, cancel=worker.cancelled_event) or frozenset()
+        except UserError:  # the data cannot train: the stats say why
+            pass
         matches: list[int] = []
         needle = text.strip().lower()
         if needle:
@@ -235,6 +293,18 @@ class DatasetScreen(ProjectScreen):
         if not worker.is_cancelled:
             self.post_message(self.MarksRead(key, text, eval_rows, matches))
 
+    @on(FormatsRead)
+    def _formats_read(self, event: FormatsRead) -> None:
+        if event.key != self._key:
+            return
+        for where, fits, chosen in event.ambiguous:
+            if (where, tuple(fits), chosen) in self._told:  # said once, not at every settings change
+                continue
+            self._told.add((where, tuple(fits), chosen))
+            self.notify(f"{where}: the fields fit several formats ({', '.join(fits)}); read as {chosen}. "
+                        "Press m to choose the format and its columns", severity="warning", timeout=12,
+                        markup=False)
+
     @on(MarksRead)
     def _marks_read(self, event: MarksRead) -> None:
         if event.key != self._key:
@@ -246,11 +316,12 @@ class DatasetScreen(ProjectScreen):
             self._show_row(self._row)
 
     def _show_row(self, row: dict[str, Any]) -> None:
-        eval_row = row["row"] in self._eval_rows
+        eval_row = row["index"] in self._eval_rows
         key = self.query_one("#dataset-legend", Static)
-        key.update(legend(eval_row=eval_row))
+        key.update(legend(eval_row=eval_row, parts=row_parts(row)))
         key.display = self._view != "fields" and not row["error"] and not row["unrendered"]
         self.query_one(RowView).show(row, self._view, self._search)
+        self.query_one(DatasetStats).show_source(row["source"]["index"] if row.get("source") else None)
         self._status(self._row_status(row))
 
     @on(RowRead)
@@ -262,6 +333,12 @@ class DatasetScreen(ProjectScreen):
         self._index = row["index"]
         self._show_row(row)
         self.query_one("#dataset-row", VerticalScroll).scroll_home(animate=False)
+
+    @on(StatsCounting)
+    def _stats_counting(self, event: StatsCounting) -> None:
+        stats = self.query_one(DatasetStats)
+        if event.key == self._key and stats.stats is None:  # not after the whole set's
+            stats.show(event.stats)
 
     @on(StatsRead)
     def _stats_read(self, event: StatsRead) -> None:
@@ -282,12 +359,14 @@ class DatasetScreen(ProjectScreen):
 
     # -- navigation ------------------------------------------------------------------------
 
-    def _go(self, index: int | None = None, row: int | None = None) -> None:
+    def _go(self, index: int | None = None, row: int | None = None, source: int | None = None) -> None:
         if self._key is None or not self.session.project["dataset.path"]:
             return
         if index is not None:
             self._index = index
-        self._read_row(self._key, self._request(), index, row)
+        if source is None:  # a row number is the shown row's source's
+            source = self._row["source"]["index"] if self._row and self._row.get("source") else 0
+        self._read_row(self._key, self._request(), index, row, source=source)
 
     def action_step(self, delta: int) -> None:
         row = self._row
@@ -311,7 +390,9 @@ class DatasetScreen(ProjectScreen):
     def action_ask(self, what: str) -> None:
         field = self.query_one("#dataset-input", Input)
         self._asking = what
-        field.placeholder = ("row number (as in the skipped list; the line number for JSONL), enter to go"
+        several = bool(self._row and self._row.get("sources", 1) > 1)
+        field.placeholder = (("row number in this source, or SOURCE:ROW (2:15), enter to go" if several else
+                              "row number (as in the skipped list; the line number for JSONL), enter to go")
                              if what == "row" else "text to find in the rows, enter to search")
         field.value = self._search if what == "search" else ""
         field.disabled = False
@@ -344,16 +425,23 @@ class DatasetScreen(ProjectScreen):
         if not text or self._key is None:
             return
         if what == "row":
+            source_text, _, row_text = text.rpartition(":")
             try:
-                number = int(text)
+                number = int(row_text)
+                source = int(source_text) if source_text else None
             except ValueError:
-                self.notify(f"{text!r} is not a row number: type a number, e.g. 12", severity="error",
-                            markup=False)
+                several = bool(self._row and self._row.get("sources", 1) > 1)
+                self.notify(f"{text!r} is not a row number: type a number, e.g. 12"
+                            + (" (or 2:12 for row 12 of the second source)" if several else ""),
+                            severity="error", markup=False)
                 return
             if number < 1:
                 self.notify(f"row {number}: rows are numbered from 1", severity="error")
                 return
-            self._go(row=number)
+            if source is not None and source < 1:
+                self.notify(f"source {source}: sources are numbered from 1", severity="error")
+                return
+            self._go(row=number, source=None if source is None else source - 1)
         else:
             if text != self._search:
                 self._search, self._matches = text, None
@@ -373,7 +461,7 @@ class DatasetScreen(ProjectScreen):
         else:
             cut = f", truncated at {row['truncated_at']}" if row["truncated_at"] is not None else ""
             state = f"{len(row['tokens'])} tokens, {row['trained']} trained{cut}"
-        marks = " · EVAL row (held out, not trained)" if row["row"] in self._eval_rows else ""
+        marks = " · EVAL row (held out, not trained)" if row["index"] in self._eval_rows else ""
         if self._search:
             matches = self._matches
             if matches is None:
@@ -382,13 +470,19 @@ class DatasetScreen(ProjectScreen):
                 marks += f" · {self._search!r}: {matches.index(row['index']) + 1} of {len(matches)} (N next)"
             else:
                 marks += f" · {self._search!r}: {len(matches)} rows match (N next)"
-        return (f"row {row['row']} (#{row['index'] + 1}{total}, {row['format']}) · {state}{marks} · "
-                f"view: {self._view} · n/p next/previous · g go to · / search · v view")
+        source = row.get("source")
+        where = f" of {source['path']}" if source and row.get("sources", 1) > 1 else ""
+        return (f"row {row['row']}{where} (#{row['index'] + 1}{total}, {row['format']}) · {state}{marks} · "
+                f"view: {self._view} · n/p next/previous · g go to · / search · v view · m columns")
 
     def _app_wording(self, message: str) -> str:
         """The engine's message in the app's words (the CLI's says ``--row``)."""
         import re
 
+        message = message.replace("(the Dataset screen's m key maps them)", "(press m to map them)")
+        source = re.search(r"--source (-?\d+): the project has (\d+) source", message)
+        if source is not None:
+            return f"there is no source {source.group(1)} (the project has {source.group(2)})"
         match = re.search(r"--row (-?\d+): (?:\S+ has no row \d+|row numbers start at 1)", message)
         if match is None:
             return message
@@ -404,6 +498,35 @@ class DatasetScreen(ProjectScreen):
         status.update(text)
         status.set_class(error, "-error")
 
+    # -- the column map ----------------------------------------------------------------------
+
+    def action_map_columns(self) -> None:
+        """Open the column map for the shown row's source (or the one whose format is unclear)."""
+        if not self.session.project["dataset.path"]:
+            self.notify("no training data set; set dataset.path on the Settings screen (4)", severity="warning")
+            return
+        source = self._row["source"]["index"] if self._row and self._row.get("source") else None
+        self._map_columns(source)
+
+    @work(group="dialogs", exit_on_error=False)
+    async def _map_columns(self, source: int | None) -> None:
+        from tunedeck.core.schema import toml_repr
+
+        from .column_map import ColumnMapScreen
+
+        values = await self.app.push_screen_wait(ColumnMapScreen(self.session.project, source))
+        if not values:
+            return
+        changed, refused = self.app.edit_settings(values)
+        if refused:
+            key, reason = next(iter(refused.items()))
+            self.notify(f"{key}: {reason}", severity="error", timeout=10, markup=False)
+        elif changed:
+            said = ", ".join(f"{k} = {toml_repr(values[k])}" for k in changed)
+            self.notify(f"{said} (unsaved; ctrl+s saves)", title="Columns", timeout=8, markup=False)
+        else:
+            self.notify("nothing changed: the columns were already mapped that way", timeout=4)
+
     def work_failed(self, worker: Worker[object], message: str) -> None:
         if worker.is_cancelled:  # a newer request replaced it
             return
@@ -415,9 +538,9 @@ class DatasetScreen(ProjectScreen):
                 self._row = None
                 self.query_one(RowView).show(None)
                 self._status(message, error=True)
-            self.notify(message, severity="error", timeout=10)
+            self.notify(message, severity="error", timeout=10, markup=False)
         elif worker.group == "stats":
-            self.query_one(DatasetStats).status(message)
+            self.query_one(DatasetStats).status(self._app_wording(message))
         elif worker.group == "marks":
             self._matches = None
         elif worker.group == "search":

@@ -1,11 +1,14 @@
 """The whole dataset at a glance: counts, skipped rows, truncation, the share of tokens
 trained, and a histogram of token lengths (plotext) with max_length marked: a line where
-it cuts the rows, or an arrow past the longest row. Drawn from the UI thread only."""
+it cuts the rows, or an arrow past the longest row. With several sources, each one's rows
+and share of the training mix, the source of the row shown marked. Stats that are still
+being counted say how far the count is. Drawn from the UI thread only."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static
@@ -26,9 +29,14 @@ class DatasetStats(Vertical):
     DatasetStats PlotextPlot { height: 10; }
     """
 
+    BAR = 10  # cells of a source's share bar
+    NAME = 26  # cells of a source's name; a longer one shows its end
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.stats: dict[str, Any] | None = None
+        self.stats: dict[str, Any] | None = None  # the whole set's, once counted
+        self.partial: dict[str, Any] | None = None  # the count so far, while it runs
+        self.current_source: int | None = None  # the source of the row shown
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="stats-text"):
@@ -37,18 +45,63 @@ class DatasetStats(Vertical):
         yield PlotextPlot(id="stats-plot")
 
     def status(self, text: str) -> None:
-        self.stats = None
+        self.stats = self.partial = None
         self.query_one("#stats-lines", Static).update(text)
         self.query_one("#stats-refusal", Static).update("")
         self._draw({"edges": [], "counts": []})
 
     def show(self, stats: dict[str, Any]) -> None:
-        self.stats = stats
-        self.query_one("#stats-lines", Static).update("\n".join(stats_lines(stats, refusal=False)))
+        """The stats: the whole set's (``done``), or the count so far (``done`` false)."""
+        done = stats.get("done", True)
+        self.stats, self.partial = (stats, None) if done else (None, stats)
+        self.query_one("#stats-lines", Static).update(self.lines(stats))
         refusal = stats["refusal"]
         self.query_one("#stats-refusal", Static).update(f"training refuses this dataset: {refusal}"
-                                                        if refusal else "")
+                                                        if refusal and done else "")
         self._draw(stats["histogram"], stats.get("max_length"))
+
+    def show_source(self, index: int | None) -> None:
+        """Mark source ``index`` (from 0) as the one the row shown comes from."""
+        if index == self.current_source:
+            return
+        self.current_source = index
+        shown = self.stats or self.partial
+        if shown is not None:
+            self.query_one("#stats-lines", Static).update(self.lines(shown))
+
+    def lines(self, stats: dict[str, Any]) -> Text:
+        """The stats as text: how far a count still running is, the sources and their
+        shares (when there are several), then the set's figures."""
+        out = Text()
+        if not stats.get("done", True):
+            out.append(f"reading… {stats['rows']:,} rows so far\n", style="bold")
+        sources = stats.get("sources") or []
+        if len(sources) > 1:
+            out.append("sources (share of the mix)\n")
+            for src in sources:
+                out.append_text(self._source_lines(src))
+        rest = {**stats, "sources": []}  # listed above, in lines that fit the panel
+        out.append("\n".join(stats_lines(rest, refusal=False)))
+        return out
+
+    def _source_lines(self, src: dict[str, Any]) -> Text:
+        current = src["index"] == self.current_source
+        name = src["path"]  # as the project writes it: a path, or a cached dataset's name
+        if len(name) > self.NAME:
+            name = "…" + name[-(self.NAME - 1):]
+        filled = round(src["share"] * self.BAR)
+        line = Text()
+        line.append("▸" if current else " ", style="bold")
+        line.append(f"{src['index'] + 1} {name}", style="bold" if current else "")
+        if src["weight"] != 1:
+            line.append(f" ×{src['weight']:g}")
+        line.append("\n  ")
+        line.append("█" * filled, style="green")
+        line.append("░" * (self.BAR - filled), style="dim")
+        usable = f", {src['usable']:,} usable" if src["usable"] != src["rows"] else ""
+        rows = f"{src['rows']:,} row" + ("" if src["rows"] == 1 else "s")
+        line.append(f" {100 * src['share']:.1f}% · {rows}{usable}\n")
+        return line
 
     def _draw(self, hist: dict[str, list[int]], max_length: int | None = None) -> None:
         plot = self.query_one(PlotextPlot)

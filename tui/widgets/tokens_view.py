@@ -1,8 +1,10 @@
 """One dataset row, three ways: its raw fields, its templated text, and its tokens.
 
-Tokens the loss trains are highlighted, masked ones dimmed, special tokens shown as they
-are written (``<|im_end|>``, underlined), whitespace made visible, and the truncation
-point marked; :func:`legend` says which is which. The token view wraps between tokens,
+Tokens the loss trains are highlighted (filled), masked ones dimmed, special tokens shown
+as they are written (``<|im_end|>``, underlined), whitespace made visible, and the
+truncation point marked. Tool calls, tool results, reasoning and the tool-schema block
+(the token's ``part``) each have their colour, filled when trained, and a marker where
+they start (``⟨tool call⟩``); :func:`legend` says which is which. The token view wraps between tokens,
 never inside one. Text matching the search is highlighted in every view. The row is a
 plain dict from the engine's ``preview_row`` op.
 """
@@ -16,6 +18,8 @@ from typing import Any
 from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import Static
+
+from tunedeck.core.preview import MARKED_PARTS, PART_COLOURS, part_marker
 
 VIEWS = ("tokens", "text", "fields")
 TRAINED = "bold black on green"
@@ -38,14 +42,41 @@ def is_special(piece: str) -> bool:
     return bool(_SPECIAL.match(piece))
 
 
-def legend(*, eval_row: bool = False) -> Text:
-    """The key to the token and text views' styles, each word in the style it names."""
+def part_style(part: str, trained: bool) -> str:
+    """A token's style: trained filled (green, or its part's colour), masked dimmed (in its
+    part's colour, for a marked part)."""
+    colour = PART_COLOURS.get(part)
+    if colour is None:
+        return TRAINED if trained else MASKED
+    return f"bold black on {colour}" if trained else f"{MASKED} {colour}"
+
+
+def marker_style(part: str) -> str:
+    return f"bold {PART_COLOURS[part]}"
+
+
+def row_parts(row: dict[str, Any] | None) -> list[str]:
+    """The marked parts a row's tokens have, in the order of :data:`MARKED_PARTS`."""
+    if not row:
+        return []
+    present = {t.get("part") for t in row.get("tokens") or ()}
+    return [part for part in MARKED_PARTS if part in present]
+
+
+def legend(*, eval_row: bool = False, parts: list[str] | tuple[str, ...] = ()) -> Text:
+    """The key to the token and text views' styles, each word in the style it names; a
+    second line for the marked ``parts`` the row has (tool calls, reasoning, ...)."""
     out = Text()
     for sample, style in (("trained", TRAINED), ("masked", MASKED), ("<|special|>", f"{MASKED} {SPECIAL}"),
                           ("✂ cut", CUT), ("match", MATCH)):
         out.append(sample, style=style)
         if sample != "match":
             out.append("  ")
+    if parts:  # each part's marker, in its colour (its trained tokens are filled with it)
+        out.append("\n")
+        for i, part in enumerate(parts):
+            out.append(" " if i else "")
+            out.append(str(part_marker(part)), style=marker_style(part))
     if eval_row:
         out.append("\n")
         out.append(" EVAL ", style=EVAL)
@@ -86,12 +117,23 @@ def tokens_text(row: dict[str, Any], width: int = 0, search: str = "") -> Text:
     tokens = row["tokens"]
     matches = _token_matches(tokens, search) if search else set()
     column = 0
+    part = None
     for i, token in enumerate(tokens):
         piece = visible(token["text"]) or "∅"
+        if token.get("part") != part:
+            part = token.get("part")
+            marker = part_marker(part) if part else None
+            if marker:  # where a tool call, a tool result, reasoning or the tools start
+                if width and column and column + cell_len(marker) + 1 + cell_len(piece) > width:
+                    out.append("\n")
+                    column = 0
+                out.append(marker, style=marker_style(part))
+                out.append(" ")
+                column += cell_len(marker) + 1
         if width and column and column + cell_len(piece) > width:
             out.append("\n")
             column = 0
-        style = TRAINED if token["trained"] else MASKED
+        style = part_style(token.get("part", "text"), token["trained"])
         if is_special(token["text"]):
             style += f" {SPECIAL}"
         if i in matches:
@@ -115,10 +157,17 @@ def tokens_text(row: dict[str, Any], width: int = 0, search: str = "") -> Text:
 
 
 def templated_text(row: dict[str, Any], search: str = "") -> Text:
-    """The templated text, trained spans highlighted, the part after the cut struck out."""
+    """The templated text, trained spans highlighted, marked parts coloured and marked at
+    their start, the part after the cut struck out."""
     out = Text()
+    part = None
     for token in row["tokens"]:
-        out.append(token["text"], style=TRAINED if token["trained"] else MASKED)
+        if token.get("part") != part:
+            part = token.get("part")
+            marker = part_marker(part) if part else None
+            if marker:
+                out.append(marker, style=marker_style(part))
+        out.append(token["text"], style=part_style(token.get("part", "text"), token["trained"]))
     if row["truncated_at"] is not None:
         out.append("✂", style=CUT)
         kept = "".join(t["text"] for t in row["tokens"])
