@@ -16,6 +16,9 @@ STAMP       := $(VENV)/.tunedeck-setup
 TEST_STAMP  := $(VENV)/.tunedeck-test-setup
 PROJECT     ?= sample_data/demo.toml
 PYTEST_ARGS ?=
+# the tests run in two processes (pytest-xdist), a test file to a process (its module
+# fixtures are made once); PYTEST_WORKERS=0 runs them in this one
+PYTEST_WORKERS ?= 2
 
 .PHONY: run setup test test-setup fuzz bench gpu-check clean
 
@@ -56,7 +59,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 test: test-setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the randomised tests with many more examples, drawn afresh (make test draws a fixed few)
 fuzz: test-setup

@@ -108,6 +108,9 @@ class Run:
         train_ds, eval_ds, data_info = self._datasets(tokenizer)
         if self.rank == 0:
             self.memory_estimate = self._estimate(data_info)
+        from transformers import set_seed
+
+        set_seed(project["training.seed"])  # the adapter's starting weights follow training.seed too
         model = self._adapt(self._model())
         return self._trainer(model, tokenizer, train_ds, eval_ds, data_info), eval_ds is not None
 

@@ -375,8 +375,25 @@ def test_cli_chat_prints_no_library_noise(runs, tmp_path):
     env.pop("TRANSFORMERS_VERBOSITY", None)
     command = [sys.executable, "-m", "tunedeck.core", "chat", "tuned", "--prompt", "Say the magic words.",
                "--greedy", "--max-new-tokens", "8", "--cpu"]
-    done = subprocess.run([*command, "--json"], capture_output=True, text=True, check=False, cwd=runs["project"].parent,
-                          env=env, timeout=300)
+
+    # the two fresh processes (--json and text) run at the same time, each with a cache dir
+    # (and so a chat.log) of its own
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=runs["project"].parent, env={**env, "TUNEDECK_CACHE_DIR": str(tmp_path / cache)})
+             for args, cache in (([*command, "--json"], "cache"), (command, "cache-text"))]
+
+    def outcome(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    try:
+        as_json, as_text = [outcome(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    done = as_json
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     out = json.loads(done.stdout)
@@ -384,7 +401,7 @@ def test_cli_chat_prints_no_library_noise(runs, tmp_path):
     log = (tmp_path / "cache" / "logs" / "chat.log").read_text(encoding="utf-8")
     assert log.strip()  # what the libraries said went here (loading bars, warnings)
 
-    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=runs["project"].parent, env=env, timeout=300)
+    done = as_text
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"(\(\d+ tokens(, [\d.]+ tokens/s)?\)\n){2}", done.stderr), done.stderr
     lines = done.stdout.splitlines()

@@ -40,6 +40,52 @@ def test_gguf_header_describes_the_default_model_without_loading_it():
     assert info.quantized == "gguf Q4_1"
 
 
+def _write_gguf(path: Path, layers: int, vocab: int = 8) -> Path:
+    """A small llama GGUF file: the sizes a header gives, and one tensor per layer."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(64)
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((16, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_header_is_read_once_for_its_row_and_its_estimate_and_again_when_the_file_changes(
+        tmp_path, monkeypatch):
+    import gguf
+    from tunedeck.core.memory import arch_from_gguf
+
+    reads = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: reads.append(path) or reader(path, *a, **k))
+    path = _write_gguf(tmp_path / "m.gguf", layers=2)
+    info = models.describe_gguf(path, source=str(path))
+    assert (info.layers, info.hidden_size, info.vocab_size, info.params, info.dtype) == (2, 16, 8, 512, "f32")
+    arch = arch_from_gguf(path)
+    assert (arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.num_kv_heads) == (2, 16, 32, 2)
+    assert models.describe_gguf(path, source="again").layers == 2
+    assert len(reads) == 1  # the Models row and its memory estimate: one read of the header
+    _write_gguf(tmp_path / "m.gguf", layers=3, vocab=9)  # the same file, rewritten
+    assert arch_from_gguf(path).num_layers == 3 and models.describe_gguf(path, source="x").vocab_size == 9
+    assert len(reads) == 2
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # now cut short: unreadable, not the header read before
+    assert models.describe_gguf(path, source="x").error.startswith("unreadable GGUF header")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the gguf reader raises on it
+        arch_from_gguf(path)
+
+
 def test_default_model_converts_once_to_safetensors(default_model_dir):
     assert (default_model_dir / COMPLETE_MARKER).is_file()
     assert (default_model_dir / "model.safetensors").is_file()

@@ -55,6 +55,14 @@ def train_inprocess(project: Path, overrides: list[str] | None = None, run_name:
     events: list[dict[str, Any]] = []
     with prepare_run(project, overrides or [], run_name=run_name, resume=resume, deep=deep) as prepared:
         spec = prepared.spec
+        # peft draws the adapter's first weights from the global generators before the trainer
+        # seeds them (with training.seed): seeded here first, so that a run in this process is
+        # the same whichever tests ran in it before (a test file alone, in another order, or on
+        # another pytest-xdist worker)
+        from transformers import set_seed
+        from tunedeck.core.launcher import load_project
+
+        set_seed(load_project(spec.project_path, overrides or [])["training.seed"])
         with EventLog(Path(spec.run_dir) / "events.jsonl") as log:
             code = run(spec, Emitter(log, echo=events.append), Controls())
     return code, events, Path(spec.run_dir)
