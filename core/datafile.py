@@ -353,6 +353,15 @@ def preference_layout(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _answerless(row: dict[str, Any]) -> str | None:
+    """What a row is when it has prompts but no answers: data for other training methods."""
+    if "prompt" in row and isinstance(row.get("completions"), list) and isinstance(row.get("labels"), list):
+        return "step-wise supervision data (prompt / completions / labels, for process reward models)"
+    if "prompt" in row and not any(isinstance(v, (str, list, dict)) for k, v in row.items() if k != "prompt"):
+        return "prompt-only data (prompts without answers, for online methods such as GRPO)"
+    return None
+
+
 def media_refusal(path: Any, error: MediaError, row: int, key: str = "dataset.path") -> str:
     return (f"{key}: {path} has {error.what} in {error.where} (row {row}); tunedeck fine-tunes on text only: "
             "use a text-only dataset, or remove those rows or the column")
@@ -385,6 +394,10 @@ def sniff(sample: list[tuple[int, dict[str, Any] | RowError]], fmt: str, columns
                                 f"method (DPO, ORPO, KTO), not supervised fine-tuning{tail}")
     detected = detect_format([r for _, r in rows], columns)
     if detected is None:
+        kind = _answerless(rows[0][1]) if not columns else None
+        if kind:
+            raise UserError(f"{key}: {path} is {kind}, with no answer to fine-tune on; supervised fine-tuning needs "
+                            "an answer per prompt (set dataset.format and dataset.columns if a column holds one)")
         fields = sorted({k for _, r in rows for k in r})[:8]
         raise UserError(f"{key}: {path}: cannot tell the format from the fields {fields}; set dataset.format "
                         "and, for other field names, dataset.columns (the Dataset screen's m key maps them)")

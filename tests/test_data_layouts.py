@@ -541,3 +541,22 @@ def test_the_settings_field_takes_a_path_as_typed_or_a_list_of_sources():
     value = parse_text(fld, '[{path = "a.jsonl", weight = 2}, "b.jsonl"]')
     assert value == [{"path": "a.jsonl", "weight": 2}, "b.jsonl"]
     assert parse_text(fld, format_value(fld, value)) == value
+
+
+@pytest.mark.parametrize("row, kind", [
+    ({"prompt": [{"role": "user", "content": "Solve 2+2."}]}, "prompt-only data"),
+    ({"prompt": "Solve 2+2.", "id": 7}, "prompt-only data"),
+    ({"prompt": "Q", "completions": ["step 1", "step 2"], "labels": [True, False]}, "step-wise supervision"),
+])
+def test_data_without_answers_is_named(tmp_path, default_model_dir, write_jsonl, row, kind):
+    write_jsonl([row] * 2)
+    with pytest.raises(UserError) as err:
+        load_splits(make_project(tmp_path, default_model_dir))
+    assert kind in err.value.message and "no answer to fine-tune on" in err.value.message
+
+
+def test_a_prompt_with_an_answer_under_another_name_is_offered_the_mapping(tmp_path, default_model_dir, write_jsonl):
+    write_jsonl([{"prompt": "Q?", "target": "A."}] * 2)
+    with pytest.raises(UserError) as err:
+        load_splits(make_project(tmp_path, default_model_dir))
+    assert "cannot tell the format" in err.value.message and "dataset.columns" in err.value.message
