@@ -316,10 +316,13 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
         if len(skipped) < SKIPPED_KEPT:
             skipped.append({"row": number, "reason": reason, **({"source": data.sources[k].spec} if several else {})})
 
+    per_held = [0] * len(data.sources)
+
     def snapshot(finished: bool) -> dict[str, Any]:
         return _stats_result(project, data, formats, rows, skipped, skipped_count, format_skipped,
                              format_skipped_count, lengths, nothing_trained, nothing_count, trimmed, trimmed_count,
-                             per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished)
+                             per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished,
+                             per_held)
 
     for position, k, number, entry in data.entries():
         if cancel is not None and cancel.is_set():
@@ -369,7 +372,11 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
     if rows_cache is not None:
         rows_cache.finish()
     if done:
-        _keep_held_out(project, usable_positions, rows)
+        held = _keep_held_out(project, usable_positions, rows)
+        start = 0
+        for k, n in enumerate(per_rows):  # each source's rows held out for eval: not in its training share
+            per_held[k] = len(held.within(start, start + n))
+            start += n
     return snapshot(done)
 
 
@@ -377,7 +384,8 @@ def _stats_result(project: Any, data: _Data, formats: list[str], rows: int, skip
                   skipped_count: int, format_skipped: list[RowError], format_skipped_count: int, lengths: Any,
                   nothing_trained: list[int], nothing_count: int, trimmed: list[int], trimmed_count: int,
                   per_rows: list[int], per_usable: list[int], truncated: int, tokens: int, trained: int,
-                  media: str | None, render_failed: list[tuple[int, str]], done: bool) -> dict[str, Any]:
+                  media: str | None, render_failed: list[tuple[int, str]], done: bool,
+                  per_held: list[int] | None = None) -> dict[str, Any]:
     max_length = project["dataset.max_length"]
     first_bad = format_skipped or [RowError(0, "")]
     refusal = media
@@ -394,9 +402,12 @@ def _stats_result(project: Any, data: _Data, formats: list[str], rows: int, skip
     eval_info: dict[str, Any] = ({"path": str(project.resolve_path(split))} if isinstance(split, str)
                                  else {"ratio": split, "rows": eval_count(usable, split)})
     weights = [src.weight for src in data.sources]
-    source_shares = shares(per_usable, weights)
+    # the training mix as the trainer builds it: each source's usable rows but those held
+    # out for eval (known once the pass is done), times its weight
+    training = [u - h for u, h in zip(per_usable, per_held or [0] * len(per_usable))]
+    source_shares = shares(training, weights)
     sources = [{**data.source_info(k), "format": formats[k], "rows": per_rows[k], "usable": per_usable[k],
-                "train_rows": weighted_count(per_usable[k], weights[k]), "share": round(source_shares[k], 4)}
+                "train_rows": weighted_count(training[k], weights[k]), "share": round(source_shares[k], 4)}
                for k in range(len(data.sources))]
     return {
         "path": data.sources[0].where() if len(data.sources) == 1 else " + ".join(s.spec for s in data.sources),

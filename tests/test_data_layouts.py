@@ -354,6 +354,9 @@ def test_eval_rows_are_held_out_before_weights_so_none_leaks(tmp_path, default_m
     held = {m[0]["content"] for _, m in splits.eval}
     trained = {m[0]["content"] for _, m in splits.train}
     assert len(held) == 10 and not held & trained
+    stats = preview_stats(project)  # the Dataset screen's shares: the trainer's mix, eval rows left out
+    assert [(s["train_rows"], s["share"]) for s in stats["sources"]] == [
+        (info.train_rows, round(info.share, 4)) for info in splits.sources]
     assert len(splits.train) == 3 * sum(1 for t in trained if t.startswith("a")) + sum(
         1 for t in trained if t.startswith("b"))
 
