@@ -5,8 +5,6 @@ the engine's ops run in-process (real models), or a stand-in streams scripted an
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
 
 import pytest
 from textual.widgets import Input, Select, Static
@@ -19,9 +17,7 @@ from train_support import (
 )
 from tui_helpers import CPU, InProcessEngine, PanesEngine, settle, write_run
 from tui_helpers import write_project as write_app_project
-from tunedeck.core import engine
 from tunedeck.core.chat import GenSettings, saved_settings
-from tunedeck.core.engine import EngineError
 from tunedeck.core.project import Project
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.chat import (
@@ -34,21 +30,6 @@ from tunedeck.tui.screens.chat import (
 from tunedeck.tui.widgets.chat_pane import ChatPane, EvalView, Turn
 
 pytestmark = pytest.mark.slow
-
-
-class StreamingEngine(InProcessEngine):
-    """The in-process engine, with streaming ops: partials go to ``on_partial`` and the
-    caller's cancel event reaches the generation, as in the engine process."""
-
-    def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
-               cancel: threading.Event | None = None, **args: Any) -> dict[str, Any]:
-        self.calls.append(op)
-        with self._serving:
-            reply = engine.handle({"id": 0, "op": op, "args": args}, emit=on_partial or (lambda p: None),
-                                  cancel=cancel)
-        if reply["ok"]:
-            return reply["result"]
-        raise EngineError(reply["error"])
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +57,7 @@ async def open_chat(pilot) -> ChatScreen:
 
 async def test_answers_stream_into_both_panes_and_esc_stops(project_with_run, tmp_path):
     path, run_dir = project_with_run
-    app = TunedeckApp(Project.load(path), engine=StreamingEngine(), hardware=CPU)
+    app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await open_chat(pilot)
         a, b = screen.query_one("#pane-a", ChatPane), screen.query_one("#pane-b", ChatPane)
@@ -131,7 +112,7 @@ async def test_answers_stream_into_both_panes_and_esc_stops(project_with_run, tm
 
 async def test_settings_dialog_and_eval_mode(project_with_run):
     path, run_dir = project_with_run
-    app = TunedeckApp(Project.load(path), engine=StreamingEngine(), hardware=CPU)
+    app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await open_chat(pilot)
         await pilot.press("ctrl+g")
@@ -183,7 +164,7 @@ async def test_settings_dialog_and_eval_mode(project_with_run):
 async def test_merge_from_the_palette(project_with_run):
     path, run_dir = project_with_run
     out = run_dir / "merged"
-    app = TunedeckApp(Project.load(path), engine=StreamingEngine(), hardware=CPU)
+    app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         await pilot.press("ctrl+p", *"Merge run: tuned")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import Button, Label, Select, Static
+from test_tui_dataset import open_dataset
 from tui_helpers import CPU, InProcessEngine, settle
 from tunedeck.core.project import Project
 from tunedeck.tui.app import TunedeckApp
@@ -55,9 +56,7 @@ def make_app(path: Path) -> TunedeckApp:
 
 
 async def open_map(pilot) -> ColumnMapScreen:
-    await pilot.press("3")
-    await settle(pilot)
-    assert isinstance(pilot.app.screen, DatasetScreen)
+    await open_dataset(pilot)
     await pilot.press("m")
     await settle(pilot)
     dialog = pilot.app.screen

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import Static
+from test_tui_dataset import open_dataset
 from tui_helpers import CPU, InProcessEngine, settle
 from tunedeck.core.commands.preview import PLAIN_NOTATION
 from tunedeck.core.engine import EngineError
@@ -77,14 +78,6 @@ def multi_project(tmp_path, monkeypatch, default_model_dir) -> Path:
 
 def make_app(path: Path, engine: Any = None) -> TunedeckApp:
     return TunedeckApp(Project.load(path), engine=engine or InProcessEngine(), hardware=CPU)
-
-
-async def open_dataset(pilot) -> DatasetScreen:
-    await pilot.press("3")
-    await settle(pilot)
-    screen = pilot.app.screen
-    assert isinstance(screen, DatasetScreen)
-    return screen
 
 
 def text_of(screen: DatasetScreen, selector: str) -> str:
