@@ -495,6 +495,26 @@ def stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[str]:
 # -- search -----------------------------------------------------------------------------------
 
 
+def row_contains(entry: dict[str, Any] | RowError, needle: str) -> bool:
+    """Whether a raw row's fields (a skipped line: its reason) contain ``needle`` (lower
+    case), also as JSON escapes write it."""
+    body = json.dumps(entry, ensure_ascii=False, default=str) if isinstance(entry, dict) else entry.reason
+    return needle in body.lower() or needle in body.encode("ascii", "backslashreplace").decode().lower()
+
+
+def rows_matching(project: Any, text: str, cancel: Any = None) -> list[int] | None:
+    """The positions of every row containing ``text`` (any case), across the sources, in
+    one streaming pass without a tokenizer; None when ``cancel`` stopped it."""
+    needle = text.strip().lower()
+    found: list[int] = []
+    for i, _, _, entry in _Data(project).entries():
+        if cancel is not None and cancel.is_set():
+            return None
+        if row_contains(entry, needle):
+            found.append(i)
+    return found
+
+
 def preview_search(project: Any, text: str, *, start: int = 0, backward: bool = False) -> dict[str, Any]:
     """The first row at or after position ``start`` (before it, ``backward``) whose fields
     contain ``text`` (any case), wrapping around: {"index", "row"}, or {"index": None}.
@@ -507,8 +527,7 @@ def preview_search(project: Any, text: str, *, start: int = 0, backward: bool = 
     before: tuple[int, int] | None = None  # the last hit at or before start
     last: tuple[int, int] | None = None  # the last hit (a backward search wraps to it)
     for i, _, number, entry in data.entries():
-        body = json.dumps(_plain(entry), ensure_ascii=False) if isinstance(entry, dict) else entry.reason
-        if needle in body.lower() or needle in body.encode("ascii", "backslashreplace").decode().lower():
+        if row_contains(entry, needle):
             if not backward and i >= start:
                 return {"index": i, "row": number}
             first = first or (i, number)

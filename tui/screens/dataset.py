@@ -18,7 +18,6 @@ the screen offers when the format cannot be told or the fields fit several forma
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,10 +263,8 @@ class DatasetScreen(ProjectScreen):
     def _read_marks(self, key: PreviewKey, text: str) -> None:
         """Which rows are held out for evaluation (the trainer's own split) and which match
         ``text``; raw rows only, no tokenizer, so this is read here rather than in the engine."""
-        from tunedeck.core.datafile import read_source
         from tunedeck.core.errors import UserError
-        from tunedeck.core.preview import held_out
-        from tunedeck.core.sources import project_sources
+        from tunedeck.core.preview import held_out, rows_matching
 
         project = self.session.project
         worker = get_current_worker()
@@ -277,19 +274,14 @@ class DatasetScreen(ProjectScreen):
         except UserError:  # the data cannot train: the stats say why
             pass
         matches: list[int] = []
-        needle = text.strip().lower()
-        if needle:
+        if text.strip():
             try:
-                rows = (row for source in project_sources(project) for row in read_source(source))
-                for i, (_, data) in enumerate(rows):
-                    if worker.is_cancelled:
-                        return
-                    body = (json.dumps(data, ensure_ascii=False, default=str) if isinstance(data, dict)
-                            else data.reason)
-                    if needle in body.lower() or needle in body.encode("ascii", "backslashreplace").decode().lower():
-                        matches.append(i)
+                found = rows_matching(project, text, worker.cancelled_event)
             except UserError:
-                pass
+                found = []
+            if found is None:  # cancelled
+                return
+            matches = found
         if not worker.is_cancelled:
             self.post_message(self.MarksRead(key, text, eval_rows, matches))
 
