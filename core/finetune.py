@@ -20,9 +20,11 @@ starts):
    trainable (adapter) weights are kept in fp32 while the frozen base stays in the
    training precision;
 5. trains with ``SFTTrainer`` on the pre-tokenized examples with ``skip_prepare_dataset``
-   (trl neither re-masks, re-truncates nor re-pads them) and :class:`PadCollator`
-   (dynamic padding). With ``dataset.packing`` trl packs the same examples (best-fit,
-   padding-free) and keeps their labels;
+   (trl neither re-masks, re-truncates nor re-pads them), batched by
+   :mod:`tunedeck.core.batching`: padding-free where the model's attention takes packed
+   rows (else padded per batch, rows grouped by length), packed first with
+   ``dataset.packing``, tunedeck's labels kept in every layout. Off a Triton GPU the loss
+   projects only the positions that train through the LM head (the compact head);
 6. writes checkpoints to ``checkpoints/`` (resume continues from the latest, at its step)
    and the final adapter to ``adapter/`` in the standard PEFT layout with the tokenizer
    and its chat template, so ``PeftModel.from_pretrained(base, "runs/<name>/adapter")``
@@ -40,6 +42,7 @@ The trainer process itself (signals, the channel, the run's record) is
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -52,7 +55,17 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback
 
 from .errors import UserError
-from .events import CHECKPOINT, EVAL, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, library_versions, system_fields
+from .events import (
+    CHECKPOINT,
+    EVAL,
+    FAILED,
+    FINISHED,
+    RUN_STARTED,
+    STEP,
+    SYSTEM,
+    library_versions,
+    system_fields,
+)
 from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint
 
 SYSTEM_EVERY_S = 5.0  # seconds between system events
@@ -100,6 +113,12 @@ class Run:
         from .resolve import resolve
 
         project = self.project
+        if project["training.precision"] == "auto":
+            from .hardware import detect
+            from .precision import ensure_probe
+
+            ensure_probe()  # once per machine: whether bf16 is fast and trains the same on this CPU
+            detect.cache_clear()  # the machine as read after it (the answer is one of its facts)
         self.resolved = resolve(project)
         self.ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
         if self.rank == 0:
@@ -116,9 +135,7 @@ class Run:
 
     # -- data -------------------------------------------------------------------------------
 
-    def _datasets(self, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
-        from datasets import Dataset
-
+    def _datasets(self, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
         from .datafile import load_splits
         from .render import missing_template_tokens, render_splits
         from .rendercache import RowCache, cache_path
@@ -153,11 +170,11 @@ class Run:
         eval_ds = None
         if eval_stats is not None:
             self._report_render(eval_stats, "eval", max_length)
-            eval_ds = Dataset.from_list(rendered.eval)
+            eval_ds = rendered.eval
         info = {"format": summary.format, "sources": [s.as_dict() for s in splits.sources], "train": stats.as_dict(),
                 "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name,
                 "render_cache": cache.report()}
-        return Dataset.from_list(train_examples), eval_ds, info
+        return train_examples, eval_ds, info
 
     def _report_render(self, stats: Any, which: str, max_length: int) -> None:
         if stats.fully_masked:
@@ -223,6 +240,8 @@ class Run:
             kwargs["device_map"] = {"": self.local_rank if r.device == "cuda" else "cpu"}
         model = load_model(self.ref, trust_remote_code=p["model.trust_remote_code"],
                            allow_pickle=p["model.allow_pickle"], **kwargs)
+        if r.device == "cuda" and r.precision != "fp32" and p["dataset.padding_free"] is not False:
+            use_flash_attention(model)
         if mode != "none":
             from peft import prepare_model_for_kbit_training
 
@@ -261,17 +280,45 @@ class Run:
 
     # -- trainer ----------------------------------------------------------------------------
 
-    def _trainer(self, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, data_info: dict[str, Any]) -> Any:
-        from trl import SFTConfig, SFTTrainer
+    def _batching(self, model: Any, train: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None,
+                  data_info: dict[str, Any]) -> tuple[Any, Any, bool]:
+        """The examples as Datasets in the run's batch layout (:mod:`tunedeck.core.batching`),
+        and whether batches are padding-free; the layout is recorded in ``data_info``."""
+        from datasets import Dataset
 
-        from .render import PadCollator
+        from .batching import model_padding_free_problem, pack
+
+        p = self.project
+        packing, setting = p["dataset.packing"], p["dataset.padding_free"]
+        problem = model_padding_free_problem(model) if setting is not False else None
+        if problem and (packing or setting is True):
+            key = "dataset.packing = true" if packing else "dataset.padding_free = true"
+            fix = "dataset.packing = false" if packing else 'dataset.padding_free = "auto" (batches are padded)'
+            raise UserError(f"{key} needs a model that attends to each packed row alone, but {problem}; set {fix}")
+        padding_free = setting is not False and problem is None
+        rows = len(train)
+        if packing:
+            train = pack(train, p["dataset.max_length"])
+        layout = "packed" if packing else "padding-free" if padding_free else "padded"
+        data_info["batching"] = {"layout": layout, "rows": rows, "examples": len(train),
+                                 "why_padded": problem if layout == "padded" and setting is not False else None}
+        return Dataset.from_list(train), Dataset.from_list(eval_rows) if eval_rows is not None else None, padding_free
+
+    def _trainer(self, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+                 eval_rows: list[dict[str, Any]] | None, data_info: dict[str, Any]) -> Any:
+        from trl import SFTConfig
+
+        from .batching import BatchCollator, add_compact_head
 
         p, r = self.project, self.resolved
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        packing = p["dataset.packing"]
+        train_ds, eval_ds, padding_free = self._batching(model, train_rows, eval_rows, data_info)
         eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
         warmup = p["training.warmup_ratio"]
+        compact = r.device != "cuda" or not triton_installed()
+        data_info["loss"] = "compact head" if compact else "trl fused head"
+        data_info["attention"] = str(getattr(model.config, "_attn_implementation", None))
         args = SFTConfig(
             output_dir=str(self.run_dir / CHECKPOINTS),
             num_train_epochs=p["training.epochs"],
@@ -291,6 +338,7 @@ class Run:
             fp16=r.precision == "fp16",
             activation_checkpointing=r.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
             use_cpu=r.device == "cpu",
+            use_liger_kernel=r.kernels == "liger",
             logging_strategy="steps",
             logging_steps=p["training.logging_steps"],
             logging_nan_inf_filter=False,  # NaN losses are reported, not averaged away
@@ -300,7 +348,10 @@ class Run:
             save_steps=save_steps or 500,
             save_total_limit=p["training.save_total_limit"],
             prediction_loss_only=True,
-            include_num_input_tokens_seen="non_padding",
+            # padding-free batches hold no padding: every token counts (the pad id may also be a real eos)
+            include_num_input_tokens_seen="all" if padding_free else "non_padding",
+            # padded batches: rows of similar length together, so little is padded
+            train_sampling_strategy="random" if padding_free else "group_by_length",
             report_to="none",
             disable_tqdm=True,
             dataloader_pin_memory=r.device == "cuda",
@@ -308,18 +359,23 @@ class Run:
             # model did not route to; looking for unused ones costs a pass over the graph
             ddp_find_unused_parameters=is_moe(model.config) if self.world_size > 1 else None,
             max_length=p["dataset.max_length"],
-            packing=packing,
+            packing=False,  # tunedeck packs (tunedeck.core.batching.pack): the labels stay its own
             # the examples are rendered, masked and truncated by tunedeck.core.render: trl leaves them as they are
-            dataset_kwargs=None if packing else {"skip_prepare_dataset": True},
+            dataset_kwargs={"skip_prepare_dataset": True},
         )
         self.callback = EventsCallback(self, data_info)
-        trainer = SFTTrainer(
+        collator = BatchCollator(tokenizer.pad_token_id, padding_free=padding_free,
+                                 varlen_kwargs=padding_free and "flash" in str(model.config._attn_implementation))
+        trainer = trainer_class()(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-            data_collator=None if packing else PadCollator(tokenizer.pad_token_id),
-            callbacks=[self.callback],
+            data_collator=collator, callbacks=[self.callback],
         )
         trainer.remove_callback(PrinterCallback)  # its log dicts on stdout; the events carry them
         upcast_trainable(trainer.model)
+        if compact:
+            add_compact_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
+                             else trainer.model)
+            trainer.compact_head = True
         return trainer
 
     # -- the end ----------------------------------------------------------------------------
@@ -359,6 +415,56 @@ class Run:
                "host": socket.gethostname(), "world_size": self.world_size, "time": time.time()}
         self.env = env
         (self.run_dir / ENV_FILE).write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+
+
+def use_flash_attention(model: Any) -> None:
+    """flash-attention's varlen kernels for padding-free batches, where the package is installed
+    and the model supports it; sdpa (with the per-row block mask) otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return
+    try:
+        model.set_attn_implementation("flash_attention_2")
+    except (ValueError, ImportError, AttributeError):  # not for this model or GPU: sdpa stays
+        pass
+
+
+def triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def trainer_class() -> Any:
+    """trl's SFTTrainer with the compact head's loss (:func:`tunedeck.core.batching.add_compact_head`)
+    where it is on; trl's own loss elsewhere."""
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        compact_head = False
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if (not self.compact_head or self.aux_loss_enabled or self.compute_loss_func is not None
+                    or self.label_smoother is not None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            outputs = model(**inputs, use_cache=False, compact_head=True, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+            # like Trainer.compute_loss: num_items_in_batch counts every rank's tokens, DDP averages the gradients
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(outputs.tokens.detach()).sum()
+            entropy = gather(outputs.entropy_sum.detach().reshape(1)).sum()
+            correct = gather(outputs.correct.detach().reshape(1)).sum()
+            self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            return (loss, outputs) if return_outputs else loss
+
+    return Trainer
 
 
 def sharded() -> bool:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+NO_NATIVE_BF16 = ("this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16), so bf16 would be emulated and "
+                  "slow")
 _UUID_PREFIX = re.compile(r"^(GPU|MIG)-", re.IGNORECASE)
 
 
@@ -64,6 +66,9 @@ class Hardware:
     cpu_count: int = 1
     ram_total: int = 0  # bytes
     notes: tuple[str, ...] = ()  # e.g. CUDA_VISIBLE_DEVICES that names no GPU here
+    # what "auto" precision picks on this CPU, and why (tunedeck.core.precision: its flags and probe)
+    cpu_precision: str = "fp32"
+    cpu_precision_reason: str = NO_NATIVE_BF16
 
     @property
     def device(self) -> str:
@@ -275,14 +280,19 @@ def detect() -> Hardware:
 
 def scan() -> Hardware:
     """The machine as this process sees it now (free memory read afresh)."""
+    from .precision import cpu_auto
+
     ram, cpus = _ram_total(), os.cpu_count() or 1
+    cpu = cpu_auto()
     if os.environ.get("TUNEDECK_DEVICE", "").lower() == "cpu":
-        return Hardware(gpus=(), cpu_count=cpus, ram_total=ram)
+        return Hardware(gpus=(), cpu_count=cpus, ram_total=ram, cpu_precision=cpu.precision,
+                        cpu_precision_reason=cpu.reason)
     devices = [gpu for gpu, _ in NVML.devices()]
     entries = visible_entries()
     pci = os.environ.get("CUDA_DEVICE_ORDER", "").upper() == "PCI_BUS_ID"
     gpus, notes = match_visible(entries, devices, pci_order=pci)
-    return Hardware(gpus=tuple(gpus), cpu_count=cpus, ram_total=ram, notes=tuple(notes))
+    return Hardware(gpus=tuple(gpus), cpu_count=cpus, ram_total=ram, notes=tuple(notes), cpu_precision=cpu.precision,
+                    cpu_precision_reason=cpu.reason)
 
 
 @dataclass(frozen=True)

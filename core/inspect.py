@@ -813,6 +813,7 @@ def estimate(
     dropout: float = 0.05,
     longest_row: int | None = None,
     packing: bool = False,
+    kernels: str = "none",
 ) -> MemoryEstimate:
     """Peak training memory of ``choice`` at explicit settings (see :mod:`tunedeck.core.memory`
     for the formula); a project's estimate is :func:`project_memory`."""
@@ -820,7 +821,7 @@ def estimate(
     return estimate_memory(shape.arch, shape.weights, shape.lora, mode=mode, precision=precision,
                            batch_size=batch_size, max_length=max_length,
                            gradient_checkpointing=gradient_checkpointing, device=device, double_quant=double_quant,
-                           longest_row=longest_row, packing=packing)
+                           longest_row=longest_row, packing=packing, kernels=kernels)
 
 
 def project_memory(project: Any, ins: Inspection, choice: Choice, *, hardware: Any = None,

@@ -42,11 +42,16 @@ parameters, ``a`` bytes per activation element: 2 under bf16/fp16 autocast, 4 in
                            residual stream fp32), and one layer is recomputed at a time
                   (in fp32 without dropout, layers reading the same input save it once, so
                   the lora term then overcounts, by up to a quarter of the activations)
-    lm head       trl's fused log-prob head scores tokens in tiles instead of building
-                  N x V logits: tile = min(N, 4096) x min(V, 32768); on CUDA its Triton
-                  kernel works in one tile in place: tile x a; on a CPU its torch fallback
-                  keeps about eight fp32 copies alive: tile x 8 x 4; plus N x h x 4 (its fp32
-                  gradient accumulator)
+    lm head       no N x V logits are built. On CUDA trl's fused log-prob head scores
+                  tokens in tiles, tile = min(N, 4096) x min(V, 32768), its Triton kernel
+                  in one tile in place: tile x a, plus N x h x 4 (its fp32 gradient
+                  accumulator). On a CPU tunedeck's compact head
+                  (:mod:`tunedeck.core.batching`) projects only the trained positions, in
+                  chunks of min(N, 2^25 / V) rows with about four fp32 copies and one in
+                  the training precision alive: chunk x V x (a + 16), plus N x h x (a + 4)
+                  (the selected states and their gradient)
+    kernels       Liger's SwiGLU (``training.kernels = "liger"``) recomputes the gated
+                  product in the backward pass: the MLP saves 2 x i per token, not 3 x i
     context       500 MiB on CUDA (kernels, cuBLAS workspace), 0 on a CPU
 
 ``S``, the tokens of a batch row: the trainer pads each batch only to its longest row, so
@@ -73,7 +78,10 @@ CUDA_CONTEXT = 500 * 1024**2
 # trl's fused LM head (trl.kernels.chunked_logprob): tokens and vocabulary per tile
 HEAD_TOKEN_TILE = 4096
 HEAD_VOCAB_TILE = 32768
-HEAD_CPU_TILE_BYTES = 8 * 4  # the torch fallback's live fp32 temporaries per tile element
+# tunedeck's compact head on a CPU (tunedeck.core.batching): logits per chunk, and the live fp32 copies
+# per chunk element (the upcast logits, log-softmax, their exp for the entropy, the gradient)
+HEAD_CHUNK_ELEMENTS = 2**25
+HEAD_CPU_CHUNK_FP32 = 4 * 4
 # bitsandbytes 4-bit: 64 weights per block; double quant stores each block's absmax as
 # one byte plus an fp32 scale per 256 blocks
 NF4_BYTES = 0.5 + 4 / 64
@@ -241,6 +249,7 @@ def estimate_memory(
     double_quant: bool = True,
     longest_row: int | None = None,
     packing: bool = False,
+    kernels: str = "none",
 ) -> MemoryEstimate:
     """Peak memory of a training step; see the module docstring for the formula.
 
@@ -270,14 +279,18 @@ def estimate_memory(
     lora_per_layer = ((a + mask) * lora.input_features + a * lora.r * lora.layers) / max(arch.num_layers, 1)
     layer = (2 * (4 * h + 4)
              + a * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.num_heads
-             + a * (3 if arch.gated_mlp else 2) * i
+             + a * (3 if arch.gated_mlp and kernels != "liger" else 2) * i
              + lora_per_layer)
     residual = 4 if (a == 4 or mode != "none") else 2
     final_norm = 4 * h + 4
     full = tokens * (arch.num_layers * layer + final_norm)
     checkpointed = tokens * (arch.num_layers * h * residual + final_norm + layer)
-    tile = min(tokens, HEAD_TOKEN_TILE) * min(arch.vocab_size, HEAD_VOCAB_TILE)
-    head = tile * (a if device == "cuda" else HEAD_CPU_TILE_BYTES) + tokens * h * 4
+    if device == "cuda":
+        tile = min(tokens, HEAD_TOKEN_TILE) * min(arch.vocab_size, HEAD_VOCAB_TILE)
+        head = tile * a + tokens * h * 4
+    else:
+        chunk = min(tokens, max(1, HEAD_CHUNK_ELEMENTS // max(arch.vocab_size, 1))) * arch.vocab_size
+        head = chunk * (a + HEAD_CPU_CHUNK_FP32) + tokens * h * (a + 4)
     context = CUDA_CONTEXT if device == "cuda" else 0
     activations = checkpointed if gradient_checkpointing else full
     parts = [int(weight_bytes), int(adapter), int(activations), int(head), context]
@@ -462,7 +475,7 @@ def project_settings(project: Any, hardware: Any = None, *, mode: str | None = N
     return {"mode": mode, "precision": precision, "batch_size": project["training.batch_size"],
             "max_length": project["dataset.max_length"], "gradient_checkpointing": resolved.gradient_checkpointing,
             "device": resolved.device, "double_quant": project["quantization.double_quant"],
-            "packing": project["dataset.packing"]}
+            "packing": project["dataset.packing"], "kernels": resolved.kernels}
 
 
 def project_lora(project: Any) -> dict[str, Any]:

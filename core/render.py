@@ -25,18 +25,18 @@ a default system prompt (SmolLM2's does). Characters map to tokens through the
 tokenizer's offsets, so the token ids are those of the full string, exactly as chat
 inference tokenizes it. The end-of-turn marker is the first special token (or eos, or a
 known marker such as ``<|im_end|>``) after the answer. The eos/end-of-turn label survives
-padding even when pad == eos, because padding is added by :class:`PadCollator`, which
-pads labels with -100 by position, never by token id.
+padding even when pad == eos, because batches are made by
+:class:`tunedeck.core.batching.BatchCollator`, which pads labels with -100 by position, never
+by token id (or concatenates rows with no padding at all).
 
 Long rows are truncated to ``max_length`` (keeping the start); a row whose trained tokens
 are all cut off is reported as fully masked and left out of training.
 
-This module imports no torch at module level; :class:`PadCollator` imports it when called.
+This module imports no torch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -718,33 +718,3 @@ def dataset_refusal(stats: RenderStats, *, max_length: int, key: str = "dataset.
         f"{key}: every row is fully masked after truncation to dataset.max_length = {max_length} tokens "
         f"(longest row: {stats.longest} tokens), so nothing would train; raise dataset.max_length"
     )
-
-
-# -- batches --------------------------------------------------------------------------------
-
-
-@dataclass
-class PadCollator:
-    """Pads a batch to its longest row (not to max_length): ``input_ids`` with the pad id,
-    ``labels`` with -100 and ``attention_mask`` with 0, by position, so an eos that is also
-    the pad token keeps its label."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(features)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, f in enumerate(features):
-            length = len(f["input_ids"])
-            input_ids[i, :length] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :length] = torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
-            attention_mask[i, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

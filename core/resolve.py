@@ -1,8 +1,10 @@
 """"auto" settings made concrete for the machine at hand, and the checks between them.
 
-On a CPU: fp32 and no gradient checkpointing (memory is rarely the limit for the models
-that train on a CPU). On a GPU: bf16 where every visible GPU supports it, else fp16;
-gradient checkpointing on.
+Precision on a CPU: bf16 autocast where the CPU has native bf16 and a probe measured it
+faster with the same loss (:mod:`tunedeck.core.precision`), else fp32. On a GPU: bf16 where
+every GPU of the run supports it, else fp16. :attr:`Resolved.precision_reason` says why.
+Gradient checkpointing: off on a CPU (memory is rarely the limit for the models that train
+on one), on for GPUs.
 
 ``training.devices`` becomes the processes of the run: on a GPU machine one per chosen GPU
 ("auto": every visible one); on a CPU, the number asked for (1 for "auto"), over gloo.
@@ -31,6 +33,8 @@ class Resolved:
     hardware: str
     processes: int = 1  # trainer processes (data parallel when more than one)
     gpus: tuple[str, ...] | None = None  # the run's CUDA_VISIBLE_DEVICES: its GPUs' UUIDs (None on a CPU)
+    precision_reason: str = ""  # why this precision, in one line
+    kernels: str = "none"  # none | liger: fused kernels for the model's layers (CUDA)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,8 +51,15 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
     device = "cuda" if chosen else "cpu"
     bf16 = bool(chosen) and all(g.bf16 for g in chosen)
     precision = project["training.precision"]
+    reason = "set in the project"
     if precision == "auto":
-        precision = ("bf16" if bf16 else "fp16") if device == "cuda" else "fp32"
+        if device == "cuda":
+            precision = "bf16" if bf16 else "fp16"
+            reason = ("every GPU of the run has native bf16 (compute capability 8.0 or newer)" if bf16 else
+                      ", ".join(f"{g.label} ({g.name})" for g in chosen if not g.bf16)
+                      + " has no native bf16 (compute capability below 8.0), so fp16 with loss scaling")
+        else:  # measured once per machine (tunedeck.core.precision), read with the hardware
+            precision, reason = hw.cpu_precision, hw.cpu_precision_reason
     elif device == "cpu" and precision == "fp16":
         raise ProjectError("training.precision", '"fp16" needs a GPU (mixed precision with fp16 is not '
                            'supported on a CPU); use "auto", "fp32" or "bf16"', label)
@@ -56,6 +67,10 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
         slow = ", ".join(f"{g.label} ({g.name})" for g in chosen if not g.bf16)
         raise ProjectError("training.precision", f'"bf16" is not supported by {slow} (it needs compute capability '
                            '8.0, Ampere or newer); use "auto" or "fp16"', label)
+    if project["dataset.packing"] and project["dataset.padding_free"] is False:
+        raise ProjectError("dataset.padding_free", "false pads every batch, but dataset.packing = true puts several "
+                           'rows in one sequence, which needs padding-free batches; set it to "auto" or turn '
+                           "packing off", label)
     gc = project["training.gradient_checkpointing"]
     if gc == "auto":
         gc = device == "cuda"
@@ -66,6 +81,7 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
     if mode != "none" and device == "cpu" and compute == "float16":
         raise ProjectError("quantization.compute_dtype", '"float16" is not supported on a CPU; use "auto", '
                            '"float32" or "bfloat16"', label)
+    kernels = resolve_kernels(project["training.kernels"], device, label)
     used = Hardware(gpus=tuple(chosen), cpu_count=hw.cpu_count, ram_total=hw.ram_total) if chosen else hw
     return Resolved(
         device=device,
@@ -77,7 +93,32 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
         hardware=used.describe(),
         processes=processes,
         gpus=tuple(g.cuda_id for g in chosen) if chosen else None,
+        precision_reason=reason,
+        kernels=kernels,
     )
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_kernels(kernels: str, device: str, label: str | None = None) -> str:
+    """``training.kernels`` made concrete: "liger" (Liger's fused RMSNorm, RoPE and SwiGLU;
+    the fused cross-entropy is trl's LM head) on CUDA where it is installed, for "auto";
+    "none" elsewhere. Asking for "liger" where it cannot run is refused."""
+    if kernels == "none":
+        return "none"
+    if kernels == "liger":
+        if device != "cuda":
+            raise ProjectError("training.kernels", '"liger" needs a CUDA GPU (its kernels are Triton); use "auto" '
+                               'or "none" on a CPU', label)
+        if not liger_installed():
+            raise ProjectError("training.kernels", '"liger" needs the liger-kernel package: pip install '
+                               '"tunedeck[gpu]" (make setup installs it on a machine with an NVIDIA GPU)', label)
+        return "liger"
+    return "liger" if device == "cuda" and liger_installed() else "none"
 
 
 def choose_gpus(devices: Any, hw: Hardware, label: str | None = None) -> list[Gpu]:

@@ -96,6 +96,7 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
+KERNELS = ("auto", "none", "liger")
 OPTIMIZERS = (
     "adamw_torch",
     "adamw_torch_fused",
@@ -170,7 +171,12 @@ FIELDS: tuple[Field, ...] = (
     _f("dataset", "reasoning", "choice", "train",
        'Reasoning in the rows (reasoning_content, <think>): "train" renders it through the chat template and '
        'trains on it; "drop" leaves it out.', choices=("train", "drop"), group="Dataset"),
-    _f("dataset", "packing", "bool", False, "Pack several rows into one sequence of max_length.",
+    _f("dataset", "packing", "bool", False,
+       "Pack several rows into each example of up to max_length tokens (best fit); each row still attends only "
+       "to itself.", group="Dataset"),
+    _f("dataset", "padding_free", "auto_bool", "auto",
+       "Concatenate a batch's rows into one sequence, no padding (position_ids restart at each row); auto: where "
+       "the model's attention supports it. false pads each batch to its longest row, rows grouped by length.",
        group="Dataset"),
     # [training]
     _f("training", "epochs", "float", 3, "Passes over the training set (ignored when max_steps > 0).",
@@ -188,9 +194,13 @@ FIELDS: tuple[Field, ...] = (
     _f("training", "grad_accum", "int", 4, "Forward passes per optimizer step (effective batch = batch_size x this).",
        min=1, max=65536, group="Training"),
     _f("training", "precision", "choice", "auto",
-       "auto: fp32 on a CPU, bf16 on a GPU that supports it, else fp16.", choices=PRECISIONS, group="Training"),
+       "auto: bf16 on a GPU that supports it, else fp16; on a CPU bf16 where measured faster (native bf16), "
+       "else fp32.", choices=PRECISIONS, group="Training"),
     _f("training", "gradient_checkpointing", "auto_bool", "auto",
        "Recompute activations to save memory; auto: on for GPUs, off on a CPU.", group="Training"),
+    _f("training", "kernels", "choice", "auto",
+       'Fused kernels on CUDA: "liger" (RMSNorm, RoPE, SwiGLU; pip install "tunedeck[gpu]"); auto: liger on a GPU '
+       "where installed, none on a CPU.", choices=KERNELS, group="Training"),
     _f("training", "optim", "choice", "adamw_torch", "Optimizer (paged_/8bit variants use bitsandbytes).",
        choices=OPTIMIZERS, group="Training"),
     _f("training", "weight_decay", "float", 0.0, "AdamW weight decay.", min=0, max=1, group="Training"),

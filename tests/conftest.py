@@ -31,6 +31,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_precision_measured() -> None:
+    """"auto" precision on a CPU follows a probe kept per machine (tunedeck.core.precision):
+    measured once before any test, so "auto" means the same in every test, whichever ran
+    first. In a process of its own: a test process that checks for torch has none."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "from tunedeck.core.precision import ensure_probe; ensure_probe()"],
+                   check=True, capture_output=True)
+
+
 @pytest.fixture(autouse=True)
 def isolated_user_config(tmp_path_factory, monkeypatch):
     """Each test gets its own user config dir (theme, recent projects, model dirs)."""

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tunedeck.core.cli import main
+from tunedeck.core.hardware import detect
 from tunedeck.core.models import bundled_gguf
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
@@ -52,7 +52,7 @@ def test_check_prints_resolved_settings(project, capsys):
                                               "rows": 4, "usable": 4, "skipped": 0, "weight": 1.0, "train_rows": 4,
                                               "share": 1.0}],
                                  "eval": {"ratio": 0.0, "rows": 0}}
-    assert report["resolved"]["precision"] == "fp32"
+    assert report["resolved"]["precision"] == detect().cpu_precision  # this CPU's measured answer
     assert report["resolved"]["gradient_checkpointing"] is False
     assert report["settings"]["training"]["precision"] == "auto"
     assert report["sources"]["lora.r"] == "project"
@@ -62,7 +62,8 @@ def test_check_human_output_shows_auto_and_overrides(project):
     result = run_cli("check", str(project), "--set", "lora.r=8", "--set", "training.seed=3")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "auto -> fp32" in out
+    assert f"auto -> {detect().cpu_precision}" in out
+    assert f"precision {detect().cpu_precision}: " in out  # and why
     assert "lora.r" in out and "--set" in out
     assert "ok" in out
 

@@ -206,7 +206,7 @@ def test_the_demo_project_gets_one_number_from_every_command_and_screen(default_
     assert listed["memory_estimates"]["lora"] == inspected == summary == screen.as_dict()
     # the project's settings as resolved here, at the longest row
     assert (inspected["seq_length"], inspected["longest_row"]) == (longest, longest) == (longest_row(project),) * 2
-    assert inspected["precision"] == ("fp32" if detect().device == "cpu" else inspected["precision"])
+    assert inspected["precision"] == (detect().cpu_precision if detect().device == "cpu" else inspected["precision"])
     assert inspected["batch_size"] == project["training.batch_size"]
     assert format_gib(inspected["total"]).endswith(" GiB")
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
 from tunedeck.core.errors import UserError
 from tunedeck.core.render import (
-    IGNORE, TEMPLATES, PadCollator, dataset_refusal, render, render_rows, resolve_chat_template,
+    IGNORE,
+    TEMPLATES,
+    dataset_refusal,
+    render,
+    render_rows,
+    resolve_chat_template,
 )
 
 QA = [{"role": "user", "content": "How do I reverse a list?"},
@@ -79,13 +83,15 @@ def test_eos_trains_although_it_is_also_the_pad_token(tok):
     eos = tok.eos_token_id
     end_of_answer = short.input_ids.index(eos, len(short.input_ids) - 3)
     assert short.labels[end_of_answer] == eos
-    batch = PadCollator(tok.pad_token_id)([short.example(), longer.example()])
+    from tunedeck.core.batching import BatchCollator
+
+    batch = BatchCollator(tok.pad_token_id, padding_free=False)([short.example(), longer.example()])
     n = len(short.input_ids)
     assert batch["input_ids"].shape == (2, len(longer.input_ids))  # the longest row, not max_length
     assert batch["labels"][0, end_of_answer].item() == eos  # survives padding with the same id
     assert (batch["labels"][0, n:] == IGNORE).all() and (batch["input_ids"][0, n:] == tok.pad_token_id).all()
     assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
-    assert batch["labels"][1].tolist() == longer.labels
+    assert batch["labels"][1].tolist() == longer.labels  # (its first token is a prompt's: never trained)
 
 
 def test_every_assistant_turn_of_a_conversation_trains(tok):

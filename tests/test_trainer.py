@@ -32,7 +32,9 @@ def test_loss_falls_and_the_adapter_loads_in_plain_peft(sharp_model, tmp_path):
 
     started = of_type(events, "run_started")[0]
     assert started["trainable_params"] > 0 and started["total_params"] > started["trainable_params"]
-    assert started["max_steps"] == 10 and started["resolved"]["precision"] == "fp32"
+    from tunedeck.core.hardware import detect
+
+    assert started["max_steps"] == 10 and started["resolved"]["precision"] == detect().cpu_precision
     assert {"torch", "transformers", "peft", "trl"} <= set(started["versions"])
     step = of_type(events, "step")[-1]
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch", "eta_s"):
@@ -75,17 +77,19 @@ def test_loss_falls_and_the_adapter_loads_in_plain_peft(sharp_model, tmp_path):
     assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).startswith(ANSWER[:4])
 
 
-def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_path):
-    """trl neither re-masks, re-truncates nor re-pads: a batch is render() + dynamic padding."""
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_path, padding_free):
+    """trl neither re-masks, re-truncates nor re-pads: a batch is render()'s rows, one after
+    the other (padding-free) or padded to the longest (padded)."""
     from tunedeck.core.events import EventLog
-    from tunedeck.core.render import IGNORE, PadCollator, render
     from tunedeck.core.finetune import Run
+    from tunedeck.core.render import IGNORE, render
     from tunedeck.core.trainer import Controls, Emitter
 
     multi = {"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "first answer"},
                           {"role": "user", "content": "b?"}, {"role": "assistant", "content": "second one"}]}
     rows = [multi, {"messages": [{"role": "user", "content": "long " * 60}, {"role": "assistant", "content": "x"}]}]
-    project = write_project(tmp_path, tiny_model_dir, rows, dataset={"max_length": 64},
+    project = write_project(tmp_path, tiny_model_dir, rows, dataset={"max_length": 64, "padding_free": padding_free},
                             training={"batch_size": 2})
     spec = prepare_run(project, run_name="labels").spec
     with EventLog(tmp_path / "ev.jsonl") as log:
@@ -93,16 +97,21 @@ def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_p
     tok = trainer.processing_class
     expected = [render(tok, row["messages"], max_length=64) for row in rows]
     assert expected[1].truncated  # the long prompt is cut at 64 tokens; its answer with it
-    batch = next(iter(trainer.get_train_dataloader()))
-    got = sorted((b[m.bool()].tolist(), label[m.bool()].tolist()) for b, label, m
-                 in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]))
+    assert all(e.labels[0] == IGNORE for e in expected)  # a row starts with its prompt
     want = sorted((e.input_ids, e.labels) for e in expected if e.n_trained)
+    batch = next(iter(trainer.get_train_dataloader()))
+    if padding_free:
+        assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(len(i) for i, _ in want))
+        starts = [i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0] + [batch["input_ids"].shape[1]]
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        got = sorted((ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:]))
+    else:
+        got = sorted((b[m.bool()].tolist(), label[m.bool()].tolist()) for b, label, m
+                     in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]))
+        # dynamic padding: the batch is as long as its longest row, pads are -100
+        assert batch["input_ids"].shape[1] == max(len(e.input_ids) for e in expected if e.n_trained)
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
     assert got == want
-    # dynamic padding: the batch is as long as its longest row, pads are -100
-    assert batch["input_ids"].shape[1] == max(len(e.input_ids) for e in expected if e.n_trained)
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
-    direct = PadCollator(tok.pad_token_id)([e.example() for e in expected if e.n_trained])
-    assert direct["input_ids"].shape == batch["input_ids"].shape
 
 
 def test_qlora_4bit_trains_on_the_cpu(tiny_model_dir, tmp_path):

@@ -11,15 +11,28 @@ from typing import Any
 import pytest
 from textual.binding import Binding
 from textual.command import CommandList
-from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle, write_project
-
+from tui_helpers import (
+    CPU,
+    PROJECT_TOML,
+    InProcessEngine,
+    SilentEngine,
+    settle,
+    write_project,
+)
 from tunedeck.core import cli
 from tunedeck.core.paths import load_user_config, save_user_config
 from tunedeck.core.project import Project
+from tunedeck.core.schema import field_for
 from tunedeck.tui import app as app_module
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.commands import TunedeckCommands
-from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen, PresetScreen
+from tunedeck.tui.screens.dialogs import (
+    ChoiceScreen,
+    KeysScreen,
+    NewProjectScreen,
+    OpenProjectScreen,
+    PresetScreen,
+)
 from tunedeck.tui.widgets.facts import Facts
 from tunedeck.tui.widgets.field_editor import FieldEditor
 from tunedeck.tui.widgets.settings_list import SettingsList
@@ -63,6 +76,27 @@ async def test_opens_a_project_on_the_settings_screen(project_path):
         assert view(app, "dataset.path").problem == ""
         assert app.screen.query_one(SettingsSummary).command == "tunedeck train demo.toml"
         assert load_user_config()["recent_projects"] == [str(project_path)]
+
+
+async def test_settings_say_why_auto_chose_its_precision(project_path):
+    from dataclasses import replace
+
+    app = make_app(project_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert view(app, "training.precision").help.startswith("auto chose fp32: this CPU has no native bf16")
+        measured = "this CPU has AVX512-BF16: bf16 measured 2.3x as fast as fp32, with the same loss"
+        app.hardware = replace(app.hardware, cpu_precision="bf16", cpu_precision_reason=measured)
+        await pilot.pause()
+        assert view(app, "training.precision").source == "default, auto -> bf16"
+        assert view(app, "training.precision").help == f"auto chose bf16: {measured}"
+        await app.screen.edit_field("training.precision")
+        await pilot.pause()
+        assert measured in str(app.screen.query_one("#editor-note").render())  # the whole line, under the editor
+        await pilot.press("down", "down", "down", "enter")  # fp32, set in the project
+        await pilot.pause()
+        assert app.session.project["training.precision"] == "fp32"
+        assert view(app, "training.precision").help == field_for("training.precision").help
 
 
 async def test_number_keys_and_tabs_switch_screens(project_path):

@@ -72,7 +72,7 @@ async def test_lists_the_default_the_model_dirs_and_the_projects_model(project_p
         expected = estimate_for_model(next(i for i in screen._infos if i.path == str(other)), app.session.project,
                                       hardware=CPU)  # the project's settings as resolved here: fp32 on a CPU
         assert expected["lora"].precision == "fp32" and expected["lora"].seq_length == 1024
-        assert table[str(other)][4] == "0.05 GiB" == format_gib(expected["lora"].total)
+        assert table[str(other)][4] == "0.04 GiB" == format_gib(expected["lora"].total)
         assert table[str(other)][5] == format_gib(expected["qlora"].total)
         broken = table[str(zoo / "broken.gguf")]
         assert broken[1].endswith("✗") and broken[2] == "unreadable"
@@ -80,7 +80,7 @@ async def test_lists_the_default_the_model_dirs_and_the_projects_model(project_p
         assert "LlamaForCausalLM (llama)" in detail and "LoRA peak" in detail and "QLoRA peak" in detail
         assert "in GiB at batch 4 × 1024 tokens (at max_length), r 16 on cpu" in str(
             screen.query_one("#models-status").render())
-        assert "~0.05 GiB on cpu: QLoRA 4bit fp32, batch 4 × 1024 tokens (at max_length)" in detail
+        assert "~0.04 GiB on cpu: QLoRA 4bit fp32, batch 4 × 1024 tokens (at max_length)" in detail
 
 
 async def test_enter_sets_the_projects_model(project_path, zoo):

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("value")
     table.add_column("from")
     auto = {"training.precision": r["precision"], "training.gradient_checkpointing": r["gradient_checkpointing"],
-            "quantization.compute_dtype": r["compute_dtype"], "training.devices": f"{r['processes']} process(es)"}
+            "quantization.compute_dtype": r["compute_dtype"], "training.devices": f"{r['processes']} process(es)",
+            "training.kernels": r.get("kernels", "none")}
     overridden = {o.partition("=")[0].strip() for o in args.overrides}
     for section, values in report["settings"].items():
         if not isinstance(values, dict):
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     processes = f"; {r['processes']} processes (data parallel)" if r.get("processes", 1) > 1 else ""
     console.print(f"device   {r['hardware']}{processes}; effective batch {r['effective_batch']}")
+    if r.get("precision_reason"):
+        console.print(f"precision {r['precision']}: {r['precision_reason']}")
     if "trainable_params" in report:
         console.print(f"lora     {report['trainable_params']:,} trainable of {report['total_params']:,} params "
                       f"in {report['target_layers']} layers")

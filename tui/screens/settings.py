@@ -54,6 +54,13 @@ def source_text(session: Session, key: str, resolved: Resolved | None) -> str:
     return text
 
 
+def help_text(session: Session, key: str, resolved: Resolved | None) -> str:
+    """The setting's one-line help; for a precision left at "auto", why auto chose what it chose."""
+    if key == "training.precision" and session.project.get(key) == AUTO and resolved is not None:
+        return f"auto chose {resolved.precision}: {resolved.precision_reason}"
+    return field_for(key).help
+
+
 def choices_of(key: str) -> list[tuple[str, Any]]:
     """(label, value) pairs for a setting picked from a list."""
     fld = field_for(key)
@@ -123,7 +130,7 @@ class SettingsScreen(ProjectScreen):
                 name=fld.name,
                 value=invalid.text if invalid else session.shown(key),
                 source=source_text(session, key, resolved),
-                help=fld.help,
+                help=help_text(session, key, resolved),
                 edited=session.edited(key) or session.line_changed(key) or invalid is not None,
                 problem=invalid.reason if invalid else warning or "",
                 severity="error" if invalid else "warning" if warning else "",
@@ -138,7 +145,8 @@ class SettingsScreen(ProjectScreen):
         editor = self._editor
         if editor is not None and editor.key is not None:
             invalid = session.invalid.get(editor.key)
-            editor.note(f"✗ {invalid.reason}" if invalid else field_for(editor.key).help, error=invalid is not None)
+            note = f"✗ {invalid.reason}" if invalid else help_text(session, editor.key, self._resolve(session)[0])
+            editor.note(note, error=invalid is not None)
             self.call_after_refresh(self.query_one(SettingsList).scroll_to_highlight)  # rows may have grown
         summary = self.query_one(SettingsSummary)
         summary.invalid = tuple(session.invalid)
