@@ -4,10 +4,13 @@ Three layouts, one collator (:class:`BatchCollator`), tunedeck's own labels kept
 
 - **padding-free** (the default where the model supports it): the rows of a batch are
   concatenated into one sequence, ``position_ids`` restarting at 0 at each row and no
-  attention mask, so no compute is spent on padding. transformers builds the per-row block
-  mask from the ``position_ids`` (sdpa, eager) or hands the row boundaries to the varlen
-  kernels (``cu_seq_lens_*``, flash attention). The first label of every row is -100, so no
-  row is trained from the end of the one before it;
+  attention mask, so no compute is spent on padding. The row boundaries reach the attention
+  as ``cu_seq_lens_*``: flash attention's varlen kernels take them; with sdpa,
+  :func:`rows_attention` runs causal sdpa row by row (no mask, and no attention computed
+  across rows, which a block mask over the whole sequence would still compute and throw
+  away); elsewhere transformers builds the per-row block mask from the ``position_ids``.
+  The first label of every row is -100, so no row is trained from the end of the one before
+  it;
 - **packed** (``dataset.packing``): :func:`pack` puts several rows into each example, up to
   max_length tokens (best fit, longest rows first), each keeping its own labels; examples
   are then batched padding-free, the rows inside them still apart;
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 IGNORE = -100
 # layer kinds of a model whose state would leak from one packed row to the next
@@ -73,6 +78,60 @@ def model_padding_free_problem(model: Any) -> str | None:
                                                                      "create_sliding_window_causal_mask")):
         return f"{type(base).__name__}'s attention does not read row boundaries from position_ids"
     return None
+
+
+# -- attention row by row ------------------------------------------------------------------------
+
+ROWS_ATTENTION = "tunedeck_rows"
+
+
+def rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                   scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' sdpa, once per row of a padding-free batch (its ``cu_seq_lens_q``), causal
+    within the row; a batch without row boundaries goes to sdpa as it is."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    for extra in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(extra, None)
+    if bounds is None or query.shape[0] != 1 or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    edges = bounds.tolist()
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                   dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+            for a, b in itertools.pairwise(edges) if b > a]
+    return torch.cat(outs, dim=1), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # rows_attention needs none: the rows are apart, each causal
+
+
+def use_rows_attention(model: Any, max_length: int) -> bool:
+    """Switch a model on sdpa to :func:`rows_attention` for padding-free batches, where that is
+    the same attention: not with a sliding window shorter than a row can be, nor with soft-capped
+    attention logits. Returns whether it did."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window < max_length and getattr(text, "use_sliding_window", True) is not False:
+        return False
+    if getattr(text, "attn_logit_softcapping", None):
+        return False
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+    AttentionMaskInterface.register(ROWS_ATTENTION, _no_mask)
+    try:
+        base.set_attn_implementation(ROWS_ATTENTION)
+    except (ValueError, ImportError, AttributeError):
+        return False
+    return getattr(base.config, "_attn_implementation", None) == ROWS_ATTENTION
 
 
 # -- packing ------------------------------------------------------------------------------------

@@ -308,7 +308,12 @@ class Run:
                  eval_rows: list[dict[str, Any]] | None, data_info: dict[str, Any]) -> Any:
         from trl import SFTConfig
 
-        from .batching import BatchCollator, add_compact_head
+        from .batching import (
+            ROWS_ATTENTION,
+            BatchCollator,
+            add_compact_head,
+            use_rows_attention,
+        )
 
         p, r = self.project, self.resolved
         if tokenizer.pad_token_id is None:
@@ -318,7 +323,6 @@ class Run:
         warmup = p["training.warmup_ratio"]
         compact = r.device != "cuda" or not triton_installed()
         data_info["loss"] = "compact head" if compact else "trl fused head"
-        data_info["attention"] = str(getattr(model.config, "_attn_implementation", None))
         args = SFTConfig(
             output_dir=str(self.run_dir / CHECKPOINTS),
             num_train_epochs=p["training.epochs"],
@@ -363,9 +367,12 @@ class Run:
             # the examples are rendered, masked and truncated by tunedeck.core.render: trl leaves them as they are
             dataset_kwargs={"skip_prepare_dataset": True},
         )
+        if padding_free:
+            use_rows_attention(model, p["dataset.max_length"])  # sdpa row by row, not over a block mask
+        data_info["attention"] = str(getattr(model.config, "_attn_implementation", None))
         self.callback = EventsCallback(self, data_info)
-        collator = BatchCollator(tokenizer.pad_token_id, padding_free=padding_free,
-                                 varlen_kwargs=padding_free and "flash" in str(model.config._attn_implementation))
+        varlen = data_info["attention"] == ROWS_ATTENTION or "flash" in data_info["attention"]
+        collator = BatchCollator(tokenizer.pad_token_id, padding_free=padding_free, varlen_kwargs=padding_free and varlen)
         trainer = trainer_class()(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
             data_collator=collator, callbacks=[self.callback],

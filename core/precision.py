@@ -138,25 +138,31 @@ def ensure_probe(path: Path | None = None) -> dict[str, Any] | None:
     answer = cached_probe(path)
     if answer is not None:
         return answer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _Lock(path.with_suffix(".lock")):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = _Lock(path.with_suffix(".lock"))
+    except OSError:  # a cache folder that cannot be written: "auto" goes by the CPU's flags
+        return None
+    with lock:
         answer = cached_probe(path)
         if answer is None:
             answer = run_probe()
             answer.update(cpu=cpu_name(info), flags=bf16_flags(info), torch=_torch_version())
             from .project import atomic_write_text
 
-            atomic_write_text(path, json.dumps(answer, indent=2) + "\n")
+            try:
+                atomic_write_text(path, json.dumps(answer, indent=2) + "\n")
+            except OSError:
+                pass
     return answer
 
 
 class _Lock:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fh: Any = None
+        self.fh: Any = open(path, "a+")  # noqa: SIM115 - held until __exit__; raises OSError here, not later
 
     def __enter__(self) -> _Lock:
-        self.fh = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
         try:
             import fcntl
 
@@ -165,7 +171,7 @@ class _Lock:
             pass
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.fh.close()  # closing releases the lock
 
 

@@ -16,6 +16,7 @@ from tunedeck.core.batching import (
     logit_transform,
     pack,
     padding_free_problem,
+    use_rows_attention,
 )
 
 VOCAB = 96
@@ -73,9 +74,28 @@ def test_a_padding_free_batch_has_the_padded_batchs_loss(arch):
         leaked = model(input_ids=free["input_ids"], labels=free["labels"]).loss.item()
         add_compact_head(model)
         compact = model(**free, compact_head=True).loss.item()
+        assert use_rows_attention(model, max_length=256)  # sdpa row by row, as the trainer runs it
+        rows_free = BatchCollator(0, padding_free=True, varlen_kwargs=True)(rows)
+        by_rows = model(**rows_free, compact_head=True).loss.item()
+        without_bounds = model(**free, compact_head=True).loss.item()  # no cu_seq_lens: one causal sequence
     assert abs(free_loss - reference) < 1e-4
     assert abs(compact - reference) < 1e-4
+    assert abs(by_rows - reference) < 1e-4
+    assert abs(without_bounds - reference) > 1e-3
     assert abs(leaked - reference) > 1e-3  # the comparison can tell rows apart
+
+
+def test_rows_attention_stays_off_where_it_would_differ():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=64, attn_implementation="sdpa"))
+    assert not use_rows_attention(windowed, max_length=256)  # rows longer than the window would see past it
+    assert use_rows_attention(windowed, max_length=64)
+    eager = tiny_model("llama")
+    eager.set_attn_implementation("eager")
+    assert not use_rows_attention(eager, max_length=256)
 
 
 def test_the_gradients_agree_too():
@@ -210,7 +230,7 @@ def test_a_model_without_packed_rows_trains_on_padded_batches(tmp_path, tiny_mod
     mamba = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, state_size=4))
     rows = rows_of([5, 9, 30])
     project = write_project(tmp_path / "a", tiny_model_dir)
-    (train, _, padding_free), layout = _batching(project, mamba, rows)
+    (_, _, padding_free), layout = _batching(project, mamba, rows)
     assert not padding_free and layout["layout"] == "padded" and "state" in layout["why_padded"]
     packed = write_project(tmp_path / "b", tiny_model_dir, dataset={"packing": True})
     with pytest.raises(UserError) as err:

@@ -271,7 +271,8 @@ def test_system_fields_without_nvml_say_not_available(monkeypatch):
 
 def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     """bench/gpu_check.py, the script to run the day a GPU is here, is exercised on the CPU
-    (bf16 LoRA, 4-bit QLoRA, a too-large batch) so that it works when it is needed."""
+    (bf16 LoRA, 4-bit QLoRA, a too-large batch, tunedeck against a plain trl script) so that
+    it works when it is needed."""
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
@@ -281,5 +282,6 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     table = json.loads((tmp_path / "gpu_check.json").read_text())
     results = {row["check"]: row["result"] for row in table["rows"]}
     assert results == {"bf16 LoRA": "ok", "4-bit QLoRA": "ok", "fp16 on a GPU without bf16": "skipped",
-                       "out of memory reported": "skipped", "two-GPU data parallel": "skipped"}, table["rows"]
+                       "out of memory reported": "skipped", "two-GPU data parallel": "skipped",
+                       "throughput vs trl": "ok"}, table["rows"]
     assert "| check | model | result | detail |" in (tmp_path / "gpu_check.md").read_text()

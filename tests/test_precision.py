@@ -77,6 +77,15 @@ def test_the_probe_measures_once_per_machine(tmp_path, monkeypatch):
     assert precision.cpu_auto().measured and precision.cpu_auto().precision == ("bf16" if answer["bf16"] else "fp32")
 
 
+def test_a_cache_folder_that_cannot_be_written_leaves_auto_to_the_flags(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("TUNEDECK_CACHE_DIR", str(blocked))  # its "probes" folder cannot be made
+    assert precision.ensure_probe() is None  # no error, nothing measured
+    expected = "bf16" if precision.bf16_flags() else "fp32"
+    assert precision.cpu_auto().precision == expected and not precision.cpu_auto().measured
+
+
 def test_the_screens_read_the_answer_without_torch():
     code = ("import sys; from tunedeck.core.resolve import resolve; from tunedeck.core.project import Project; "
             "r = resolve(Project.from_text('schema = 1')); print(r.precision, bool(r.precision_reason), "
