@@ -28,6 +28,7 @@ as the rest of a small model.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import itertools
 import sys
@@ -83,6 +84,7 @@ def model_padding_free_problem(model: Any) -> str | None:
 # -- attention row by row ------------------------------------------------------------------------
 
 ROWS_ATTENTION = "tunedeck_rows"
+SHORT_ROW = 192  # tokens: up to here a CPU runs a row's attention faster as plain matmuls than in sdpa's kernel
 
 
 def rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
@@ -98,10 +100,18 @@ def rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask
     if bounds is None or query.shape[0] != 1 or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     edges = bounds.tolist()
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                   dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
-            for a, b in itertools.pairwise(edges) if b > a]
+    cpu = query.device.type == "cpu"
+    outs = []
+    for a, b in itertools.pairwise(edges):
+        if b <= a:
+            continue
+        # on a CPU, sdpa's flash kernel is slower than plain matmuls for short rows (backward included)
+        with sdpa_kernel(SDPBackend.MATH) if cpu and b - a <= SHORT_ROW else contextlib.nullcontext():
+            outs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                               dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0])
     return torch.cat(outs, dim=1), None
 
 

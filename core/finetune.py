@@ -379,6 +379,8 @@ class Run:
         )
         trainer.remove_callback(PrinterCallback)  # its log dicts on stdout; the events carry them
         upcast_trainable(trainer.model)
+        if r.precision in ("bf16", "fp16"):
+            keep_input_dtype(trainer.model)
         if compact:
             add_compact_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
                              else trainer.model)
@@ -510,6 +512,16 @@ def upcast_trainable(model: Any) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+
+
+def keep_input_dtype(model: Any) -> None:
+    """Under mixed precision, the adapters take their input as it comes (bf16/fp16) instead of
+    peft casting it to their fp32 weights' dtype first: autocast runs their matmuls in the
+    training precision either way, so the cast (and dropout on the fp32 copy) is work thrown
+    away, about a tenth of a step on a CPU."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def check_trainable(trainable: int, target: Any) -> None:

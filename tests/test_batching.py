@@ -266,6 +266,9 @@ def test_the_trainers_packed_batches_hold_renders_labels(tmp_path, tiny_model_di
     project = write_project(tmp_path, tiny_model_dir, rows, dataset={"packing": True, "max_length": 128})
     trainer, run = _trainer(project)
     assert run.callback.data_info["batching"]["layout"] == "packed"
+    mixed = run.resolved.precision != "fp32"  # under autocast the adapters take bf16 input as it comes
+    lora_layers = [m for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and all(m.cast_input_dtype_enabled is not mixed for m in lora_layers)
     seen = []
     for batch in trainer.get_train_dataloader():
         assert set(batch) >= {"input_ids", "labels", "position_ids"} and "attention_mask" not in batch
@@ -297,3 +300,19 @@ def test_padded_batches_group_rows_of_similar_length(tmp_path, tiny_model_dir):
     in_order = pad_share([collate(examples[i:i + 4]) for i in range(0, len(examples), 4)])
     assert in_order > 0.2  # the lengths vary: batches in the data's order pad a lot
     assert grouped < in_order / 2
+
+
+def test_the_train_command_says_how_a_run_trains():
+    from tunedeck.core.commands.train import run_layout
+
+    started = {"resolved": {"precision": "bf16", "kernels": "none",
+                            "precision_reason": "this CPU has AVX512-BF16: bf16 measured 2.1x as fast as fp32"},
+               "data": {"batching": {"layout": "packed", "rows": 204, "examples": 69, "why_padded": None}}}
+    line = run_layout(started)
+    assert line == ("bf16 (this CPU has AVX512-BF16: bf16 measured 2.1x as fast as fp32); "
+                    "packed (204 rows in 69 examples) batches")
+    padded = {"resolved": {"precision": "fp32", "precision_reason": "set in the project", "kernels": "liger"},
+              "data": {"batching": {"layout": "padded", "why_padded": "mamba has recurrent (state-space) layers"}}}
+    assert run_layout(padded) == ("fp32; padded, rows grouped by length (mamba has recurrent (state-space) layers) "
+                                  "batches; liger kernels")
+    assert run_layout({}) == "" and run_layout({"resolved": "junk", "data": None}) == ""

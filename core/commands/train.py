@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import console as cli_console
     from rich.text import Text
 
+    from ..cli import console as cli_console
     from ..launcher import start_run
 
     console = cli_console(stderr=True)
@@ -81,7 +81,8 @@ class Progress:
     """Draws a run's events as a progress bar and a few lines; turns Ctrl-C into stop / abort / kill."""
 
     def __init__(self, console: Any, handle: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as Bar
 
         self.console = console
         self.handle = handle
@@ -140,6 +141,9 @@ class Progress:
             self.console.print(Text(f"{_count(ev.get('trainable_params'))} trainable of "
                                     f"{_count(ev.get('total_params'))} parameters; {ev.get('train_rows', '?')} rows, "
                                     f"{ev.get('max_steps', '?')} steps on {on}{where}"))
+            how = run_layout(ev)
+            if how:
+                self.console.print(Text(how, style="dim"))
             self.bar.update(self.task, description="training", total=_int(ev.get("max_steps")),
                             completed=_int(ev.get("step")) or 0)
         elif kind == "step":
@@ -198,6 +202,29 @@ def project_of(handle: Any) -> str:
     if isinstance(path, str) and Path(path).is_file():
         return path
     return str(Path(handle.run_dir) / "project.toml")
+
+
+def run_layout(ev: dict[str, Any]) -> str:
+    """How a run trains, from its run_started event: precision (and why, when "auto" chose it),
+    the batch layout and the kernels; empty for an event without them."""
+    resolved = ev.get("resolved") if isinstance(ev.get("resolved"), dict) else {}
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    parts = []
+    if resolved.get("precision"):
+        reason = resolved.get("precision_reason")
+        parts.append(f"{resolved['precision']}" + (f" ({reason})" if reason and reason != "set in the project"
+                                                   else ""))
+    batching = data.get("batching") if isinstance(data.get("batching"), dict) else {}
+    if batching.get("layout"):
+        layout = str(batching["layout"])
+        if layout == "packed":
+            layout += f" ({batching.get('rows')} rows in {batching.get('examples')} examples)"
+        elif layout == "padded" and batching.get("why_padded"):
+            layout += f", rows grouped by length ({batching['why_padded']})"
+        parts.append(f"{layout} batches")
+    if resolved.get("kernels") not in (None, "none"):
+        parts.append(f"{resolved['kernels']} kernels")
+    return "; ".join(parts)
 
 
 def _count(value: Any) -> str:
