@@ -107,7 +107,7 @@ class FieldEditor(Vertical):
         #editor-title { width: 1fr; text-style: bold; }
         #editor-input { width: 1fr; }
         #editor-choices { height: auto; max-height: 7; }
-        #editor-note { width: 1fr; color: $text-muted; text-wrap: nowrap; text-overflow: ellipsis; }
+        #editor-note { width: 1fr; height: auto; max-height: 3; color: $text-muted; }  /* whole: a reason is read here */
         #editor-note.-error { color: $text-error; }
     }
     """
