@@ -34,7 +34,7 @@ import itertools
 import sys
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 IGNORE = -100
@@ -45,6 +45,11 @@ CHUNK_ELEMENTS = 2**25  # logits per chunk of the compact head (128 MiB in fp32)
 
 
 # -- which layout -------------------------------------------------------------------------------
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def padding_free_problem(config: Any) -> str | None:
@@ -70,7 +75,7 @@ def padding_free_problem(config: Any) -> str | None:
 def model_padding_free_problem(model: Any) -> str | None:
     """:func:`padding_free_problem`, and whether the model's code builds its attention mask
     from ``position_ids`` (transformers' ``create_causal_mask``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     problem = padding_free_problem(base.config)
     if problem:
         return problem
@@ -125,7 +130,7 @@ def use_rows_attention(model: Any, max_length: int) -> bool:
     attention logits. Returns whether it did."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "_attn_implementation", None) != "sdpa":
@@ -188,7 +193,6 @@ class BatchCollator:
     pad_token_id: int
     padding_free: bool = True
     varlen_kwargs: bool = False  # add cu_seq_lens_* / max_length_* for flash attention
-    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -214,8 +218,6 @@ class BatchCollator:
         if any(len(row) > 1 for row in lengths):
             raise ValueError("packed examples need padding-free batches")
         longest = max(len(t) for t in ids)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         n = len(ids)
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((n, longest), IGNORE, dtype=torch.long)
@@ -238,11 +240,6 @@ class CompactOutput:
     tokens: Any  # positions that trained
     entropy_sum: Any
     correct: Any  # positions whose top-1 prediction was the label
-    logits: Any = None
-    aux: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:  # Trainer reads outputs["loss"] on some paths
-        return getattr(self, key)
 
 
 def logit_transform(config: Any) -> tuple[float, float | None]:
@@ -262,10 +259,12 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
 
 
 def add_compact_head(model: Any) -> None:
-    """Give ``model`` (the PreTrainedModel under the adapter) a ``compact_head=True`` forward:
-    the backbone, then the LM head and the cross-entropy only at the positions whose next
-    label trains. Without the flag the forward is the one it had (trl's, generation's).
-    Patched on the instance's forward, so DDP and peft reach it through their own forwards."""
+    """Give ``model`` (the PreTrainedModel under the adapter, when there is one) a
+    ``compact_head=True`` forward: the backbone, then the LM head and the cross-entropy only at
+    the positions whose next label trains. Without the flag the forward is the one it had
+    (trl's, generation's). Patched on the instance's forward, so DDP and peft reach it through
+    their own forwards."""
+    model = base_model(model)
     original = model.forward
     scale, softcap = logit_transform(model.config)
 
@@ -307,16 +306,10 @@ def compact_cross_entropy(states: Any, weight: Any, bias: Any, targets: Any, sca
     n = states.shape[0]
     if n <= rows:
         return _chunk_loss(states, weight, bias, targets, scale, softcap)
-    nll = entropy = correct = None
-    for start in range(0, n, rows):
-        part = (states[start:start + rows], weight, bias, targets[start:start + rows], scale, softcap)
-        if torch.is_grad_enabled():
-            out = checkpoint(_chunk_loss, *part, use_reentrant=False)
-        else:
-            out = _chunk_loss(*part)
-        nll = out[0] if nll is None else nll + out[0]
-        entropy = out[1] if entropy is None else entropy + out[1]
-        correct = out[2] if correct is None else correct + out[2]
+    chunk = functools.partial(checkpoint, _chunk_loss, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss
+    parts = [chunk(states[start:start + rows], weight, bias, targets[start:start + rows], scale, softcap)
+             for start in range(0, n, rows)]
+    nll, entropy, correct = (sum(sums) for sums in zip(*parts, strict=True))
     return nll, entropy, correct
 
 

@@ -55,17 +55,7 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback
 
 from .errors import UserError
-from .events import (
-    CHECKPOINT,
-    EVAL,
-    FAILED,
-    FINISHED,
-    RUN_STARTED,
-    STEP,
-    SYSTEM,
-    library_versions,
-    system_fields,
-)
+from .events import CHECKPOINT, EVAL, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, library_versions, system_fields
 from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint
 
 SYSTEM_EVERY_S = 5.0  # seconds between system events
@@ -113,13 +103,15 @@ class Run:
         from .resolve import resolve
 
         project = self.project
-        if project["training.precision"] == "auto":
-            from .hardware import detect
-            from .precision import ensure_probe
-
-            ensure_probe()  # once per machine: whether bf16 is fast and trains the same on this CPU
-            detect.cache_clear()  # the machine as read after it (the answer is one of its facts)
         self.resolved = resolve(project)
+        if self.resolved.device == "cpu" and project["training.precision"] == "auto":
+            from .hardware import detect
+            from .precision import cached_probe, ensure_probe
+
+            # once per machine: whether bf16 is fast and trains the same on this CPU
+            if cached_probe() is None and ensure_probe() is not None:
+                detect.cache_clear()  # the answer is one of the machine's facts: read them again
+                self.resolved = resolve(project)
         self.ref = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
         if self.rank == 0:
             self._write_env()
@@ -300,20 +292,15 @@ class Run:
         if packing:
             train = pack(train, p["dataset.max_length"])
         layout = "packed" if packing else "padding-free" if padding_free else "padded"
-        data_info["batching"] = {"layout": layout, "rows": rows, "examples": len(train),
-                                 "why_padded": problem if layout == "padded" and setting is not False else None}
+        data_info["batching"] = {"layout": layout, "rows": rows, "examples": len(train), "why_padded": problem}
         return Dataset.from_list(train), Dataset.from_list(eval_rows) if eval_rows is not None else None, padding_free
 
     def _trainer(self, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
                  eval_rows: list[dict[str, Any]] | None, data_info: dict[str, Any]) -> Any:
         from trl import SFTConfig
 
-        from .batching import (
-            ROWS_ATTENTION,
-            BatchCollator,
-            add_compact_head,
-            use_rows_attention,
-        )
+        from .batching import ROWS_ATTENTION, BatchCollator, add_compact_head, use_rows_attention
+        from .resolve import installed
 
         p, r = self.project, self.resolved
         if tokenizer.pad_token_id is None:
@@ -321,7 +308,7 @@ class Run:
         train_ds, eval_ds, padding_free = self._batching(model, train_rows, eval_rows, data_info)
         eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
         warmup = p["training.warmup_ratio"]
-        compact = r.device != "cuda" or not triton_installed()
+        compact = r.device != "cuda" or not installed("triton")
         data_info["loss"] = "compact head" if compact else "trl fused head"
         args = SFTConfig(
             output_dir=str(self.run_dir / CHECKPOINTS),
@@ -382,8 +369,7 @@ class Run:
         if r.precision in ("bf16", "fp16"):
             keep_input_dtype(trainer.model)
         if compact:
-            add_compact_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
-                             else trainer.model)
+            add_compact_head(trainer.model)
             trainer.compact_head = True
         return trainer
 
@@ -428,21 +414,15 @@ class Run:
 
 def use_flash_attention(model: Any) -> None:
     """flash-attention's varlen kernels for padding-free batches, where the package is installed
-    and the model supports it; sdpa (with the per-row block mask) otherwise."""
-    import importlib.util
+    and the model supports it; sdpa (row by row) otherwise."""
+    from .resolve import installed
 
-    if importlib.util.find_spec("flash_attn") is None:
+    if not installed("flash_attn"):
         return
     try:
         model.set_attn_implementation("flash_attention_2")
     except (ValueError, ImportError, AttributeError):  # not for this model or GPU: sdpa stays
         pass
-
-
-def triton_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-NO_NATIVE_BF16 = ("this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16), so bf16 would be emulated and "
-                  "slow")
+from .precision import NO_NATIVE_BF16, cpu_auto
+
 _UUID_PREFIX = re.compile(r"^(GPU|MIG)-", re.IGNORECASE)
 
 
@@ -280,19 +280,16 @@ def detect() -> Hardware:
 
 def scan() -> Hardware:
     """The machine as this process sees it now (free memory read afresh)."""
-    from .precision import cpu_auto
-
-    ram, cpus = _ram_total(), os.cpu_count() or 1
     cpu = cpu_auto()
+    machine = {"cpu_count": os.cpu_count() or 1, "ram_total": _ram_total(), "cpu_precision": cpu.precision,
+               "cpu_precision_reason": cpu.reason}
     if os.environ.get("TUNEDECK_DEVICE", "").lower() == "cpu":
-        return Hardware(gpus=(), cpu_count=cpus, ram_total=ram, cpu_precision=cpu.precision,
-                        cpu_precision_reason=cpu.reason)
+        return Hardware(gpus=(), **machine)
     devices = [gpu for gpu, _ in NVML.devices()]
     entries = visible_entries()
     pci = os.environ.get("CUDA_DEVICE_ORDER", "").upper() == "PCI_BUS_ID"
     gpus, notes = match_visible(entries, devices, pci_order=pci)
-    return Hardware(gpus=tuple(gpus), cpu_count=cpus, ram_total=ram, notes=tuple(notes), cpu_precision=cpu.precision,
-                    cpu_precision_reason=cpu.reason)
+    return Hardware(gpus=tuple(gpus), notes=tuple(notes), **machine)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much on the probe's matmuls
 MAX_LOSS_GAP = 0.03  # and the losses of a few steps agree within this share
 X86_FLAGS = ("avx512_bf16", "amx_bf16")
 ARM_FLAGS = ("bf16",)  # the "Features" line of an Arm CPU
+NO_NATIVE_BF16 = ("this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16), so bf16 would be emulated and "
+                  "slow")
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,6 @@ def cpu_auto(cpuinfo: str | None = None, probe: dict[str, Any] | None | bool = T
     info = read_cpuinfo() if cpuinfo is None else cpuinfo
     flags = bf16_flags(info)
     if not flags:
-        from .hardware import NO_NATIVE_BF16
-
         return CpuPrecision("fp32", NO_NATIVE_BF16, measured=False)
     shown = ", ".join(f.upper().replace("_", "-") for f in flags)
     answer = cached_probe(probe_path(info)) if probe is True else probe

@@ -50,22 +50,21 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
                                             else int(project["training.devices"]))
     device = "cuda" if chosen else "cpu"
     bf16 = bool(chosen) and all(g.bf16 for g in chosen)
+    without_bf16 = ", ".join(f"{g.label} ({g.name})" for g in chosen if not g.bf16)
     precision = project["training.precision"]
     reason = "set in the project"
     if precision == "auto":
         if device == "cuda":
             precision = "bf16" if bf16 else "fp16"
             reason = ("every GPU of the run has native bf16 (compute capability 8.0 or newer)" if bf16 else
-                      ", ".join(f"{g.label} ({g.name})" for g in chosen if not g.bf16)
-                      + " has no native bf16 (compute capability below 8.0), so fp16 with loss scaling")
+                      f"{without_bf16} has no native bf16 (compute capability below 8.0), so fp16 with loss scaling")
         else:  # measured once per machine (tunedeck.core.precision), read with the hardware
             precision, reason = hw.cpu_precision, hw.cpu_precision_reason
     elif device == "cpu" and precision == "fp16":
         raise ProjectError("training.precision", '"fp16" needs a GPU (mixed precision with fp16 is not '
                            'supported on a CPU); use "auto", "fp32" or "bf16"', label)
     elif device == "cuda" and precision == "bf16" and not bf16:
-        slow = ", ".join(f"{g.label} ({g.name})" for g in chosen if not g.bf16)
-        raise ProjectError("training.precision", f'"bf16" is not supported by {slow} (it needs compute capability '
+        raise ProjectError("training.precision", f'"bf16" is not supported by {without_bf16} (it needs compute capability '
                            '8.0, Ampere or newer); use "auto" or "fp16"', label)
     if project["dataset.packing"] and project["dataset.padding_free"] is False:
         raise ProjectError("dataset.padding_free", "false pads every batch, but dataset.packing = true puts several "
@@ -98,10 +97,11 @@ def resolve(project: Project, hardware: Hardware | None = None) -> Resolved:
     )
 
 
-def liger_installed() -> bool:
+def installed(module: str) -> bool:
+    """Whether a Python package can be imported here (found, not imported)."""
     import importlib.util
 
-    return importlib.util.find_spec("liger_kernel") is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def resolve_kernels(kernels: str, device: str, label: str | None = None) -> str:
@@ -114,11 +114,11 @@ def resolve_kernels(kernels: str, device: str, label: str | None = None) -> str:
         if device != "cuda":
             raise ProjectError("training.kernels", '"liger" needs a CUDA GPU (its kernels are Triton); use "auto" '
                                'or "none" on a CPU', label)
-        if not liger_installed():
+        if not installed("liger_kernel"):
             raise ProjectError("training.kernels", '"liger" needs the liger-kernel package: pip install '
                                '"tunedeck[gpu]" (make setup installs it on a machine with an NVIDIA GPU)', label)
         return "liger"
-    return "liger" if device == "cuda" and liger_installed() else "none"
+    return "liger" if device == "cuda" and installed("liger_kernel") else "none"
 
 
 def choose_gpus(devices: Any, hw: Hardware, label: str | None = None) -> list[Gpu]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tunedeck.core.cli import main
 from tunedeck.core.hardware import detect
 from tunedeck.core.models import bundled_gguf

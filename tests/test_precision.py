@@ -113,11 +113,11 @@ def test_on_gpus_auto_is_bf16_where_every_gpu_has_it_and_says_which_has_not():
 def test_kernels_resolve_per_device(monkeypatch):
     from tunedeck.core import resolve as resolve_module
 
-    monkeypatch.setattr(resolve_module, "liger_installed", lambda: False)
+    monkeypatch.setattr(resolve_module, "installed", lambda module: False)
     assert resolve_kernels("auto", "cpu") == "none" and resolve_kernels("auto", "cuda") == "none"
     with pytest.raises(ProjectError, match=r"tunedeck\[gpu\]"):
         resolve_kernels("liger", "cuda")
-    monkeypatch.setattr(resolve_module, "liger_installed", lambda: True)
+    monkeypatch.setattr(resolve_module, "installed", lambda module: module == "liger_kernel")
     assert resolve_kernels("auto", "cuda") == "liger" and resolve_kernels("none", "cuda") == "none"
     assert resolve_kernels("auto", "cpu") == "none"
     with pytest.raises(ProjectError, match="needs a CUDA GPU"):

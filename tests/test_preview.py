@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tunedeck.core import cli
 from tunedeck.core.datafile import FORMATS, detect_format, load_messages, to_messages
 from tunedeck.core.errors import UserError
-from tunedeck.core.preview import (
-    histogram,
-    preview_row,
-    preview_search,
-    preview_stats,
-    project_tokenizer,
-)
+from tunedeck.core.preview import histogram, preview_row, preview_search, preview_stats, project_tokenizer
 from tunedeck.core.project import Project
 from tunedeck.core.render import IGNORE, TEMPLATES, render
 
@@ -118,7 +113,8 @@ def test_every_assistant_turn_trains_and_eos_trains_with_pad_eos(tmp_path, defau
 
     example = {"input_ids": [t["id"] for t in text_row["tokens"]],
                "labels": [t["id"] if t["trained"] else IGNORE for t in text_row["tokens"]]}
-    batch = BatchCollator(tok.eos_token_id, padding_free=False)([example, {"input_ids": [5] * 40, "labels": [5] * 40}])  # pad = eos
+    pad_eos = BatchCollator(tok.eos_token_id, padding_free=False)  # pad = eos
+    batch = pad_eos([example, {"input_ids": [5] * 40, "labels": [5] * 40}])
     last = len(text_row["tokens"]) - 1
     assert batch["labels"][0, last].item() == tok.eos_token_id
     assert (batch["labels"][0, last + 1:] == IGNORE).all()

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from tunedeck.core.errors import UserError
 from tunedeck.core.render import (
-    IGNORE,
-    TEMPLATES,
-    dataset_refusal,
-    render,
-    render_rows,
-    resolve_chat_template,
+    IGNORE, TEMPLATES, dataset_refusal, render, render_rows, resolve_chat_template,
 )
 
 QA = [{"role": "user", "content": "How do I reverse a list?"},

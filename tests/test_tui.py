@@ -11,14 +11,8 @@ from typing import Any
 import pytest
 from textual.binding import Binding
 from textual.command import CommandList
-from tui_helpers import (
-    CPU,
-    PROJECT_TOML,
-    InProcessEngine,
-    SilentEngine,
-    settle,
-    write_project,
-)
+from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle, write_project
+
 from tunedeck.core import cli
 from tunedeck.core.paths import load_user_config, save_user_config
 from tunedeck.core.project import Project
@@ -26,13 +20,7 @@ from tunedeck.core.schema import field_for
 from tunedeck.tui import app as app_module
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.commands import TunedeckCommands
-from tunedeck.tui.screens.dialogs import (
-    ChoiceScreen,
-    KeysScreen,
-    NewProjectScreen,
-    OpenProjectScreen,
-    PresetScreen,
-)
+from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen, PresetScreen
 from tunedeck.tui.widgets.facts import Facts
 from tunedeck.tui.widgets.field_editor import FieldEditor
 from tunedeck.tui.widgets.settings_list import SettingsList

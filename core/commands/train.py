@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import console as cli_console
     from rich.text import Text
 
-    from ..cli import console as cli_console
     from ..launcher import start_run
 
     console = cli_console(stderr=True)
@@ -81,8 +81,7 @@ class Progress:
     """Draws a run's events as a progress bar and a few lines; turns Ctrl-C into stop / abort / kill."""
 
     def __init__(self, console: Any, handle: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-        from rich.progress import Progress as Bar
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
 
         self.console = console
         self.handle = handle

@@ -100,7 +100,7 @@ class SettingsScreen(ProjectScreen):
 
     def compose_body(self) -> ComposeResult:
         yield SettingsSearch(self._search_typed, id="settings-search")
-        yield SettingsList(EDITED_FIELDS, self._views(self.session), id="settings")
+        yield SettingsList(EDITED_FIELDS, self._views(self.session, *self._resolve(self.session)), id="settings")
         yield SettingsSummary(id="summary")  # the field editor is mounted above it on the first edit
 
     def on_mount(self) -> None:
@@ -119,8 +119,8 @@ class SettingsScreen(ProjectScreen):
 
     # -- keeping the list and the summary up to date --------------------------------
 
-    def _views(self, session: Session) -> dict[str, FieldView]:
-        resolved, problem = self._resolve(session)
+    def _views(self, session: Session, resolved: Resolved | None,
+               problem: tuple[str, str] | None) -> dict[str, FieldView]:
         views = {}
         for fld in EDITED_FIELDS:
             key = fld.key
@@ -141,11 +141,12 @@ class SettingsScreen(ProjectScreen):
         session = self.app.session
         if session is None or not self.is_mounted:
             return
-        self.query_one(SettingsList).show(self._views(session))
+        resolved, problem = self._resolve(session)
+        self.query_one(SettingsList).show(self._views(session, resolved, problem))
         editor = self._editor
         if editor is not None and editor.key is not None:
             invalid = session.invalid.get(editor.key)
-            note = f"✗ {invalid.reason}" if invalid else help_text(session, editor.key, self._resolve(session)[0])
+            note = f"✗ {invalid.reason}" if invalid else help_text(session, editor.key, resolved)
             editor.note(note, error=invalid is not None)
             self.call_after_refresh(self.query_one(SettingsList).scroll_to_highlight)  # rows may have grown
         summary = self.query_one(SettingsSummary)
