@@ -368,10 +368,14 @@ def media_refusal(path: Any, error: MediaError, row: int, key: str = "dataset.pa
 
 
 def sniff(sample: list[tuple[int, dict[str, Any] | RowError]], fmt: str, columns: dict[str, str] | None,
-          path: Any, key: str = "dataset.path") -> str:
+          path: Any, key: str = "dataset.path", method: str = "sft") -> str:
     """The format to read a file with: ``fmt``, or the one detected from its first rows.
-    Raises UserError, one line, for what cannot be fine-tuned on: rows with images, audio or
-    video (under any format), preference data (detected), fields no format fits."""
+    Raises UserError, one line, for what cannot be trained with ``method``
+    (``training.method``): rows with images, audio or video (under any format), preference
+    data for supervised fine-tuning and supervised data for a preference method, fields no
+    format fits."""
+    from .preference import PREFERENCE, is_pair_row
+
     columns = columns or {}
     rows = [(n, r) for n, r in sample if isinstance(r, dict)]
     for number, row in rows:
@@ -379,19 +383,36 @@ def sniff(sample: list[tuple[int, dict[str, Any] | RowError]], fmt: str, columns
             check_media(row)
         except MediaError as exc:
             raise UserError(media_refusal(path, exc, number, key)) from None
-    if fmt != "auto":
-        return fmt
+    if method != "sft":
+        return _pair_format(rows, fmt, columns, path, key, method)
+    if fmt == PREFERENCE:
+        raise UserError('dataset.format = "preference" reads pairs of answers, which train a preference method: '
+                        'set training.method = "dpo" or "orpo" (or another dataset.format)')
     if not rows:
-        return "empty"
+        return "empty" if fmt == "auto" else fmt
+    if fmt != "auto":
+        # an SFT format given for preference data: say what the data is, not "no assistant answer"
+        number, row = rows[0]
+        if preference_layout(row) and is_pair_row(row, columns):
+            try:
+                to_messages(row, fmt, columns)
+            except ValueError:
+                what, _ = preference_layout(row)
+                raise UserError(f"{key}: {path} is preference data ({what}), which dataset.format = \"{fmt}\" reads "
+                                f"as rows with one answer each (row {number} has none); set training.method = \"dpo\" "
+                                '(or "orpo") to train on its pairs') from None
+        return fmt
     if not columns:
         for _, row in rows[:20]:
             layout = preference_layout(row)
             if layout:
                 what, hint = layout
-                tail = (f"; to fine-tune on the chosen answers alone, set {hint}" if hint else
-                        "; convert it to conversations with one answer each to fine-tune on it")
+                paired = is_pair_row(row)
+                tail = ('; set training.method = "dpo" (or "orpo") to train on its pairs' if paired else
+                        "; tunedeck trains on pairs (a chosen and a rejected answer to one prompt)")
+                tail += (f", or fine-tune on the chosen answers alone with {hint}" if hint else "")
                 raise UserError(f"{key}: {path} is preference data ({what}), which trains a preference "
-                                f"method (DPO, ORPO, KTO), not supervised fine-tuning{tail}")
+                                f"method, not supervised fine-tuning{tail}")
     detected = detect_format([r for _, r in rows], columns)
     if detected is None:
         kind = _answerless(rows[0][1]) if not columns else None
@@ -402,6 +423,32 @@ def sniff(sample: list[tuple[int, dict[str, Any] | RowError]], fmt: str, columns
         raise UserError(f"{key}: {path}: cannot tell the format from the fields {fields}; set dataset.format "
                         "and, for other field names, dataset.columns (the Dataset screen's m key maps them)")
     return detected
+
+
+def _pair_format(rows: list[tuple[int, dict[str, Any]]], fmt: str, columns: dict[str, str], path: Any, key: str,
+                 method: str) -> str:
+    """The format of a preference method's data: "preference", once its first rows are pairs."""
+    from .preference import PREFERENCE, is_pair_row
+
+    if fmt not in ("auto", PREFERENCE):
+        raise UserError(f'dataset.format = "{fmt}" reads one answer per row, but training.method = "{method}" '
+                        'trains on pairs of a chosen and a rejected answer; set dataset.format = "preference" '
+                        '(or "auto"), or training.method = "sft"')
+    if not rows or fmt == PREFERENCE:
+        return PREFERENCE
+    paired = [r for _, r in rows[:20] if is_pair_row(r, columns)]
+    if paired:
+        return PREFERENCE
+    row = rows[0][1]
+    layout = preference_layout(row)
+    if layout:
+        raise UserError(f"{key}: {path} is {layout[0]}, not pairs; training.method = \"{method}\" trains on a chosen "
+                        "and a rejected answer to each prompt")
+    fields = sorted({k for _, r in rows for k in r})[:8]
+    raise UserError(f'{key}: {path} has no chosen and rejected answers (fields {fields}), which training.method = '
+                    f'"{method}" trains on; give preference pairs (prompt / chosen / rejected), name their fields '
+                    'with dataset.columns (e.g. {chosen = "better", rejected = "worse"}), or set '
+                    'training.method = "sft"')
 
 
 def to_messages(
@@ -527,10 +574,13 @@ def load_messages(
     system_prompt: str = "",
     limit: int | None = None,
     key: str = "dataset.path",
+    method: str = "sft",
 ) -> tuple[list[tuple[int, Conversation]], DatasetSummary]:
     """Every usable row of one file as (row number, conversation), and a summary with the
-    skipped rows. ``key`` names the project key the path came from, in the messages."""
-    return load_source(Source(str(path), key), fmt, columns, system_prompt, limit)
+    skipped rows. ``key`` names the project key the path came from, in the messages. For a
+    preference ``method`` (``training.method``) the rows are
+    :class:`~tunedeck.core.preference.Pair` items instead of conversations."""
+    return load_source(Source(str(path), key), fmt, columns, system_prompt, limit, method)
 
 
 def load_source(
@@ -539,9 +589,12 @@ def load_source(
     columns: dict[str, str] | None = None,
     system_prompt: str = "",
     limit: int | None = None,
+    method: str = "sft",
 ) -> tuple[list[tuple[int, Conversation]], DatasetSummary]:
     """Every usable row of a source, as :func:`load_messages`; streamed (the format is
     detected from the first rows), refusing with one line what cannot be fine-tuned on."""
+    from .preference import PREFERENCE, to_pair
+
     columns = columns or {}
     where = source.where()
     rows = read_source(source, limit)
@@ -550,7 +603,7 @@ def load_source(
         sample.append(item)
         if len(sample) >= SAMPLE_ROWS:
             break
-    fmt = sniff(sample, fmt, columns, where, source.key)
+    fmt = sniff(sample, fmt, columns, where, source.key, method)
     good: list[tuple[int, Conversation]] = []
     skipped: list[RowError] = []
     trimmed: list[int] = []
@@ -562,7 +615,9 @@ def load_source(
             continue
         notes: list[str] = []
         try:
-            good.append((number, to_messages(row, fmt, columns, system_prompt, notes)))
+            item = (to_pair(row, columns, system_prompt) if fmt == PREFERENCE
+                    else to_messages(row, fmt, columns, system_prompt, notes))
+            good.append((number, item))
         except MediaError as exc:
             raise UserError(media_refusal(where, exc, number, source.key)) from None
         except ValueError as exc:
@@ -629,7 +684,7 @@ def load_sources(project: Any) -> list[tuple[Source, list[tuple[int, Conversatio
     out = []
     for source in project_sources(project):
         rows, summary = load_source(source, source_format(source, project), source_columns(source, project),
-                                    project["dataset.system_prompt"])
+                                    project["dataset.system_prompt"], method=project["training.method"])
         problem = dataset_problem(summary, key=source.key)
         if problem:
             raise UserError(problem)
@@ -658,7 +713,7 @@ def load_splits(project: Any) -> Splits:
 
     parts = load_sources(project)
     opts = dict(fmt=project["dataset.format"], columns=project["dataset.columns"],
-                system_prompt=project["dataset.system_prompt"])
+                system_prompt=project["dataset.system_prompt"], method=project["training.method"])
     summary = _merged(parts)
     tagged = [(k, r) for k, (_, rows, _) in enumerate(parts) for r in rows]
     seed = project["training.seed"]

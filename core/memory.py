@@ -53,6 +53,11 @@ parameters, ``a`` bytes per activation element: 2 under bf16/fp16 autocast, 4 in
     kernels       Liger's SwiGLU (``training.kernels = "liger"``) recomputes the gated
                   product in the backward pass: the MLP saves 2 x i per token, not 3 x i
     context       500 MiB on CUDA (kernels, cuBLAS workspace), 0 on a CPU
+    preference    DPO and ORPO (``training.method``) run each pair's chosen and rejected
+                  answer in one batch: N = 2 x batch_size x S, for the activations and the
+                  LM head, which is trl's fused head on every device (the tile formula above).
+                  DPO's reference pass (the adapter off) runs without gradients and keeps
+                  nothing for the backward: it adds no term
 
 ``S``, the tokens of a batch row: the trainer pads each batch only to its longest row, so
 when the dataset's longest tokenized row is known (:func:`longest_row`, kept on disk per
@@ -171,6 +176,7 @@ class MemoryEstimate:
     seq_length: int = 0  # tokens per row of the estimated batch: S in the formula (0: max_length)
     longest_row: int | None = None  # the dataset's longest tokenized row, when known
     packing: bool = False
+    method: str = "sft"  # training.method: dpo and orpo batch two answers per pair
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,7 +188,10 @@ class MemoryEstimate:
 
     def tokens_text(self) -> str:
         """The batch estimated, and why that length: "batch 4 × 301 tokens (the longest row)"."""
-        return tokens_text(self.batch_size, self.max_length, self.longest_row, self.packing)
+        text = tokens_text(self.batch_size, self.max_length, self.longest_row, self.packing)
+        if self.method != "sft":  # "batch 4 pairs × 2 answers × 301 tokens (the longest row)"
+            text = text.replace(f"batch {self.batch_size} × ", f"batch {self.batch_size} pairs × 2 answers × ", 1)
+        return text
 
     def line(self) -> str:
         """The total and what it assumes: "~6.13 GiB on cpu: LoRA fp32, batch 4 × 414 tokens
@@ -250,6 +259,7 @@ def estimate_memory(
     longest_row: int | None = None,
     packing: bool = False,
     kernels: str = "none",
+    method: str = "sft",
 ) -> MemoryEstimate:
     """Peak memory of a training step; see the module docstring for the formula.
 
@@ -273,7 +283,8 @@ def estimate_memory(
     if longest_row is not None and longest_row <= 0:
         longest_row = None
     seq = max_length if packing or longest_row is None else min(longest_row, max_length)
-    tokens = batch_size * seq
+    pairs = method != "sft"
+    tokens = (2 if pairs else 1) * batch_size * seq
     h, i = arch.hidden_size, arch.intermediate_size
     mask = (1 if device == "cuda" else 4) if lora.dropout > 0 else 0
     lora_per_layer = ((a + mask) * lora.input_features + a * lora.r * lora.layers) / max(arch.num_layers, 1)
@@ -285,7 +296,7 @@ def estimate_memory(
     final_norm = 4 * h + 4
     full = tokens * (arch.num_layers * layer + final_norm)
     checkpointed = tokens * (arch.num_layers * h * residual + final_norm + layer)
-    if device == "cuda":
+    if device == "cuda" or pairs:
         tile = min(tokens, HEAD_TOKEN_TILE) * min(arch.vocab_size, HEAD_VOCAB_TILE)
         head = tile * a + tokens * h * 4
     else:
@@ -299,6 +310,7 @@ def estimate_memory(
         activations_checkpointed=int(checkpointed), lm_head=parts[3], context=context, total=sum(parts),
         device=device, mode=mode, precision=precision, batch_size=batch_size, max_length=max_length,
         gradient_checkpointing=gradient_checkpointing, seq_length=seq, longest_row=longest_row, packing=packing,
+        method=method,
     )
 
 
@@ -475,7 +487,7 @@ def project_settings(project: Any, hardware: Any = None, *, mode: str | None = N
     return {"mode": mode, "precision": precision, "batch_size": project["training.batch_size"],
             "max_length": project["dataset.max_length"], "gradient_checkpointing": resolved.gradient_checkpointing,
             "device": resolved.device, "double_quant": project["quantization.double_quant"],
-            "packing": project["dataset.packing"], "kernels": resolved.kernels}
+            "packing": project["dataset.packing"], "kernels": resolved.kernels, "method": project["training.method"]}
 
 
 def project_lora(project: Any) -> dict[str, Any]:
@@ -562,8 +574,10 @@ def dataset_key(project: Any) -> str | None:
         return None
     key = {"model": stamp(ref.path), "data": data_stamps(project),
            "dataset": {k: project[f"dataset.{k}"] for k in ("format", "columns", "system_prompt", "reasoning")},
-           "template": project["model.chat_template"], "trust": project["model.trust_remote_code"]}
-    return str(kept_file("longest", key, code=("render.py", "datafile.py", "preview.py", "conversation.py", "sources.py")))
+           "template": project["model.chat_template"], "trust": project["model.trust_remote_code"],
+           "method": project["training.method"]}
+    return str(kept_file("longest", key, code=("render.py", "datafile.py", "preview.py", "conversation.py", "sources.py",
+                                               "preference.py")))
 
 
 def known_longest_row(project: Any) -> int | None:

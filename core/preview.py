@@ -34,6 +34,7 @@ from .datafile import (
 )
 from .errors import UserError
 from .kept import Kept
+from .preference import PREFERENCE, SAME_ANSWERS, length_bias, SAME_TOKENS, Pair, PairStats, render_pair, to_pair
 from .render import Rendered, dataset_refusal, is_text_row, render, resolve_chat_template
 from .sources import project_sources, shares, source_columns, source_format, weighted_count
 
@@ -76,7 +77,8 @@ class _Data:
             source = self.sources[k]
             sample = list(read_source(source, SAMPLE_ROWS))
             self._formats[k] = sniff(sample, source_format(source, self.project),
-                                     source_columns(source, self.project), source.where(), source.key)
+                                     source_columns(source, self.project), source.where(), source.key,
+                                     self.project["training.method"])
         return self._formats[k]
 
     @property
@@ -102,6 +104,8 @@ class _Data:
         if isinstance(row, RowError):
             raise ValueError(row.reason)
         p, source = self.project, self.sources[k]
+        if self.format(k) == PREFERENCE:
+            return to_pair(row, source_columns(source, p), p["dataset.system_prompt"])
         return to_messages(row, self.format(k), source_columns(source, p), p["dataset.system_prompt"], notes)
 
     def source_info(self, k: int) -> dict[str, Any]:
@@ -123,8 +127,16 @@ class _Renderer:
                                                    model_label=f"model {p['model.source']}")
         return self._template
 
-    def __call__(self, messages: list[dict[str, Any]], parts: bool = False) -> Rendered:
+    def __call__(self, messages: Any, parts: bool = False, cache: Any = None) -> Any:
+        """A conversation rendered (:class:`~tunedeck.core.render.Rendered`), or a preference
+        pair's two sides (:class:`~tunedeck.core.preference.RenderedPair`; ``cache``: the
+        render cache each side is read from)."""
         p = self.project
+        if isinstance(messages, Pair):
+            with RENDER_LOCK:
+                return render_pair(self.tokenizer, messages, max_length=p["dataset.max_length"],
+                                   chat_template=self.template(), reasoning=p["dataset.reasoning"], parts=parts,
+                                   cache=cache)
         with RENDER_LOCK:  # one row at a time on a kept tokenizer, whichever thread asks
             template = None if is_text_row(messages) else self.template()
             return render(self.tokenizer, messages, max_length=p["dataset.max_length"],
@@ -206,17 +218,28 @@ def preview_row(project: Any, *, index: int | None = None, row: int | None = Non
     except ValueError as exc:
         result["error"] = str(exc)
         return result
+    pair = messages if isinstance(messages, Pair) else None
+    if pair is not None:
+        chosen, rejected = pair.conversations()
+        result.update(pair=True, prompt=[dict(m) for m in pair.prompt],
+                      chosen={"messages": [dict(m) for m in pair.chosen]},
+                      rejected={"messages": [dict(m) for m in pair.rejected]})
+        messages = chosen
     result["messages"] = [dict(m) for m in messages]
     result["tools"] = messages.tools
     try:
         tokenizer = tokenizer if tokenizer is not None else project_tokenizer(project)
-        r = _Renderer(project, tokenizer)(messages, parts=True)
+        r = _Renderer(project, tokenizer)(pair if pair is not None else messages, parts=True)
     except ValueError as exc:
         result["error"] = str(exc)
         return result
     except UserError as exc:  # no tokenizer or no chat template: the row is shown unrendered
         result["unrendered"] = exc.message
         return result
+    if pair is not None:
+        result["chosen"].update(row_tokens(tokenizer, r.chosen))
+        result["rejected"].update(row_tokens(tokenizer, r.rejected))
+        r = r.chosen
     result.update(row_tokens(tokenizer, r))
     return result
 
@@ -310,19 +333,26 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
     done = True
     last_report = time.monotonic()
 
+    pairs = PairStats() if PREFERENCE in formats else None
+
     def skip(k: int, number: int, reason: str) -> None:
         nonlocal skipped_count
         skipped_count += 1
+        if pairs is not None and reason in (SAME_ANSWERS, SAME_TOKENS):
+            pairs.identical += 1
         if len(skipped) < SKIPPED_KEPT:
             skipped.append({"row": number, "reason": reason, **({"source": data.sources[k].spec} if several else {})})
 
     per_held = [0] * len(data.sources)
 
     def snapshot(finished: bool) -> dict[str, Any]:
-        return _stats_result(project, data, formats, rows, skipped, skipped_count, format_skipped,
-                             format_skipped_count, lengths, nothing_trained, nothing_count, trimmed, trimmed_count,
-                             per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished,
-                             per_held)
+        result = _stats_result(project, data, formats, rows, skipped, skipped_count, format_skipped,
+                               format_skipped_count, lengths, nothing_trained, nothing_count, trimmed, trimmed_count,
+                               per_rows, per_usable, truncated, tokens, trained, media, render_failed, finished,
+                               per_held)
+        if pairs is not None:
+            result["preference"] = pairs.as_dict(len(lengths) - nothing_count)
+        return result
 
     for position, k, number, entry in data.entries():
         if cancel is not None and cancel.is_set():
@@ -350,7 +380,10 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
         per_usable[k] += 1
         usable_positions.append(position)
         try:
-            r = renderer(messages) if rows_cache is None else rows_cache.render(messages, renderer)
+            if isinstance(messages, Pair):
+                r = _pair_counted(renderer(messages, cache=rows_cache), pairs)
+            else:
+                r = renderer(messages) if rows_cache is None else rows_cache.render(messages, renderer)
         except ValueError as exc:
             skip(k, number, str(exc))
             if not render_failed:
@@ -378,6 +411,31 @@ def preview_stats(project: Any, *, tokenizer: Any = None, progress: Any = None, 
             per_held[k] = len(held.within(start, start + n))
             start += n
     return snapshot(done)
+
+
+class _PairAsRow:
+    """A rendered pair counted as one row of the stats: its tokens are both sides'."""
+
+    def __init__(self, r: Any) -> None:
+        self.full_length = max(r.chosen.full_length, r.rejected.full_length)
+        self.truncated = r.truncated
+        both = r.chosen.n_trained and r.rejected.n_trained
+        self.n_trained = r.chosen.n_trained + r.rejected.n_trained if both else 0
+        self.input_ids = range(len(r.chosen.input_ids) + len(r.rejected.input_ids))  # counted, not read
+
+
+def _pair_counted(r: Any, pairs: PairStats) -> _PairAsRow:
+    """A rendered pair for the stats loop, its answers' lengths added to ``pairs``; ValueError
+    for a pair whose answers render the same tokens (training leaves it out too)."""
+    if r.same_tokens:
+        raise ValueError(SAME_TOKENS)
+    row = _PairAsRow(r)
+    pairs.truncated_pairs += r.truncated
+    if row.n_trained:
+        pairs.chosen_trained += r.chosen.n_trained
+        pairs.rejected_trained += r.rejected.n_trained
+        pairs.chosen_longer += r.chosen.n_trained > r.rejected.n_trained
+    return row
 
 
 def _stats_result(project: Any, data: _Data, formats: list[str], rows: int, skipped: list[dict[str, Any]],
@@ -493,6 +551,53 @@ def stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[str]:
 
 
 # -- search -----------------------------------------------------------------------------------
+
+
+def prompt_length(row: dict[str, Any]) -> int:
+    """How many tokens a pair's two sides share at their start, up to the first trained one:
+    the prompt (with the template's start of the answer turn), shown once."""
+    shared = 0
+    for a, b in zip(row["chosen"]["tokens"], row["rejected"]["tokens"]):
+        if a["trained"] or b["trained"] or a.get("id") != b.get("id") or a["text"] != b["text"]:
+            break
+        shared += 1
+    return shared
+
+
+def answer_lines(pref: dict[str, Any]) -> list[tuple[str, bool]]:
+    """How a preference set's chosen and rejected answers compare, as (line, whether it
+    warns): their mean lengths and the share of pairs whose chosen answer is longer, with a
+    warning on a length bias (:func:`tunedeck.core.preference.length_bias`: the model may
+    learn length rather than quality)."""
+    mean = f"chosen {pref['chosen_tokens_mean']:,.1f} · rejected {pref['rejected_tokens_mean']:,.1f}"
+    out = [(f"answer tokens (mean): {mean}", False)]
+    longer = pref.get("chosen_longer_percent")
+    if longer is not None and pref.get("pairs"):
+        out.append((f"chosen longer: {longer:g}% of pairs", False))
+        bias = length_bias(pref)
+        if bias:
+            out.append((f"⚠ length bias: the model may learn that {bias} is better", True))
+    if pref.get("identical"):
+        out.append((f"⚠ identical answers: {pref['identical']:,} pairs (nothing to prefer)", True))
+    return out
+
+
+def preference_stats_lines(stats: dict[str, Any], *, refusal: bool = True) -> list[tuple[str, bool]]:
+    """A preference set's stats as (line, whether it warns): those of :func:`stats_lines`,
+    with pairs for rows followed by :func:`answer_lines`, and the truncated pairs."""
+    pref = stats["preference"]
+    answers = answer_lines(pref)
+    out: list[tuple[str, bool]] = []
+    for line in stats_lines(stats, refusal=refusal):
+        if line.startswith(("rows:", "pairs:")) and answers:
+            out.append(("pairs:" + line.partition(":")[2], False))
+            out += answers
+            answers = []
+        elif line.startswith("truncated:") and "truncated_pairs" in pref:
+            out.append((f"truncated: {pref['truncated_pairs']:,} pairs at max_length = {stats['max_length']:,}", False))
+        else:
+            out.append((line, False))
+    return out + answers
 
 
 def row_contains(entry: dict[str, Any] | RowError, needle: str) -> bool:

@@ -675,6 +675,7 @@ class RenderedSplits:
     train_stats: RenderStats
     eval: list[dict[str, list[int]]]
     eval_stats: RenderStats | None
+    pairs: Any = None  # a preference set's tunedeck.core.preference.PairStats (training rows)
 
 
 def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str,
@@ -685,7 +686,12 @@ def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str
     The trainer and the pre-flight both call it (the pre-flight with ``until_one_trains``).
     ``cache``: a :class:`tunedeck.core.rendercache.RowCache` (the trainer's): rows rendered
     before are read from it, and a row repeated by its source's weight is rendered once."""
+    from .preference import is_preference
+
     template_name = project["model.chat_template"]
+    if is_preference(project):
+        return _render_pair_splits(project, tokenizer, splits, model_label=model_label,
+                                   until_one_trains=until_one_trains, cache=cache)
     needs_template = any(not is_text_row(m) for _, m in splits.train + splits.eval)
     template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
     max_length = project["dataset.max_length"]
@@ -703,6 +709,29 @@ def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str
         if refusal:
             raise UserError(refusal)
     return RenderedSplits(template, train, stats, evaluated, eval_stats)
+
+
+def _render_pair_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str, until_one_trains: bool,
+                        cache: Any) -> RenderedSplits:
+    """:func:`render_splits` for a preference method's pairs (:func:`tunedeck.core.preference.render_pairs`)."""
+    from .preference import render_pairs
+
+    template = resolve_chat_template(tokenizer, project["model.chat_template"], model_label=model_label)
+    max_length = project["dataset.max_length"]
+    opts = dict(max_length=max_length, chat_template=template, reasoning=project["dataset.reasoning"],
+                until_one_trains=until_one_trains, cache=cache)
+    train, stats, pairs = render_pairs(tokenizer, splits.train, **opts)
+    refusal = dataset_refusal(stats, max_length=max_length)
+    if refusal:
+        raise UserError(refusal)
+    evaluated: list[dict[str, list[int]]] = []
+    eval_stats = None
+    if splits.eval:
+        evaluated, eval_stats, _ = render_pairs(tokenizer, splits.eval, **opts)
+        refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
+        if refusal:
+            raise UserError(refusal)
+    return RenderedSplits(template, train, stats, evaluated, eval_stats, pairs)
 
 
 def dataset_refusal(stats: RenderStats, *, max_length: int, key: str = "dataset.path") -> str | None:

@@ -11,7 +11,7 @@ run on the same data, tokenizes nothing.
 the tokens: every source's files (:func:`tunedeck.core.sources.data_stamps`: path, size,
 modification time, weight, format, columns), the model's tokenizer files, the settings
 that render (``model.chat_template``, ``model.trust_remote_code``, ``dataset.format``,
-``columns``, ``system_prompt``, ``reasoning``, ``max_length``, ``loss_on``), the code that
+``columns``, ``system_prompt``, ``reasoning``, ``max_length``, ``loss_on``, ``training.method``), the code that
 renders and the library versions (:func:`tunedeck.core.kept.kept_file`). A change to any
 of them names another file; the least recently used files beyond :data:`FILES_KEPT` are
 removed.
@@ -62,7 +62,7 @@ FILES_KEPT = 4  # cache files kept (the least recently used beyond are removed)
 STALE_TMP_S = 3600.0  # a temp file not written to for this long was left by a killed writer
 CHUNK_TOKENS = 1 << 20  # tokens per write and per copied block (a multiple of 8)
 # what the rendering of a row depends on (besides the tokenizer and the settings in the key)
-CODE = ("render.py", "datafile.py", "conversation.py", "sources.py", "preview.py", "rendercache.py")
+CODE = ("render.py", "datafile.py", "conversation.py", "sources.py", "preview.py", "rendercache.py", "preference.py")
 RENDER_SETTINGS = ("format", "columns", "system_prompt", "reasoning", "max_length", "loss_on")
 
 _RECORD = struct.Struct("<16sqiiiiB")  # digest, start, kept, full length, trained, reason, stop
@@ -92,7 +92,8 @@ def cache_key(project: Any) -> dict[str, Any] | None:
         return None
     return {"tokenizer": stamp(ref.path), "data": data_stamps(project),
             "dataset": {k: project[f"dataset.{k}"] for k in RENDER_SETTINGS},
-            "template": project["model.chat_template"], "trust": bool(project["model.trust_remote_code"])}
+            "template": project["model.chat_template"], "trust": bool(project["model.trust_remote_code"]),
+            "method": project["training.method"]}
 
 
 def cache_path(project: Any) -> Path | None:

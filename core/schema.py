@@ -85,7 +85,7 @@ def _f(section: str, name: str, kind: str, default: Any, help: str, **kw: Any) -
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
 CHAT_TEMPLATES = ("auto", "chatml", "chatml-tools", "llama-3", "alpaca")
 SCHEDULERS = (
     "linear",
@@ -97,6 +97,10 @@ SCHEDULERS = (
     "inverse_sqrt",
 )
 KERNELS = ("auto", "none", "liger")
+METHODS = ("sft", "dpo", "orpo")
+# trl's DPO losses that compare one chosen with one rejected answer (sigmoid: the DPO paper's)
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "bco_pair", "sppo_hard", "nca_pair", "exo_pair",
+              "apo_zero", "apo_down", "discopop")
 OPTIMIZERS = (
     "adamw_torch",
     "adamw_torch_fused",
@@ -114,6 +118,9 @@ FIELDS: tuple[Field, ...] = (
     _f("model", "source", "str", "default",
        'Base model: "default" (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file, '
        "or a repo id in the local Hugging Face cache.", group="Model"),
+    _f("model", "adapter", "str", "",
+       "Start from a finished run's adapter (its name in runs_dir, or its folder) and train it further, e.g. DPO "
+       "after SFT; empty: a new adapter from [lora].", group="Model"),
     _f("model", "trust_remote_code", "bool", False,
        "Run Python code shipped with the model. Only for models you trust.", group="Model"),
     _f("model", "allow_pickle", "bool", False,
@@ -154,7 +161,9 @@ FIELDS: tuple[Field, ...] = (
        "Training data: JSONL, JSON, CSV, Parquet, a save_to_disk folder or a dataset in the local Hugging Face "
        'cache; or a list of them, each with a weight and its own format ([{path = "a.jsonl", weight = 2}]).',
        group="Dataset"),
-    _f("dataset", "format", "choice", "auto", "Row format; auto detects it from the fields.",
+    _f("dataset", "format", "choice", "auto",
+       'Row format; auto detects it from the fields. "preference": rows with a chosen and a rejected answer '
+       "(DPO, ORPO).",
        choices=FORMATS, group="Dataset"),
     _f("dataset", "columns", "mapping", {},
        'Field names when they differ from the format\'s, e.g. {messages = "dialog"}.', group="Dataset"),
@@ -179,6 +188,9 @@ FIELDS: tuple[Field, ...] = (
        "the model's attention supports it. false pads each batch to its longest row, rows grouped by length.",
        group="Dataset"),
     # [training]
+    _f("training", "method", "choice", "sft",
+       '"sft" learns the answers (supervised fine-tuning); "dpo" and "orpo" learn to prefer each pair\'s chosen '
+       "answer over its rejected one (preference data, see [preference]).", choices=METHODS, group="Training"),
     _f("training", "epochs", "float", 3, "Passes over the training set (ignored when max_steps > 0).",
        min=0, min_inclusive=False, max=100_000, group="Training"),
     _f("training", "max_steps", "int", -1, "Stop after this many optimizer steps; -1 runs the epochs.",
@@ -222,13 +234,28 @@ FIELDS: tuple[Field, ...] = (
     _f("training", "accelerate_config", "str", "",
        "An accelerate config file (FSDP, DeepSpeed) for a run on several GPUs; empty: plain data parallel.",
        group="Training"),
+    # [preference]
+    _f("preference", "beta", "float", 0.1,
+       "How far the model may move from the reference (DPO) or how much the preference weighs against the "
+       "answers' likelihood (ORPO); higher: closer to the reference.", min=0, min_inclusive=False, max=1000,
+       group="Preference"),
+    _f("preference", "loss_type", "choice", "sigmoid",
+       'DPO loss (trl\'s): "sigmoid" is the DPO paper\'s; "ipo", "hinge", "robust" (with label_smoothing), '
+       '"sigmoid_norm" (per-token, less length bias) and others. ORPO has its own.', choices=DPO_LOSSES,
+       group="Preference"),
+    _f("preference", "label_smoothing", "float", 0.0,
+       "Share of pairs assumed mislabelled (conservative DPO, robust loss); 0 trusts every pair.", min=0, max=0.5,
+       max_inclusive=False, group="Preference"),
+    _f("preference", "sft_weight", "float", 0.0,
+       "Adds the chosen answers' likelihood to the DPO loss with this weight (RPO), so the good answers are not "
+       "un-learned along with the bad; 0: off.", min=0, max=100, group="Preference"),
     # [output]
     _f("output", "runs_dir", "str", "runs", "Where runs are written, relative to the project file.",
        group="Output"),
 )
 
 FIELDS_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
-SECTIONS: tuple[str, ...] = ("model", "quantization", "lora", "dataset", "training", "output")
+SECTIONS: tuple[str, ...] = ("model", "quantization", "lora", "dataset", "training", "preference", "output")
 SECTION_FIELDS: dict[str, dict[str, Field]] = {
     s: {f.name: f for f in FIELDS if f.section == s} for s in SECTIONS
 }
@@ -438,6 +465,20 @@ def validate_tree(data: dict[str, Any], source: str | None = None) -> dict[str, 
 
 def _cross_checks(v: dict[str, dict[str, Any]], source: str | None) -> None:
     """Rules between keys that can be checked without looking at the machine."""
+    method = v["training"]["method"]
+    if method != "sft" and v["dataset"]["packing"]:
+        raise ProjectError("dataset.packing", f"true packs rows for supervised fine-tuning, but training.method = "
+                           f'"{method}" trains on pairs (a chosen and a rejected answer each); set packing = false',
+                           source)
+    pref = v["preference"]  # read by DPO; ORPO reads beta; SFT none (the trainer says what it ignores)
+    if method != "dpo":
+        pass
+    elif pref["label_smoothing"] and pref["loss_type"] not in ("sigmoid", "robust", "exo_pair"):
+        raise ProjectError("preference.label_smoothing", f'applies to the "sigmoid", "robust" and "exo_pair" '
+                           f'losses, not "{pref["loss_type"]}"', source)
+    elif pref["loss_type"] == "exo_pair" and not pref["label_smoothing"]:
+        raise ProjectError("preference.loss_type", '"exo_pair" needs preference.label_smoothing > 0 (e.g. 0.001)',
+                           source)
     steps = v["training"]["eval_steps"]
     if steps > 0 and v["dataset"]["eval_split"] == 0.0:
         raise ProjectError("training.eval_steps", f"{steps} asks for evaluation but there is no eval set; "

@@ -35,7 +35,7 @@ from .errors import UserError
 SOURCE_KEYS = ("path", "weight", "format", "columns", "split", "config")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json", ".csv", ".arrow")
 SPLIT_WORDS = ("train", "validation", "valid", "val", "test", "dev", "eval")
-SOURCE_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+SOURCE_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
 
 
 @dataclass(frozen=True)
