@@ -226,6 +226,66 @@ def check_adapter(run_dir: Path) -> Path:
     return adapter
 
 
+@dataclass(frozen=True)
+class StartAdapter:
+    """``model.adapter``: the finished run's adapter a run starts from, and its LoRA settings."""
+
+    adapter: Path  # the adapter folder (standard PEFT layout)
+    run_dir: Path | None  # the run it came from (None: a bare adapter folder)
+    lora: dict[str, Any]  # its settings as [lora] values
+
+
+def start_adapter(project: Any) -> StartAdapter | None:
+    """The adapter ``model.adapter`` names (a run's name in the runs folder, a run folder, or
+    an adapter folder), checked: finished, a LoRA adapter, trained on the project's base
+    model. None when the key is empty; UserError (one line) for what does not fit."""
+    from .models import resolve_source
+
+    value = project["model.adapter"]
+    if not value:
+        return None
+    key = f"model.adapter = {value!r}"
+    path = project.resolve_path(value)
+    run_dir: Path | None
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        adapter = path
+        run_dir = path.parent if (path.parent / SNAPSHOT).is_file() and path.name == ADAPTER else None
+        if run_dir is not None:
+            check_adapter(run_dir)
+    else:
+        try:
+            run_dir = run_folder(path if path.is_dir() else value, project.resolve_path(project["output.runs_dir"]))
+            adapter = check_adapter(run_dir)
+        except UserError as exc:
+            raise UserError(f"{key}: {exc.message}") from None
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{key}: {adapter / 'adapter_config.json'} is unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise UserError(f"{key}: {adapter} is not a LoRA adapter (peft_type {config.get('peft_type')!r}); "
+                        "tunedeck trains LoRA adapters")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"{key}: {adapter} has no adapter_model.safetensors (tunedeck loads no pickle files)")
+    if run_dir is not None and (run_dir / SNAPSHOT).is_file():
+        snap = _load_project(run_dir / SNAPSHOT)
+        theirs = resolve_source(snap["model.source"], snap.root, allow_pickle=True)
+        ours = resolve_source(project["model.source"], project.root, allow_pickle=project["model.allow_pickle"])
+        if _base_key(theirs) != _base_key(ours):
+            raise UserError(f"{key}: run {run_dir.name} trained an adapter for {snap['model.source']} "
+                            f"({theirs.display}), not for model.source = {project['model.source']!r}; set "
+                            "model.source to its base model, or pick a run of this model")
+    targets = config.get("target_modules")
+    lora = {
+        "r": int(config.get("r") or 8), "alpha": float(config.get("lora_alpha") or 8),
+        "dropout": float(config.get("lora_dropout") or 0.0),
+        "target_modules": sorted(targets) if isinstance(targets, list) else (targets or "all-linear"),
+        "bias": config.get("bias") or "none", "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")), "modules_to_save": list(config.get("modules_to_save") or []),
+    }
+    return StartAdapter(adapter, run_dir, lora)
+
+
 def _load_project(path: Path, text: str | None = None) -> Any:
     from .project import Project
 
@@ -814,8 +874,9 @@ def _first_line(exc: BaseException) -> str:
 
 def eval_items(project: Any, prompts_file: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Prompts to compare on, each ``{"messages": [...], "reference": str | None}``: the eval
-    split's rows (the conversation up to its last answer, and that answer as the reference),
-    or a prompts file (a dataset file in any format tunedeck reads, or a .txt with one
+    split's rows (the conversation up to its last answer, and that answer as the reference;
+    for preference pairs the prompt, the chosen answer as the reference and the rejected one
+    as ``rejected``), or a prompts file (a dataset file in any format tunedeck reads, or a .txt with one
     prompt per line)."""
     from .datafile import load_messages, load_splits
 
@@ -833,7 +894,12 @@ def eval_items(project: Any, prompts_file: str | None = None, limit: int | None 
             items = [{"messages": [{"role": "user", "content": line.strip()}], "reference": None}
                      for line in lines if line.strip()]
         else:
-            rows, _ = load_messages(path)
+            try:
+                rows, _ = load_messages(path)
+            except UserError as exc:  # pairs: their prompts, the chosen answer as the reference
+                if "preference data" not in exc.message:
+                    raise
+                rows, _ = load_messages(path, method="dpo")
             items = [_split_row(m) for _, m in rows]
     else:
         splits = load_splits(project)
@@ -846,8 +912,17 @@ def eval_items(project: Any, prompts_file: str | None = None, limit: int | None 
     return items[:limit] if limit else items
 
 
-def _split_row(messages: list[dict[str, str]]) -> dict[str, Any]:
+def _split_row(messages: Any) -> dict[str, Any]:
+    from .preference import Pair
+
+    if isinstance(messages, Pair):  # the prompt; the chosen answer is the reference, the rejected one shown too
+        return {"messages": list(messages.prompt), "reference": _answer_text(messages.chosen),
+                "rejected": _answer_text(messages.rejected)}
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         return {"messages": list(messages), "reference": None}
     return {"messages": list(messages[:last]), "reference": messages[last]["content"]}
+
+
+def _answer_text(turns: list[dict[str, Any]]) -> str:
+    return "\n\n".join(m["content"] for m in turns if m["role"] == "assistant" and m["content"])

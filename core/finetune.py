@@ -1,4 +1,6 @@
-"""One fine-tuning run inside the trainer process: LoRA / QLoRA with trl's SFTTrainer.
+"""One fine-tuning run inside the trainer process: LoRA / QLoRA with trl's SFTTrainer, or,
+for ``training.method = "dpo" | "orpo"``, on preference pairs with trl's DPOTrainer
+(:mod:`tunedeck.core.preftrain`).
 
 :class:`Run` goes from the run's snapshot to its adapter, in order (anything the user can
 fix stops it with one line, a :class:`~tunedeck.core.errors.UserError`, before training
@@ -15,7 +17,8 @@ starts):
 3. loads the model: full precision for LoRA (fp32 on a CPU, bf16/fp16 on a GPU), or
    4-bit / 8-bit through bitsandbytes for QLoRA, then ``prepare_model_for_kbit_training``;
    weights come from safetensors (or GGUF) only, unless ``model.allow_pickle``;
-4. wraps it with peft (``LoraConfig`` from ``[lora]``), refusing target modules that
+4. wraps it with peft (``LoraConfig`` from ``[lora]``; with ``model.adapter``, the finished
+   run's adapter is loaded trainable instead, its settings in the snapshot's ``[lora]``), refusing target modules that
    match nothing (and listing the ones that exist) or zero trainable parameters; the
    trainable (adapter) weights are kept in fp32 while the frozen base stays in the
    training precision;
@@ -47,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -165,8 +169,31 @@ class Run:
             eval_ds = rendered.eval
         info = {"format": summary.format, "sources": [s.as_dict() for s in splits.sources], "train": stats.as_dict(),
                 "eval": eval_stats.as_dict() if eval_stats else None, "chat_template": template_name,
-                "render_cache": cache.report()}
+                "render_cache": cache.report(), "method": p["training.method"]}
+        if rendered.pairs is not None:
+            info["pairs"] = rendered.pairs.as_dict(stats.kept)
+            self._report_pairs(info["pairs"])
         return train_examples, eval_ds, info
+
+    def _report_pairs(self, pairs: dict[str, Any]) -> None:
+        """Warnings a preference set deserves: settings its method does not read, a length bias."""
+        from .preference import length_bias
+        from .preftrain import ignored_settings
+
+        p = self.project
+        ignored = ignored_settings(p)
+        if ignored:
+            self.emit.warn(f"{', '.join(ignored)} do(es) not apply to training.method = \"{p['training.method']}\" "
+                           "and is ignored")
+        if p["dataset.loss_on"] == "all":
+            self.emit.warn('dataset.loss_on = "all" is ignored: a preference method compares the answers, never the '
+                           "prompt")
+        side = length_bias(pairs)
+        if side:
+            share = pairs["chosen_longer_percent"] if side == "longer" else 100 - pairs["chosen_longer_percent"]
+            self.emit.warn(f"the chosen answer is {side} than the rejected one in {share:.0f}% of the pairs: the model "
+                           f"may learn that {side} is better (length bias); balance the pairs, or use "
+                           'preference.loss_type = "sigmoid_norm" (per-token)')
 
     def _report_render(self, stats: Any, which: str, max_length: int) -> None:
         if stats.fully_masked:
@@ -249,6 +276,8 @@ class Run:
 
         p = self.project
         target = p["lora.target_modules"]
+        if p["model.adapter"]:
+            return self._continue_adapter(model)
         config = lora_config(p.values["lora"])
         existing = ", ".join(linear_module_names(model))
         try:
@@ -267,6 +296,25 @@ class Run:
                             'cannot train through an adapter; train it in full with lora.modules_to_save = ["lm_head"]')
         trainable, total = model.get_nb_trainable_parameters()
         check_trainable(trainable, target)
+        self.params = (trainable, total)
+        return model
+
+    def _continue_adapter(self, model: Any) -> Any:
+        """``model.adapter``: the finished run's adapter, loaded trainable (the snapshot's
+        [lora] holds its settings, written by the launcher)."""
+        from peft import PeftModel
+
+        from .chat import start_adapter
+
+        start = start_adapter(self.project)
+        try:
+            model = PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as exc:  # shapes or names that do not fit this model
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+            raise UserError(f"model.adapter = {self.project['model.adapter']!r}: the adapter does not fit this "
+                            f"model ({first}); pick a run of model.source") from None
+        trainable, total = model.get_nb_trainable_parameters()
+        check_trainable(trainable, self.project["lora.target_modules"])
         self.params = (trainable, total)
         return model
 
@@ -305,47 +353,18 @@ class Run:
         p, r = self.project, self.resolved
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if p["training.method"] != "sft":
+            return self._preference_trainer(model, tokenizer, train_rows, eval_rows, data_info)
         train_ds, eval_ds, padding_free = self._batching(model, train_rows, eval_rows, data_info)
-        eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
-        warmup = p["training.warmup_ratio"]
         compact = r.device != "cuda" or not installed("triton")
         data_info["loss"] = "compact head" if compact else "trl fused head"
         args = SFTConfig(
-            output_dir=str(self.run_dir / CHECKPOINTS),
-            num_train_epochs=p["training.epochs"],
-            max_steps=p["training.max_steps"],
-            per_device_train_batch_size=p["training.batch_size"],
-            per_device_eval_batch_size=p["training.batch_size"],
-            gradient_accumulation_steps=p["training.grad_accum"],
-            learning_rate=p["training.learning_rate"],
-            lr_scheduler_type=p["training.lr_scheduler"],
-            warmup_steps=min(warmup, 0.9999),  # a float < 1 is a ratio of the total steps
-            optim=p["training.optim"],
-            weight_decay=p["training.weight_decay"],
-            max_grad_norm=p["training.max_grad_norm"],
-            seed=p["training.seed"],
-            data_seed=p["training.seed"],
-            bf16=r.precision == "bf16",
-            fp16=r.precision == "fp16",
-            activation_checkpointing=r.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-            use_cpu=r.device == "cpu",
+            **self._common_args(eval_ds is not None),
             use_liger_kernel=r.kernels == "liger",
-            logging_strategy="steps",
-            logging_steps=p["training.logging_steps"],
-            logging_nan_inf_filter=False,  # NaN losses are reported, not averaged away
-            eval_strategy=("steps" if eval_steps else "epoch") if eval_ds is not None else "no",
-            eval_steps=eval_steps or None,
-            save_strategy="steps" if save_steps else "epoch",
-            save_steps=save_steps or 500,
-            save_total_limit=p["training.save_total_limit"],
-            prediction_loss_only=True,
             # padding-free batches hold no padding: every token counts (the pad id may also be a real eos)
             include_num_input_tokens_seen="all" if padding_free else "non_padding",
             # padded batches: rows of similar length together, so little is padded
             train_sampling_strategy="random" if padding_free else "group_by_length",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_pin_memory=r.device == "cuda",
             # DDP: every adapter gets a gradient each step, except the experts a mixture-of-experts
             # model did not route to; looking for unused ones costs a pass over the graph
             ddp_find_unused_parameters=is_moe(model.config) if self.world_size > 1 else None,
@@ -373,6 +392,91 @@ class Run:
             trainer.compact_head = True
         return trainer
 
+    def _common_args(self, has_eval: bool) -> dict[str, Any]:
+        """The training arguments every method shares (trl's configs take them all)."""
+        p, r = self.project, self.resolved
+        eval_steps, save_steps = p["training.eval_steps"], p["training.save_steps"]
+        return dict(
+            output_dir=str(self.run_dir / CHECKPOINTS),
+            num_train_epochs=p["training.epochs"],
+            max_steps=p["training.max_steps"],
+            per_device_train_batch_size=p["training.batch_size"],
+            per_device_eval_batch_size=p["training.batch_size"],
+            gradient_accumulation_steps=p["training.grad_accum"],
+            learning_rate=p["training.learning_rate"],
+            lr_scheduler_type=p["training.lr_scheduler"],
+            warmup_steps=min(p["training.warmup_ratio"], 0.9999),  # a float < 1 is a ratio of the total steps
+            optim=p["training.optim"],
+            weight_decay=p["training.weight_decay"],
+            max_grad_norm=p["training.max_grad_norm"],
+            seed=p["training.seed"],
+            data_seed=p["training.seed"],
+            bf16=r.precision == "bf16",
+            fp16=r.precision == "fp16",
+            activation_checkpointing=r.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+            use_cpu=r.device == "cpu",
+            logging_strategy="steps",
+            logging_steps=p["training.logging_steps"],
+            logging_nan_inf_filter=False,  # NaN losses are reported, not averaged away
+            eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
+            eval_steps=eval_steps or None,
+            save_strategy="steps" if save_steps else "epoch",
+            save_steps=save_steps or 500,
+            save_total_limit=p["training.save_total_limit"],
+            prediction_loss_only=True,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=r.device == "cuda",
+        )
+
+    def _preference_trainer(self, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+                            eval_rows: list[dict[str, Any]] | None, data_info: dict[str, Any]) -> Any:
+        """trl's DPOTrainer on the rendered pairs (:mod:`tunedeck.core.preftrain`): DPO, or ORPO's loss."""
+        from datasets import Dataset
+        from trl import DPOConfig
+
+        from .preftrain import PairCollator, drop_fresh_reference, loss_types, preference_trainer_class
+
+        p, r = self.project, self.resolved
+        method = p["training.method"]
+        types, weights = loss_types(p)
+        args = DPOConfig(
+            **self._common_args(eval_rows is not None),
+            beta=p["preference.beta"],
+            loss_type=types,
+            loss_weights=weights,
+            label_smoothing=p["preference.label_smoothing"],
+            max_length=None,  # rendered and truncated by tunedeck
+            padding_free=False,
+            remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",
+            ddp_find_unused_parameters=is_moe(model.config) if self.world_size > 1 else None,
+        )
+        continued = bool(p["model.adapter"])
+        data_info["batching"] = {"layout": "pairs", "rows": len(train_rows), "examples": len(train_rows),
+                                 "why_padded": "chosen and rejected answers of a pair are batched side by side"}
+        data_info["loss"] = "orpo" if method == "orpo" else "+".join(types)
+        data_info["reference"] = (None if method == "orpo" else
+                                  "the adapter it started from (frozen copy)" if continued else
+                                  "the base model (adapter disabled)")
+        data_info["attention"] = str(getattr(model.config, "_attn_implementation", None))
+        self.callback = EventsCallback(self, data_info)
+        cls = preference_trainer_class()
+        cls_for_run = type(f"{method.upper()}Trainer", (cls,), {"method": method})
+        trainer = cls_for_run(
+            model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows is not None else None,
+            processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
+            callbacks=[self.callback],
+        )
+        if method == "orpo" or not continued:
+            drop_fresh_reference(trainer.model)
+        trainer.remove_callback(PrinterCallback)
+        upcast_trainable(trainer.model)
+        if r.precision in ("bf16", "fp16"):
+            keep_input_dtype(trainer.model)
+        return trainer
+
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self, trainer: Any, has_eval: bool) -> dict[str, Any]:
@@ -388,6 +492,8 @@ class Run:
         trainer.save_model(str(adapter))  # rank 0 writes; gathers shards under FSDP / DeepSpeed
         if trainer.is_world_process_zero():
             (adapter / "training_args.bin").unlink(missing_ok=True)  # a pickle; the snapshot holds the settings
+            # DPO's frozen reference (the adapter the run started from, model.adapter names it): not the run's
+            shutil.rmtree(adapter / "ref", ignore_errors=True)
         self.emit(SYSTEM, step, **cb.system())
         tokens = trainer.state.num_input_tokens_seen - cb.tokens_at_start
         runtime = cb.train_runtime or (time.time() - cb.t_begin)
@@ -597,7 +703,10 @@ class EventsCallback(TrainerCallback):
         per_step = (now - self.t_begin) / done if done > 0 else None
         eta = per_step * (state.max_steps - state.global_step) if per_step is not None else None
         loss = _float(logs.get("loss"))
+        from .preftrain import event_metrics
+
         extra = {k: _float(logs[k]) for k in ("mean_token_accuracy", "entropy") if k in logs}
+        extra.update({k: _float(v) for k, v in event_metrics(logs).items()})
         self.emit(STEP, state.global_step, loss=loss, learning_rate=_float(logs.get("learning_rate")),
                   grad_norm=_float(logs.get("grad_norm")), tokens=tokens, tokens_per_s=rate,
                   epoch=_float(logs.get("epoch")),
@@ -615,7 +724,13 @@ class EventsCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:
-        metrics = {k: _float(v) for k, v in (metrics or {}).items() if k.startswith("eval_")}
+        from .preftrain import METRICS as PREFERENCE_METRICS, event_metrics
+
+        metrics = {k: v for k, v in (metrics or {}).items() if k.startswith("eval_")}
+        named = event_metrics(metrics, "eval_")  # a preference run's, under the step events' names
+        mapped = {"eval_" + k for k in PREFERENCE_METRICS}
+        metrics = {**{k.replace("/", "_"): _float(v) for k, v in metrics.items() if k not in mapped},
+                   **{k: _float(v) for k, v in named.items()}}
         self.last_eval_step = state.global_step
         self.emit(EVAL, state.global_step, **metrics)
 

@@ -157,6 +157,7 @@ def preflight(project: Any, *, deep: bool = True, inspection: Any = None) -> Pre
     config = project["training.accelerate_config"]
     if config:
         check_accelerate_config(project.resolve_path(config))
+    project = adapter_settings(project)  # model.adapter: its own [lora] settings train
     splits = load_splits(project)
     counts = None
     if deep:
@@ -165,6 +166,21 @@ def preflight(project: Any, *, deep: bool = True, inspection: Any = None) -> Pre
         counts = target_counts(project, ref, inspection)
         check_rendering(project, ref, splits)
     return Preflight(ref, resolved, splits, counts, hardware.notes)
+
+
+def adapter_settings(project: Any) -> Any:
+    """The project as it trains: with ``model.adapter`` set, a copy whose ``[lora]`` settings
+    are that adapter's (the run continues it); else the project itself. UserError (one line)
+    when the adapter does not fit (:func:`tunedeck.core.chat.start_adapter`)."""
+    from .chat import start_adapter
+    from .project import Project
+
+    start = start_adapter(project)
+    if start is None:
+        return project
+    copy = Project.from_text(project.text(), project.path)
+    copy.set_many([(f"lora.{k}", v) for k, v in start.lora.items()])
+    return copy
 
 
 def target_counts(project: Any, ref: Any, inspection: Any = None) -> dict[str, int]:
@@ -200,14 +216,15 @@ def check_rendering(project: Any, ref: Any, splits: Any) -> None:
         data.append(stamp(project.resolve_path(project["dataset.eval_split"])))
     key = {"model": model, "data": data, "trust": project["model.trust_remote_code"],
            "template": project["model.chat_template"], "dataset": project.values["dataset"],
-           "seed": project["training.seed"]}
-    kept_answer("rendering", key, render, code=("render.py", "datafile.py", "conversation.py", "sources.py"), keep_refusal=_about_the_settings)
+           "seed": project["training.seed"], "method": project["training.method"]}
+    kept_answer("rendering", key, render, code=("render.py", "datafile.py", "conversation.py", "sources.py",
+                                                "preference.py"), keep_refusal=_about_the_settings)
 
 
 def _about_the_settings(exc: UserError) -> bool:
     """A refusal about the project's settings is kept; one about a file that could not be
     read just now is asked again."""
-    return re.search(r"\b(lora|dataset|model|training)\.[a-z_]+", exc.message) is not None
+    return re.search(r"\b(lora|dataset|model|training|preference)\.[a-z_]+", exc.message) is not None
 
 
 def check_accelerate_config(path: Path) -> None:
@@ -461,8 +478,14 @@ def write_snapshot(project: Any, folder: Path, run_dir: Path | None = None) -> P
     from .models import resolve_source
     from .project import Project, atomic_write_text
 
+    from .chat import start_adapter
+
     run_dir = run_dir or folder
     snap = Project.from_text(project.text(), project.path)
+    start = start_adapter(project)
+    if start is not None:  # the run continues that adapter: its folder, and its settings as [lora]
+        snap.set("model.adapter", os.path.relpath(start.adapter, run_dir))
+        snap.set_many([(f"lora.{k}", v) for k, v in start.lora.items()])
     if project["dataset.path"]:
         snap.set("dataset.path", relative_sources(project["dataset.path"], project.root, run_dir))
     for key in ("model.source", "dataset.eval_split", "output.runs_dir", "training.accelerate_config"):

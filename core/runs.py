@@ -290,6 +290,8 @@ class RunState:
     memory_estimate: dict[str, Any] | None = None  # the training session's estimate (run_started), bytes by part
     memory_peak: int | None = None  # its measured peak: torch's allocations on a GPU, the trainer's RSS on a CPU
     memory_peak_source: str | None = None  # "torch" | "rss"
+    method: str = "sft"  # training.method of the run ("sft" | "dpo" | "orpo")
+    reward_accuracy: float | None = None  # a preference run's last logged preference accuracy
     _launched: bool = False  # this session began with launched and has not started training yet
 
     def take(self, ev: dict[str, Any]) -> None:
@@ -315,11 +317,16 @@ class RunState:
                 self.project = ev["project"]
             estimate = ev.get("memory_estimate")
             self.memory_estimate = estimate if isinstance(estimate, dict) else None
+            training = (ev.get("config") or {}).get("training") if isinstance(ev.get("config"), dict) else None
+            if isinstance(training, dict) and isinstance(training.get("method"), str):
+                self.method = training["method"]
             self.memory_peak = self.memory_peak_source = None
         elif kind == SYSTEM:
             self._take_peak(ev)
         elif kind == STEP and _number(ev.get("loss")) is not None:
             self.final_loss = ev["loss"]
+            if _number(ev.get("reward_accuracy")) is not None:
+                self.reward_accuracy = ev["reward_accuracy"]
         elif kind == EVAL and _number(ev.get("eval_loss")) is not None:
             self.eval_loss = ev["eval_loss"]
         elif kind == CONTROL and ev.get("action") in ("stop", "abort"):
@@ -495,6 +502,8 @@ class RunInfo:
     memory_peak: int | None = None  # bytes: its measured peak (RunState.memory_peak)
     memory_peak_source: str | None = None  # "torch" (a GPU's allocations) | "rss" (the trainer's, on a CPU)
     memory: str = ""  # "estimated 6.13 GiB · measured peak 4.60 GiB", as far as known
+    method: str = "sft"  # training.method: "sft" | "dpo" | "orpo"
+    reward_accuracy: float | None = None  # a preference run's last preference accuracy
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -515,7 +524,8 @@ def run_info(run_dir: str | os.PathLike[str]) -> RunInfo:
         duration_s=state.duration(live=status in LIVE), adapter=str(adapter.parent) if adapter.is_file() else None,
         checkpoints=checkpoint_steps(run_dir), note=state.note(live), host=live.host if live is not None else "",
         memory_estimate=estimate, memory_peak=state.memory_peak, memory_peak_source=state.memory_peak_source,
-        memory=estimate_vs_peak(estimate, state.memory_peak),
+        memory=estimate_vs_peak(estimate, state.memory_peak), method=state.method,
+        reward_accuracy=state.reward_accuracy,
     )
 
 
