@@ -5,6 +5,11 @@ Memory stays bounded however long a run goes and however fast it reports: each p
 series keeps at most ``2 * POINTS`` points (every other point is dropped when it fills,
 and from then on every second point is kept: an even thinning over the whole run), the
 event log keeps its last ``LOG_LINES`` lines. Light: no torch here.
+
+A preference run (DPO, ORPO: ``training.method`` in its ``run_started`` event) also keeps
+the series of its step events' preference fields (rewards, margin, accuracy and log-probs
+of the chosen and rejected answers) and of its eval events' ``eval_`` ones; an SFT run's
+events have none of them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ POINTS = 600  # per plotted series, before thinning
 LOG_LINES = 400
 SMOOTHING = 0.9  # exponential moving average of the training loss
 TRACEBACK_LINES = 8
+PREFERENCE_METHODS = ("dpo", "orpo")
+# a preference run's step fields kept as series (and their eval_ twins)
+PREFERENCE_SERIES = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+                     "logps_rejected")
+EVAL_PREFERENCE_SERIES = tuple(f"eval_{key}" for key in PREFERENCE_SERIES)
+# an eval's line in the event log: a preference run's accuracy and margin by short names, its
+# rewards and log-probs left to the plots
+EVAL_NAMES = {"eval_reward_accuracy": "accuracy", "eval_reward_margin": "margin"}
+EVAL_PLOTTED = frozenset(EVAL_PREFERENCE_SERIES) - set(EVAL_NAMES)
 
 
 class Series:
@@ -114,6 +128,19 @@ class Snapshot:
     stats: dict[str, Stats] = field(default_factory=dict)  # loss, smooth, eval_loss, lr, grad_norm
     scheduler: str = ""  # training.lr_scheduler, from the run's run_started event
     last_checkpoint: str = ""  # "step N", or "" before the first
+    method: str = "sft"  # training.method, from the run's run_started event
+    # a preference run's series by field (PREFERENCE_SERIES, EVAL_PREFERENCE_SERIES), those with points;
+    # their Stats in ``stats`` under the same names
+    preference: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    @property
+    def preference_run(self) -> bool:
+        """A DPO or ORPO run: its method says so, or its steps carry preference fields."""
+        return self.method in PREFERENCE_METHODS or bool(self.preference)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """A preference series' points (none where the run has not reported it)."""
+        return self.preference.get(key, ([], []))
 
 
 def _float(value: Any) -> float | None:
@@ -204,6 +231,8 @@ class RunView:
         self.alarm_count = 0
         self.last_alarm: dict[str, Any] | None = None
         self.scheduler = ""
+        self.method = "sft"
+        self.preference = {key: Series() for key in (*PREFERENCE_SERIES, *EVAL_PREFERENCE_SERIES)}
 
     @property
     def ended(self) -> bool:
@@ -264,6 +293,7 @@ class RunView:
                 value = finite_number(ev.get(key))
                 if value is not None:
                     series.add(step, value)
+            self._take_preference(step, ev, PREFERENCE_SERIES)
             for attr in ("epoch", "tokens_per_s", "eta_s"):
                 value = _float(ev.get(attr))
                 if value is not None:
@@ -274,9 +304,10 @@ class RunView:
             value = finite_number(ev.get("eval_loss"))
             if value is not None:
                 self.eval_loss.add(step, value)
-            shown = ", ".join(f"{k[5:]} {v:.4g}" for k, v in ev.items()
+            self._take_preference(step, ev, EVAL_PREFERENCE_SERIES)
+            shown = ", ".join(f"{EVAL_NAMES.get(k, k[5:])} {v:.4g}" for k, v in ev.items()
                               if k.startswith("eval_") and isinstance(v, (int, float)) and k != "eval_runtime"
-                              and not k.endswith("per_second"))
+                              and not k.endswith("per_second") and k not in EVAL_PLOTTED)
             self._note(ev, "eval", f"eval: {shown}" if shown else "eval")
         elif kind == "checkpoint":
             self.last_checkpoint = f"step {step}"
@@ -299,6 +330,8 @@ class RunView:
             training = config.get("training") if isinstance(config, dict) else None
             if isinstance(training, dict) and isinstance(training.get("lr_scheduler"), str):
                 self.scheduler = training["lr_scheduler"]
+            if isinstance(training, dict) and isinstance(training.get("method"), str) and training["method"]:
+                self.method = training["method"].lower()
             resumed = ev.get("resumed_from")
             self._note(ev, "started", f"started at step {step}" + (
                 f", resumed from {display_path(Path(str(resumed.get('checkpoint'))))}"
@@ -316,6 +349,12 @@ class RunView:
             how = "died" if ev.get("died") else "aborted" if ev.get("aborted") else "failed"
             self._note(ev, "failed", f"{how}: {self.reason}")
         return None
+
+    def _take_preference(self, step: int, ev: dict[str, Any], keys: tuple[str, ...]) -> None:
+        for key in keys:
+            value = finite_number(ev.get(key))
+            if value is not None:
+                self.preference[key].add(step, value)
 
     def note(self, kind: str, text: str) -> None:
         """A line in the event log from the app itself (a control sent)."""
@@ -335,8 +374,11 @@ class RunView:
                 lr=self.lr.points(), grad_norm=self.grad_norm.points(), log=list(self.log), log_total=self.log_total,
                 alarm_count=self.alarm_count, last_alarm=self.last_alarm,
                 reason=self.reason, traceback=list(self.traceback),
-                stats={name: getattr(self, name).stats() for name in ("loss", "smooth", "eval_loss", "lr", "grad_norm")},
-                scheduler=self.scheduler, last_checkpoint=self.last_checkpoint,
+                stats={**{name: getattr(self, name).stats()
+                          for name in ("loss", "smooth", "eval_loss", "lr", "grad_norm")},
+                       **{key: series.stats() for key, series in self.preference.items() if series.seen}},
+                scheduler=self.scheduler, last_checkpoint=self.last_checkpoint, method=self.method,
+                preference={key: series.points() for key, series in self.preference.items() if series.seen},
             )
 
     def _eta(self, now: float) -> float | None:
@@ -370,6 +412,7 @@ class RunView:
             ("loss", "-" if self.loss_value is None else ("NaN/inf" if not math.isfinite(self.loss_value)
                                                            else f"{self.loss_value:.4f}")),
             ("eval loss", "-" if self.eval_loss.last is None else f"{self.eval_loss.last:.4f}"),
+            *self._preference_numbers(),
             ("learning rate", "-" if self.lr.last is None else f"{self.lr.last:.3g}"),
             ("grad norm", "-" if self.grad_norm.last is None else f"{self.grad_norm.last:.3g}"),
             ("tokens/s", "-" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}"),
@@ -379,6 +422,20 @@ class RunView:
             ("folder", display_path(self.run_dir)),
         ]
         return rows
+
+    def _preference_numbers(self) -> list[tuple[str, str]]:
+        """A preference run's latest accuracy and margin (with the eval's); none for an SFT run."""
+        pref = self.preference
+        if self.method not in PREFERENCE_METHODS and not any(series.seen for series in pref.values()):
+            return []
+
+        def shown(key: str, form: str) -> str:
+            value, ev = pref[key].last, pref[f"eval_{key}"].last
+            if value is None:
+                return "-" if ev is None else f"- (eval {ev:{form}})"
+            return f"{value:{form}}" + (f" (eval {ev:{form}})" if ev is not None else "")
+
+        return [("accuracy", shown("reward_accuracy", ".2f")), ("margin", shown("reward_margin", ".2f"))]
 
     def _system(self) -> list[tuple[str, str]]:
         rows = self._readings()
@@ -486,6 +543,56 @@ def loss_summary(snap: Snapshot, width: int | None = None) -> str:
         f"loss {number(loss.last)} · smoothed {number(smooth.last)}" + (f" · eval {number(ev.last)}" if evals else ""),
         f"loss {number(smooth.last)}" + (f" · eval {number(ev.last)}" if evals else ""),
     ], width)
+
+
+def margin_accuracy_summary(snap: Snapshot, width: int | None = None) -> str:
+    """A preference run's margin and accuracy plots in one line of at most ``width`` cells:
+    "accuracy 0.88 (eval 0.85) · margin 2.91 (max 3.1, eval 2.7)"."""
+    acc, margin, eval_acc, eval_margin = (snap.stats.get(key, Stats()) for key in (
+        "reward_accuracy", "reward_margin", "eval_reward_accuracy", "eval_reward_margin"))
+    if acc.last is None and margin.last is None:
+        return fitted(["preference accuracy, reward margin: waiting for the first step", "accuracy, margin: waiting"],
+                      width)
+    acc_text = "-" if acc.last is None else f"{acc.last:.2f}"
+    margin_text = number(margin.last)
+    acc_eval = f" (eval {eval_acc.last:.2f})" if eval_acc.last is not None else ""
+    margin_extra = ", ".join(part for part in (f"max {number(margin.high)}" if margin.high is not None else "",
+                                               f"eval {number(eval_margin.last)}" if eval_margin.last is not None
+                                               else "") if part)
+    return fitted([
+        f"accuracy {acc_text}{acc_eval} · margin {margin_text}" + (f" ({margin_extra})" if margin_extra else ""),
+        f"accuracy {acc_text}{acc_eval} · margin {margin_text}",
+        f"accuracy {acc_text} · margin {margin_text}",
+        f"acc {acc_text} · margin {margin_text}",
+    ], width)
+
+
+def rewards_logps_summary(snap: Snapshot, width: int | None = None) -> str:
+    """A preference run's rewards and log-prob plots (chosen against rejected) in one line of
+    at most ``width`` cells: "rewards chosen 0.82, rejected -2.1 · logp chosen -152 (from -150), rejected -210"."""
+    stats = snap.stats
+    rc, rr, lc, lr = (stats.get(key, Stats()) for key in ("rewards_chosen", "rewards_rejected", "logps_chosen",
+                                                           "logps_rejected"))
+    if rc.last is None and lc.last is None:
+        return fitted(["rewards, log-probs (chosen, rejected): waiting for the first step",
+                       "rewards, log-probs: waiting"], width)
+
+    def pair(label: str, chosen: Stats, rejected: Stats, trend: bool) -> tuple[str, str]:
+        if chosen.last is None and rejected.last is None:
+            return "", ""
+        start = f" (from {number(chosen.first)})" if trend and chosen.first is not None else ""
+        return (f"{label} chosen {number(chosen.last)}{start}, rejected {number(rejected.last)}",
+                f"{label} {number(chosen.last)}/{number(rejected.last)}")
+
+    rewards_long, rewards_short = pair("rewards", rc, rr, False)
+    logps_long, logps_short = pair("logp", lc, lr, True)
+    logps_mid = pair("logp", lc, lr, False)[0]
+
+    def join(*parts: str) -> str:
+        return " · ".join(part for part in parts if part)
+
+    return fitted([join(rewards_long, logps_long), join(rewards_long, logps_mid), join(rewards_short, logps_long),
+                   "chosen/rejected: " + join(rewards_short, logps_short), join(rewards_short, logps_short)], width)
 
 
 # -- comparing runs: their loss curves and their settings ---------------------------------------

@@ -9,9 +9,16 @@ set: rows, skipped rows and why, each source's share of the mix, token lengths,
 truncation at dataset.max_length, and the share of tokens trained. The rendering and the
 mask are the trainer's own.
 
+A preference (DPO, ORPO) project's row is a pair: its prompt, then the chosen and the
+rejected answer, each token by token with its trained tokens; the stats count pairs and
+compare the answers' lengths.
+
 --json prints {"row": {..., "source": {"index", "path", "key", "weight"}, "tokens":
 [{"id", "text", "trained", "part"}, ...]}, "stats": {..., "rows", "sources": [...],
-"skipped": [{"row", "reason"}, ...]}}.
+"skipped": [{"row", "reason"}, ...]}}; a pair's row adds "pair": true, "prompt" and
+"chosen" and "rejected" (each with its "tokens", "text", "length", "truncated_at",
+"trained"), its stats "preference": {"pairs", "chosen_tokens_mean", "rejected_tokens_mean",
+"chosen_longer_percent", "truncated_pairs", ...}.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 from ..cli import add_set_option
 from ..errors import UserError
-from ..preview import PART_COLOURS, part_marker, stats_lines
+from ..preview import PART_COLOURS, part_marker, preference_stats_lines, prompt_length, stats_lines
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preview", help="show a dataset row token by token with the loss mask, and the set's stats",
@@ -129,10 +136,13 @@ def text_report(report: dict[str, Any], *, plain: bool = False) -> list[Any]:
         out.append(Text(PLAIN_NOTATION))
     source = row.get("source")
     where = f" of source {source['index'] + 1}, {source['path']}" if source and row.get("sources", 1) > 1 else ""
-    out.append(Text(f"row {row['row']}{where} ({row['format']})", style="bold"))
+    pair = bool(row.get("pair")) and not row["error"] and not row.get("unrendered")
+    out.append(Text(f"row {row['row']}{where} ({row['format']}{', a pair' if pair else ''})", style="bold"))
     if row["error"]:
         out.append(Text(f"skipped: {row['error']}", style="red"))
         out.append(Text(json.dumps(row["fields"], ensure_ascii=False, indent=2) if row["fields"] else ""))
+    elif pair:
+        out.extend(pair_report(row, plain=plain))
     else:
         out.append(Text(f"templated text (trained tokens {'in «…»' if plain else 'highlighted'}):", style="bold"))
         out.append(marked_text(row["tokens"], row["truncated_at"], plain=plain))
@@ -142,7 +152,31 @@ def text_report(report: dict[str, Any], *, plain: bool = False) -> list[Any]:
         out.append(token_list(row["tokens"], row["truncated_at"], plain=plain))
     out.append(Text(""))
     out.append(Text("the whole set:", style="bold"))
-    out.append(Text("\n".join(stats_lines(stats))))
+    if stats.get("preference"):
+        out.append(Text("\n").join(Text(line, style="bold yellow" if warns else "")
+                                   for line, warns in preference_stats_lines(stats)))
+    else:
+        out.append(Text("\n".join(stats_lines(stats))))
+    return out
+
+
+def pair_report(row: dict[str, Any], *, plain: bool = False) -> list[Any]:
+    """A preference pair: the prompt (templated, masked) once, then the chosen and the
+    rejected answer, each as its templated text and its tokens, trained ones marked."""
+    from rich.text import Text
+
+    start = prompt_length(row)
+    prompt = marked_text(row["chosen"]["tokens"][:start], None, plain=plain)
+    prompt.rstrip()
+    out: list[Any] = [Text(f"prompt ({start} tokens, not trained; shared by both answers):", style="bold"), prompt]
+    for name in ("chosen", "rejected"):
+        side = row[name]
+        answer = side["tokens"][start:]
+        out.append(Text(""))
+        out.append(Text(f"{name}: {len(answer)} answer token{'' if len(answer) == 1 else 's'}, {side['trained']} "
+                        f"trained (prompt + answer: {len(side['tokens'])} kept of {side['length']})", style="bold"))
+        out.append(marked_text(answer, side["truncated_at"], plain=plain))
+        out.append(token_list(answer, side["truncated_at"], plain=plain))
     return out
 
 

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     for i in infos:
         steps = f"{i.step}/{i.max_steps}" if i.max_steps else str(i.step)
         table.add_row(
-            Text(i.name), Text(f"{i.status} ({i.note})" if i.status == "unknown" else i.status,
-                               style=colours.get(i.status, "white")), steps, _num(i.final_loss),
+            Text(i.name + (f" ({i.method.upper()})" if i.method != "sft" else "")), Text(f"{i.status} ({i.note})" if i.status == "unknown" else i.status,
+                               style=colours.get(i.status, "white")), steps, _num(i.final_loss) + (f" acc {i.reward_accuracy:.2f}" if i.reward_accuracy is not None else ""),
             _num(i.eval_loss), _duration(i.duration_s), Text(i.memory or "-"), Text(i.note),
         )
     console.print(table)

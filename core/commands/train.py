@@ -138,7 +138,8 @@ class Progress:
             on = f"{device.get('hardware', device.get('type', ''))}" + (f", {processes} processes" if processes > 1
                                                                         else "")
             self.console.print(Text(f"{_count(ev.get('trainable_params'))} trainable of "
-                                    f"{_count(ev.get('total_params'))} parameters; {ev.get('train_rows', '?')} rows, "
+                                    f"{_count(ev.get('total_params'))} parameters; {ev.get('train_rows', '?')} "
+                                    f"{'pairs' if _method(ev) != 'sft' else 'rows'}, "
                                     f"{ev.get('max_steps', '?')} steps on {on}{where}"))
             how = run_layout(ev)
             if how:
@@ -146,11 +147,17 @@ class Progress:
             self.bar.update(self.task, description="training", total=_int(ev.get("max_steps")),
                             completed=_int(ev.get("step")) or 0)
         elif kind == "step":
-            fields = {"loss": _num(ev.get("loss")), "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"),
-                      "eta": _duration(ev.get("eta_s"))}
+            loss = _num(ev.get("loss"))
+            if ev.get("reward_accuracy") is not None:  # a preference run: how well it tells the answers apart
+                loss += f" acc {_num(ev.get('reward_accuracy'), '{:.2f}')} margin {_num(ev.get('reward_margin'))}"
+            fields = {"loss": loss, "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"), "eta": _duration(ev.get("eta_s"))}
             self.bar.update(self.task, completed=_int(ev.get("step")) or 0, total=_int(ev.get("max_steps")), **fields)
         elif kind == "eval":
-            self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}")
+            extra = ""
+            if ev.get("eval_reward_accuracy") is not None:
+                extra = (f", preference accuracy {_num(ev.get('eval_reward_accuracy'), '{:.2f}')}, margin "
+                         f"{_num(ev.get('eval_reward_margin'))}")
+            self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}{extra}")
         elif kind == "checkpoint":
             self.console.print(Text(f"step {ev.get('step')}: checkpoint {ev.get('path', '')}"))
         elif kind == "warning":
@@ -214,7 +221,21 @@ def run_layout(ev: dict[str, Any]) -> str:
         parts.append(f"{resolved['precision']}" + (f" ({reason})" if reason and reason != "set in the project"
                                                    else ""))
     batching = data.get("batching") if isinstance(data.get("batching"), dict) else {}
-    if batching.get("layout"):
+    method = _method(ev)
+    if method != "sft":
+        config = ev.get("config") if isinstance(ev.get("config"), dict) else {}
+        pref = config.get("preference") if isinstance(config.get("preference"), dict) else {}
+        how = f"{method.upper()}, beta {pref.get('beta', '?')}"
+        if method == "dpo":
+            how += f", {data.get('loss') or pref.get('loss_type', '?')} loss"
+        if data.get("reference"):
+            how += f", against {data['reference']}"
+        parts.append(how)
+        if data.get("pairs"):
+            pairs = data["pairs"]
+            parts.append(f"answers: chosen {pairs.get('chosen_tokens_mean')} vs rejected "
+                         f"{pairs.get('rejected_tokens_mean')} tokens on average")
+    elif batching.get("layout"):
         layout = str(batching["layout"])
         if layout == "packed":
             layout += f" ({batching.get('rows')} rows in {batching.get('examples')} examples)"
@@ -224,6 +245,14 @@ def run_layout(ev: dict[str, Any]) -> str:
     if resolved.get("kernels") not in (None, "none"):
         parts.append(f"{resolved['kernels']} kernels")
     return "; ".join(parts)
+
+
+def _method(ev: dict[str, Any]) -> str:
+    """The training method of a run_started event (runs before it trained SFT only)."""
+    config = ev.get("config") if isinstance(ev.get("config"), dict) else {}
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    method = training.get("method")
+    return method if isinstance(method, str) else "sft"
 
 
 def _count(value: Any) -> str:

@@ -477,7 +477,9 @@ def chat_ready(status: str, adapter: str | None) -> bool:
 def run_label(run: Any) -> str:
     """A run as its picker shows it: name, status, steps and final loss."""
     steps = f"{run.step}/{run.max_steps}" if run.max_steps and run.step != run.max_steps else str(run.step)
-    parts = [f"run {run.name}", run.status, f"{steps} step{'s' if run.step != 1 else ''}"]
+    method = getattr(run, "method", "sft")
+    parts = [f"run {run.name}" + (f" ({method.upper()})" if method != "sft" else ""), run.status,
+             f"{steps} step{'s' if run.step != 1 else ''}"]
     if run.final_loss is not None:
         parts.append(f"loss {run.final_loss:.4f}")
     if run.adapter is None:

@@ -14,6 +14,9 @@ stream in from a second request, the count so far shown as it runs. Changing the
 or model settings on the Settings screen reads the data again (a count still running is
 cancelled). ``m`` maps the file's columns to a format's fields (:mod:`.column_map`), which
 the screen offers when the format cannot be told or the fields fit several formats.
+A preference (DPO, ORPO) project's rows are pairs: the prompt once, the chosen and the
+rejected answer side by side (stacked in a narrow terminal), and the stats compare the
+answers' lengths.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from textual.worker import Worker, get_current_worker
 
 from ..widgets.dataset_stats import DatasetStats
 from ..widgets.keys_ahead import KeysAhead, bound_to
-from ..widgets.tokens_view import VIEWS, RowView, legend, row_parts
+from ..widgets.tokens_view import SIDES, VIEWS, RowView, legend, row_parts
 from .base import ProjectScreen
 
 READING = "reading the first row… (the first time, the engine process starts and loads the tokenizer)"
@@ -41,6 +44,16 @@ KEYS = ("model.source", "model.trust_remote_code", "model.allow_pickle", "model.
         "dataset.loss_on")
 
 PreviewKey = tuple[Any, ...]
+
+
+def pair_state(row: dict[str, Any]) -> str:
+    """A preference pair in the row status: each side's tokens and trained tokens, and
+    which side the cut at max_length falls in."""
+    sides = [(name, row[name]) for name in SIDES]
+    counts = " · ".join(f"{name} {len(side['tokens'])} tokens, {side['trained']} trained" for name, side in sides)
+    cut = [name for name, side in sides if side["truncated_at"] is not None]
+    truncated = f" · truncated: {' and '.join(cut)}" if cut else ""
+    return f"pair · {counts}{truncated}"
 
 
 class RowScroll(KeysAhead, VerticalScroll):
@@ -450,6 +463,8 @@ class DatasetScreen(ProjectScreen):
             state = f"skipped: {row['error']}"
         elif row["unrendered"]:
             state = "not rendered (see below)"
+        elif row.get("pair"):
+            state = pair_state(row)
         else:
             cut = f", truncated at {row['truncated_at']}" if row["truncated_at"] is not None else ""
             state = f"{len(row['tokens'])} tokens, {row['trained']} trained{cut}"

@@ -10,6 +10,13 @@ A plot is drawn only when it has room to be read (:class:`~tunedeck.tui.widgets.
 decided on its size as the terminal changes): the learning rate and grad norm go first,
 then the loss, each replaced by a one-line summary.
 
+A preference run (DPO, ORPO) has two more rows of plots between the loss and the learning
+rate: its reward margin and preference accuracy (0..1; eval points too), then the rewards
+and log-probs of the chosen answers against the rejected ones; the loss plot shares its
+rows with them evenly. They give way after the learning rate and grad norm and before the
+loss, the rewards and log-probs first; the run panel adds the latest accuracy and margin.
+An SFT run's dashboard is as it always was.
+
 The runs list (below) shows each run's status, step, final loss, eval loss and training
 time, its columns fitted to its width. Space marks runs for comparison: the loss plot
 then draws each marked run's smoothed loss (read from its events.jsonl by a worker) in
@@ -45,8 +52,9 @@ from textual.worker import Worker
 from tunedeck.core.runs import RunInfo, list_runs, run_info
 
 from ..training import (
-    LIVE, LOG_LINES, LogLine, RunCurve, RunView, Snapshot, fitted, launch, loss_summary, lr_grad_summary, number,
-    read_curve, read_settings, resume_refusal, settings_diff, status_label,
+    LIVE, LOG_LINES, LogLine, RunCurve, RunView, Snapshot, fitted, launch, loss_summary, lr_grad_summary,
+    margin_accuracy_summary, number, read_curve, read_settings, resume_refusal, rewards_logps_summary, settings_diff,
+    status_label,
 )
 from ..widgets.facts import Facts
 from ..widgets.run_plot import MIN_HEIGHT, PlotsColumn, RunPlot
@@ -88,9 +96,11 @@ def thin(points: Points, width: int) -> Points:
 
 
 def draw(plot: RunPlot, title: str, lines: list[tuple[Points, str, Color]], *, empty: str,
-         scatters: list[tuple[Points, str, Color]] = (), legend: bool = True) -> None:
+         scatters: list[tuple[Points, str, Color]] = (), legend: bool = True,
+         ylim: tuple[float, float] | None = None) -> None:
     """Redraw ``plot``: ``lines`` as (points, label, colour), ``scatters`` as markers; with
-    plotext's legend when ``legend`` (and the plot has the rows for it)."""
+    plotext's legend when ``legend`` (and the plot has the rows for it); ``ylim`` fixes the
+    y axis (once there are points)."""
     plt = plot.plt
     plt.clear_data()
     plt.clear_figure()
@@ -107,9 +117,19 @@ def draw(plot: RunPlot, title: str, lines: list[tuple[Points, str, Color]], *, e
         if xs:
             (plt.plot if len(xs) > 1 else plt.scatter)(xs, ys, label=label if legend else None, color=color,
                                                          marker="dot")
+    if has_data and ylim is not None:
+        plt.ylim(*ylim)
     if has_data and plot.canvas_rows >= LEGEND_ROWS:
         plt.xlabel("step")
     plot.refresh()
+
+
+def pair_title(name: str, width: int, legend: bool) -> str:
+    """The title of a chosen-against-rejected plot: its colours said where no legend is drawn."""
+    if legend:
+        return name
+    return fitted([f"{name}: chosen green, rejected red", f"{name} (green chosen, red rej.)",
+                   f"{name} green/red"], max(0, width - 4))
 
 
 def legend_line(runs: list[tuple[str, tuple[int, int, int] | None]], width: int) -> Content:
@@ -178,6 +198,9 @@ class TrainScreen(ProjectScreen):
     TrainScreen #loss-plot { height: 2fr; }
     TrainScreen #small-plots { height: 1fr; }
     TrainScreen #small-plots RunPlot { width: 1fr; }
+    TrainScreen #train-plots.preference #loss-plot { height: 1fr; }
+    TrainScreen .pref-row { height: 1fr; }
+    TrainScreen .pref-row RunPlot { width: 1fr; }
     TrainScreen #compare { height: auto; padding: 0 1; display: none; text-wrap: nowrap; text-overflow: ellipsis; }
     TrainScreen #compare.shown { display: block; }
     TrainScreen #plot-summary { height: auto; padding: 0 1; color: $text-muted; display: none; text-wrap: nowrap;
@@ -216,9 +239,10 @@ class TrainScreen(ProjectScreen):
         self._log_written = 0
         self._alarms_dismissed = 0
         self._status = ""
-        self._head: tuple[str, str, str] | None = None
+        self._head: tuple[str, ...] | None = None
         self._opened_newest = False  # the newest run is opened once, when nothing is followed
-        self._aside: set[str] = set()  # plots with no room to be read: "loss", "small"
+        self._aside: set[str] = set()  # plots with no room to be read: "loss", "small", "pref-plots", "pref-more"
+        self._preference = False  # the preference rows are shown (the followed run is DPO or ORPO)
         self._compared: TrainScreen.Compared | None = None  # the comparison drawn (two runs or more picked)
         self._fit_timer: Timer | None = None
 
@@ -236,6 +260,7 @@ class TrainScreen(ProjectScreen):
                 with PlotsColumn(id="train-plots"):
                     yield RunPlot(id="loss-plot")
                     yield Static(id="compare")
+                    # a preference run's rows go here (mounted when the first one is shown)
                     with Horizontal(id="small-plots"):
                         yield RunPlot(id="lr-plot")
                         yield RunPlot(id="grad-plot")
@@ -310,11 +335,12 @@ class TrainScreen(ProjectScreen):
         keys = {"starting": "x stop · A abort", "running": "x stop · c checkpoint · A abort",
                 "stopping": "saving, then ending · A abort"}.get(
             snap.status, "R resumes it · s starts a new run" if resumable else "s starts a new run")
-        head = (snap.name, snap.status, keys)
+        method = snap.method.upper() if snap.preference_run else ""
+        head = (snap.name, snap.status, keys, method)
         if head != self._head:  # the one-line header is re-laid only when it changes
             self._head = head
             self.query_one("#run-head", Static).update(Content.assemble(
-                ("run ", "$text-muted"), (snap.name, "bold"), "  ",
+                ("run ", "$text-muted"), (snap.name, "bold"), (f" {method}" if method else "", "$text-accent"), "  ",
                 (status_label(snap.status).upper(), f"bold {style}"),
                 ("  ·  " + keys, "$text-muted")), layout=False)
         self.query_one("#numbers", Facts).show(snap.numbers)
@@ -381,7 +407,50 @@ class TrainScreen(ProjectScreen):
         else:
             draw(lr, "learning rate", [(snap.lr, "lr", "green")], empty="waiting", legend=False)
             draw(grad, "grad norm", [(snap.grad_norm, "grad norm", "magenta")], empty="waiting", legend=False)
+        preference = snap is not None and snap.preference_run
+        if preference != self._preference:
+            self._show_preference(preference)
+        if snap is not None and preference:
+            self._draw_preference(snap)
         self._summarize(snap)
+
+    def _draw_preference(self, snap: Snapshot) -> None:
+        """A preference run's plots: margin, accuracy (0..1), and the rewards and
+        log-probs of the chosen answers (green) against the rejected ones (red); eval points orange.
+        Nothing before the rows have mounted (their first size draws them)."""
+        plots = {plot.id: plot for plot in self.query(".pref-row RunPlot").results(RunPlot)}
+        if len(plots) < 4:
+            return
+        margin, accuracy, rewards, logps = (plots[name] for name in ("margin-plot", "accuracy-plot", "rewards-plot",
+                                                                     "logps-plot"))
+        evals = bool(snap.series("eval_reward_margin")[0] or snap.series("eval_reward_accuracy")[0])
+        draw(margin, "reward margin" + (" (eval •)" if evals else ""),
+             [(snap.series("reward_margin"), "margin", "cyan")], empty="waiting",
+             scatters=[(snap.series("eval_reward_margin"), "eval", "orange")], legend=False)
+        draw(accuracy, "accuracy" + (" (eval •)" if evals else ""),
+             [(snap.series("reward_accuracy"), "accuracy", "green")], empty="waiting",
+             scatters=[(snap.series("eval_reward_accuracy"), "eval", "orange")], legend=False, ylim=(0, 1))
+        for plot, name, chosen, rejected in ((rewards, "rewards", "rewards_chosen", "rewards_rejected"),
+                                             (logps, "log-probs", "logps_chosen", "logps_rejected")):
+            legend = plot.canvas_rows >= LEGEND_ROWS
+            draw(plot, pair_title(name, plot.size.width, legend),
+                 [(snap.series(chosen), "chosen", "green"), (snap.series(rejected), "rejected", "red")],
+                 empty="waiting")
+
+    def _show_preference(self, shown: bool) -> None:
+        """Show or hide the preference rows (the followed run is, or is no longer, DPO or ORPO)
+        and fit the plots again. They are mounted the first time (an SFT run's screen never has them)."""
+        self._preference = shown
+        column = self.query_one("#train-plots")
+        if shown and not column.query("#pref-plots"):
+            column.mount(Horizontal(RunPlot(id="margin-plot"), RunPlot(id="accuracy-plot"), id="pref-plots",
+                                    classes="pref-row"),
+                         Horizontal(RunPlot(id="rewards-plot"), RunPlot(id="logps-plot"), id="pref-more",
+                                    classes="pref-row"), before="#small-plots")
+        column.set_class(shown, "preference")  # the loss shares its rows
+        self._aside.clear()
+        self._apply_aside()
+        self._fit_soon()
 
     def _summarize(self, snap: Snapshot | None) -> None:
         """The one-line summaries of the plots that have no room."""
@@ -391,6 +460,11 @@ class TrainScreen(ProjectScreen):
         if "loss" in self._aside:
             lines.append(self._compared_summary(snap, width) if self._compared is not None else
                          loss_summary(snap, width) if snap is not None else "loss: no run")
+        if snap is not None and self._preference:
+            if "pref-plots" in self._aside:
+                lines.append(margin_accuracy_summary(snap, width))
+            if "pref-more" in self._aside:
+                lines.append(rewards_logps_summary(snap, width))
         if "small" in self._aside:
             lines.append(lr_grad_summary(snap, width) if snap is not None else "learning rate, grad norm: no run")
         summary.update("\n".join(lines))
@@ -443,22 +517,37 @@ class TrainScreen(ProjectScreen):
             self._fit_timer.stop()
         self._fit_timer = self.set_timer(FIT_AFTER_S, self._fit_plots)
 
+    def _groups(self) -> list[tuple[str, str]]:
+        """The plots as (name in ``_aside``, selector), in the order they give way: the learning
+        rate and grad norm, a preference run's rewards and log-probs then its margin and
+        accuracy, the loss last."""
+        groups = [("small", "#small-plots")]
+        if self._preference:
+            groups += [("pref-more", "#pref-more"), ("pref-plots", "#pref-plots")]
+        return [*groups, ("loss", "#loss-plot")]
+
     def _fit_plots(self) -> None:
-        """Put aside the plots that have no room to be read, the small ones first (the loss
-        then has their rows too, and is tried again); each is replaced by a line of the summary."""
+        """Put aside the plots that have no room to be read, in the order of :meth:`_groups`:
+        the first group still shown goes when any plot shown is unreadable (those after it
+        then have its rows too, and are tried again); each is replaced by a line of the summary."""
         self._fit_timer = None
-        loss = self.query_one("#loss-plot", RunPlot)
-        if "small" not in self._aside:
-            if not all(plot.readable for plot in (*self.query("#small-plots RunPlot").results(RunPlot), loss)):
-                self._aside.add("small")
-                self._apply_aside()
-                self._fit_soon()
-        elif "loss" not in self._aside and not loss.readable:
-            self._aside.add("loss")
+        groups = [(name, selector) for name, selector in self._groups() if name not in self._aside]
+        if not groups:
+            return
+        plots = []
+        for _, selector in groups:
+            widget = self.query_one(selector)
+            plots += [widget] if isinstance(widget, RunPlot) else list(widget.query(RunPlot).results(RunPlot))
+        if not all(plot.readable for plot in plots):
+            self._aside.add(groups[0][0])
             self._apply_aside()
+            if len(groups) > 1:
+                self._fit_soon()
 
     def _apply_aside(self) -> None:
         self.query_one("#small-plots").display = "small" not in self._aside
+        for row in self.query(".pref-row"):
+            row.display = self._preference and row.id not in self._aside
         self.query_one("#loss-plot").display = "loss" not in self._aside
         self.query_one("#plot-summary").set_class(bool(self._aside), "shown")
         self._summarize(self._snapshot())
@@ -592,6 +681,7 @@ class TrainScreen(ProjectScreen):
         self._opened_newest = False
         self._shown, self._drawn = None, -1  # the next tick draws the new widgets afresh
         self._compared, self._aside = None, set()
+        self._preference = False  # the new widgets have no preference rows
 
     def project_shown(self) -> None:
         self._list_runs()

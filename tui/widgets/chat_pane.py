@@ -237,5 +237,10 @@ class EvalView(Vertical):
             box.border_title = answer["model"]
             box.query_one(Static).update(answer["text"])
         ref = self.query_one("#eval-ref", VerticalScroll)
-        ref.border_title = "reference"
-        ref.query_one(Static).update(item.get("reference") or "(no reference answer)")
+        reference = item.get("reference") or "(no reference answer)"
+        if item.get("rejected"):  # a preference pair: the answer preferred, and the one rejected
+            ref.border_title = "reference: chosen / rejected"
+            reference = Text.assemble(reference, "\n\n", ("rejected: ", "bold"), (item["rejected"], "dim"))
+        else:
+            ref.border_title = "reference"
+        ref.query_one(Static).update(reference)

@@ -2,7 +2,10 @@
 trained, and a histogram of token lengths (plotext) with max_length marked: a line where
 it cuts the rows, or an arrow past the longest row. With several sources, each one's rows
 and share of the training mix, the source of the row shown marked. Stats that are still
-being counted say how far the count is. Drawn from the UI thread only."""
+being counted say how far the count is. A preference set (DPO, ORPO) counts pairs and
+compares its answers: the mean length of the chosen and the rejected answers, and the share
+of pairs whose chosen answer is longer, with a warning when that share leans far one way
+(the model may learn length rather than quality). Drawn from the UI thread only."""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
+from tunedeck.core.preview import preference_stats_lines
 from tunedeck.core.preview import stats_lines
 
 
@@ -69,18 +74,27 @@ class DatasetStats(Vertical):
         if shown is not None:
             self.query_one("#stats-lines", Static).update(self.lines(shown))
 
-    def lines(self, stats: dict[str, Any]) -> Text:
+    def lines(self, stats: dict[str, Any]) -> Text | Content:
         """The stats as text: how far a count still running is, the sources and their
-        shares (when there are several), then the set's figures."""
+        shares (when there are several), then the set's figures; a preference set's with
+        pairs for rows, the mean answer length (trained tokens) of the chosen and the
+        rejected answers, the share of pairs whose chosen answer is longer (a warning, in
+        the warning colour, where it leans far one way) and the truncated pairs."""
         out = Text()
+        preference = bool(stats.get("preference"))
         if not stats.get("done", True):
-            out.append(f"reading… {stats['rows']:,} rows so far\n", style="bold")
+            out.append(f"reading… {stats['rows']:,} {'pairs' if preference else 'rows'} so far\n", style="bold")
         sources = stats.get("sources") or []
         if len(sources) > 1:
             out.append("sources (share of the mix)\n")
             for src in sources:
                 out.append_text(self._source_lines(src))
         rest = {**stats, "sources": []}  # listed above, in lines that fit the panel
+        if preference:
+            lines = [Content.from_rich_text(out).rstrip()] if out else []
+            lines += [Content.styled(line, "bold $text-warning") if warns else Content(line)
+                      for line, warns in preference_stats_lines(rest, refusal=False)]
+            return Content("\n").join(lines)
         out.append("\n".join(stats_lines(rest, refusal=False)))
         return out
 

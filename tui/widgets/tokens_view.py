@@ -7,18 +7,27 @@ truncation point marked. Tool calls, tool results, reasoning and the tool-schema
 they start (``⟨tool call⟩``); :func:`legend` says which is which. The token view wraps between tokens,
 never inside one. Text matching the search is highlighted in every view. The row is a
 plain dict from the engine's ``preview_row`` op.
+
+A preference pair (a row with ``pair`` set: a prompt, a chosen and a rejected answer) shows
+its prompt once, then the two answers token by token side by side, labelled, each with its
+own cut (stacked, chosen above rejected, where the view is narrower than
+:data:`SIDE_BY_SIDE`); its text view shows prompt + chosen, then prompt + rejected.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from functools import lru_cache
 from typing import Any
 
 from rich.cells import cell_len
+from rich.console import Console
 from rich.text import Text
 from textual.widgets import Static
 
+from tunedeck.core.preview import prompt_length
 from tunedeck.core.preview import MARKED_PARTS, PART_COLOURS, part_marker
 
 VIEWS = ("tokens", "text", "fields")
@@ -29,6 +38,9 @@ CUT = "bold white on red"
 MATCH = "bold black on yellow"
 EVAL = "bold black on cyan"
 SEPARATOR = "│"
+SIDES = ("chosen", "rejected")  # a preference pair's two answers, in the order shown
+SIDE_BY_SIDE = 56  # the narrowest view (cells) the answers share side by side: a terminal of about 100 columns
+GUTTER = " ┃ "  # between the chosen and the rejected column
 _SPECIAL = re.compile(r"^<\|?[^<>\s]+\|?>$|^\[[A-Z_]+\]$")  # <|im_end|>, </s>, <eos>, [INST]
 
 
@@ -60,6 +72,8 @@ def row_parts(row: dict[str, Any] | None) -> list[str]:
     if not row:
         return []
     present = {t.get("part") for t in row.get("tokens") or ()}
+    if row.get("pair"):  # the chosen side is the row's tokens; the rejected side may have others
+        present |= {t.get("part") for t in (row.get("rejected") or {}).get("tokens") or ()}
     return [part for part in MARKED_PARTS if part in present]
 
 
@@ -177,6 +191,96 @@ def templated_text(row: dict[str, Any], search: str = "") -> Text:
     return out
 
 
+def _answer(side: dict[str, Any], start: int) -> dict[str, Any]:
+    """One side of a pair from token ``start`` (after the prompt), as :func:`tokens_text` takes a row."""
+    return {"tokens": side["tokens"][start:], "truncated_at": side["truncated_at"], "length": side["length"]}
+
+
+def side_label(name: str, side: dict[str, Any]) -> Text:
+    """A pair side's heading: its name and how many of its tokens train."""
+    out = Text(name, style="bold underline")
+    out.append(f" · {side['trained']} trained", style="dim")
+    if side["truncated_at"] is not None:
+        out.append(" ✂", style=CUT)
+    return out
+
+
+def _side_tokens(side: dict[str, Any], start: int, width: int, search: str) -> Text:
+    """A pair side's answer token by token, then its cut (if any)."""
+    answer = _answer(side, start)
+    body = tokens_text(answer, width, search)
+    if not answer["tokens"]:  # the cut fell in the prompt: the cut alone, on a line of its own
+        body = Text.assemble(("(no answer token left)", "dim"), body)
+    body.rstrip()
+    return body
+
+
+@lru_cache(maxsize=1)
+def _console() -> Console:
+    """A console for :meth:`Text.wrap` (which takes one; nothing is printed to it)."""
+    return Console(file=io.StringIO(), width=200, color_system=None)
+
+
+def _lines(text: Text, width: int) -> list[Text]:
+    """``text`` as lines at most ``width`` cells wide (words wrapped, a longer token folded)."""
+    return list(text.wrap(_console(), width, overflow="fold"))
+
+
+def _wrapped(text: Text, width: int) -> Text:
+    """``text`` wrapped at ``width`` cells (as it is without a width)."""
+    return Text("\n").join(_lines(text, width)) if width else text
+
+
+def pair_tokens_text(row: dict[str, Any], width: int = 0, search: str = "") -> Text:
+    """The token view of a preference pair: the prompt once, then the chosen and the rejected
+    answer in two labelled columns (each wrapped between tokens, with its own cut), or
+    stacked, chosen first, in a view narrower than :data:`SIDE_BY_SIDE`."""
+    start = prompt_length(row)
+    heading = Text("prompt", style="bold underline")
+    heading.append(f" · {start} tokens, not trained", style="dim")
+    prompt = tokens_text({"tokens": row["chosen"]["tokens"][:start], "truncated_at": None, "length": start},
+                         width, search)
+    prompt.rstrip()
+    out = Text("\n").join([_wrapped(heading, width), prompt, Text()])
+    out.append("\n")
+    sides = [(name, row[name]) for name in SIDES]
+    if width < SIDE_BY_SIDE:
+        blocks = []
+        for name, side in sides:
+            body = _side_tokens(side, start, width, search)
+            blocks.append(Text("\n").join([_wrapped(side_label(name, side), width), _wrapped(body, width)]))
+        out.append_text(Text("\n\n").join(blocks))
+        return out
+    column = (width - cell_len(GUTTER)) // 2
+    columns = []
+    for name, side in sides:
+        body = _side_tokens(side, start, column, search)
+        columns.append(_lines(side_label(name, side), column) + _lines(body, column))
+    height = max(len(lines) for lines in columns)
+    rows = []
+    for i in range(height):
+        left, right = (lines[i] if i < len(lines) else Text() for lines in columns)
+        left.pad_right(column - left.cell_len)
+        rows.append(Text.assemble(left, (GUTTER, "dim"), right))
+    out.append_text(Text("\n").join(rows))
+    return out
+
+
+def pair_templated_text(row: dict[str, Any], search: str = "") -> Text:
+    """The text view of a preference pair: prompt + chosen, then prompt + rejected, each as
+    :func:`templated_text` shows a row."""
+    out = Text()
+    for i, name in enumerate(SIDES):
+        if i:
+            out.append("\n\n")
+        out.append(f"prompt + {name}", style="bold underline")
+        out.append("\n")
+        body = templated_text(row[name], search)
+        body.rstrip()
+        out.append_text(body)
+    return out
+
+
 def fields_text(row: dict[str, Any], search: str = "") -> Text:
     """The raw row, as read from the file."""
     if row["fields"] is None:
@@ -230,6 +334,10 @@ class RowView(Static):
                 out.append(f"not rendered: {row['unrendered']}\n\n", style="bold red")
             out.append_text(fields_text(row, self.search))
             return out
+        if row.get("pair"):
+            if self.view == "tokens":
+                return pair_tokens_text(row, self._width, self.search)
+            return pair_templated_text(row, self.search)
         if self.view == "tokens":
             return tokens_text(row, self._width, self.search)
         return templated_text(row, self.search)
