@@ -139,7 +139,7 @@ async def test_editing_a_value_marks_it_and_the_title(project_path):
 async def test_the_keyboard_alone_reaches_and_edits_a_field(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press(*["down"] * 8, "enter")  # model.source ... lora.r (headings are skipped)
+        await pilot.press(*["down"] * 9, "enter")  # model.source ... lora.r (headings are skipped)
         await pilot.pause()
         assert app.screen.query_one(FieldEditor).key == "lora.r"
         await pilot.press("6", "4", "enter", "ctrl+s")

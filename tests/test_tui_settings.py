@@ -255,7 +255,7 @@ def test_a_burst_from_tmux_send_keys_is_stored_as_typed(tmp_path, monkeypatch):
         tmux.wait_for("demo — demo.toml")
         tmux.wait_for("⏎ Edit")  # the list is shown and has the focus: the keys below are its
         # each burst ends with enter; the save (a key of the app, not of the field) comes after
-        tmux.keys(*["Down"] * 8, "Enter", "a", "b", "c", *["BSpace"] * 3, "1", "2", "8", "Enter")
+        tmux.keys(*["Down"] * 9, "Enter", "a", "b", "c", *["BSpace"] * 3, "1", "2", "8", "Enter")
         tmux.wait_for("⏎ Edit")  # the editor closed
         tmux.keys("C-s")
         tmux.wait_for("saved demo.toml")

@@ -76,7 +76,7 @@ def test_start_switch_edit_save_quit(tmp_path, tmux):
     tmux.wait_for("cannot load its")
     tmux.keys("4")
     tmux.wait_for("4 Settings")
-    tmux.keys(*["Down"] * 8, "Enter")  # model.source ... lora.r
+    tmux.keys(*["Down"] * 9, "Enter")  # model.source ... lora.r
     tmux.wait_for("lora.r  enter keeps")
     tmux.keys("0")
     tmux.wait_for("0 is not valid: expected an integer >= 1 and <= 4096")
