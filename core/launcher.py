@@ -71,7 +71,7 @@ from .runs import (
 # keys that must not change when a run is resumed (the checkpoint's weights depend on them)
 RESUME_FIXED = ("model.source", "model.trust_remote_code", "quantization.mode", "quantization.quant_type",
                 "quantization.double_quant", "lora.r", "lora.target_modules", "lora.use_dora",
-                "lora.modules_to_save", "lora.bias")
+                "lora.modules_to_save", "lora.bias", "training.method", "model.adapter")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SETUP_PREFIX = ".setup-"  # a run folder being set up, renamed into place when complete
 LOCK_WAIT_S = 1.0  # an observer holds a run's lock for a moment (record_death): wait that long
@@ -456,8 +456,16 @@ def _check_resume_compatible(run_dir: Path, project: Any) -> None:
     except UserError:
         return  # no readable snapshot: the checkpoint itself will tell
     changed = []
+    project = adapter_settings(project)  # model.adapter: the snapshot holds that adapter's [lora] settings
     for key in RESUME_FIXED:
         old, new = saved[key], project[key]
+        if key == "model.adapter":  # the same adapter folder, however it is named
+            old = str(saved.resolve_path(old).resolve()) if old else ""
+            new = str(project.resolve_path(new).resolve()) if new else ""
+            if new and not Path(new, "adapter_config.json").is_file():
+                from .chat import start_adapter
+
+                new = str(start_adapter(project).adapter.resolve())
         if key == "model.source":
             try:
                 old = str(resolve_source(old, saved.root).path.resolve())
@@ -468,7 +476,8 @@ def _check_resume_compatible(run_dir: Path, project: Any) -> None:
             changed.append(f"{key} {saved[key]!r} -> {project[key]!r}")
     if changed:
         raise UserError(f"--resume: {run_dir.name} was trained with other settings ({'; '.join(changed)}); "
-                        "resume with the same model, quantization and LoRA shape, or start a new run")
+                        "resume with the same model, quantization, LoRA shape, method and starting adapter, or start "
+                        "a new run")
 
 
 def write_snapshot(project: Any, folder: Path, run_dir: Path | None = None) -> Path:

@@ -20,6 +20,9 @@ chosen and the rejected answer (assistant turns). The layouts read:
   prompt in ``instruction`` or ``prompt``: the best-rated answer is chosen, the worst
   rejected (a pair whose answers are all rated the same is a bad row).
 - StackExchange-style ``question`` / ``response_j`` / ``response_k`` (j preferred).
+- The names other sets give the fields: ``question`` or ``query`` for the prompt (Intel's
+  orca pairs, with a ``system`` column), ``chosen_response`` / ``rejected_response``
+  (Argilla's).
 
 ``dataset.columns`` maps these names to others (``{chosen = "better"}``), and
 ``system`` / ``tools`` columns work as for supervised rows. A row that does not make a pair
@@ -73,9 +76,25 @@ class Pair:
                 "rejected": [dict(m) for m in self.rejected], "tools": self.prompt.tools}
 
 
+# other names the fields go by (Intel's orca pairs: question; Argilla's: chosen_response / rejected_response)
+FIELD_ALIASES = {"chosen": ("chosen", "chosen_response"), "rejected": ("rejected", "rejected_response"),
+                 "prompt": ("prompt", "question", "query")}
+
+
+def _with_aliases(row: dict[str, Any], columns: dict[str, str] | None) -> dict[str, str]:
+    """``columns`` completed with the aliases ``row`` uses for the fields it does not map."""
+    out = dict(columns or {})
+    for name, aliases in FIELD_ALIASES.items():
+        if name not in out:
+            found = next((a for a in aliases if a in row), None)
+            if found is not None and found != name:
+                out[name] = found
+    return out
+
+
 def is_pair_row(row: dict[str, Any], columns: dict[str, str] | None = None) -> bool:
     """Whether ``row`` is in one of the paired layouts (see the module docstring)."""
-    columns = columns or {}
+    columns = _with_aliases(row, columns)
 
     def has(name: str) -> bool:
         return columns.get(name, name) in row
@@ -92,7 +111,7 @@ def is_pair_row(row: dict[str, Any], columns: dict[str, str] | None = None) -> b
 def to_pair(row: dict[str, Any], columns: dict[str, str] | None = None, system_prompt: str = "") -> Pair:
     """One row as a :class:`Pair`; ValueError with the reason when it does not make one
     (:class:`~tunedeck.core.conversation.MediaError` for images, audio or video)."""
-    columns = columns or {}
+    columns = _with_aliases(row, columns)
 
     def get(name: str, required: bool = True) -> Any:
         key = columns.get(name, name)
@@ -125,7 +144,7 @@ def to_pair(row: dict[str, Any], columns: dict[str, str] | None = None, system_p
             prompt, chosen, rejected = _split_shared(chosen, rejected)
         else:
             chosen, rejected = _after(prompt, chosen), _after(prompt, rejected)
-    elif has("question"):
+    elif has("response_j"):
         prompt = _prompt_turns(get("question"), columns.get("question", "question"))
         chosen = _answer_turns(get("response_j"), columns.get("response_j", "response_j"))
         rejected = _answer_turns(get("response_k"), columns.get("response_k", "response_k"))

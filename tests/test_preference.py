@@ -48,6 +48,8 @@ LAYOUTS = {
     "Anthropic HH text": {"chosen": f"\n\nHuman: {Q}\n\nAssistant: {GOOD}",
                           "rejected": f"\n\nHuman: {Q}\n\nAssistant: {BAD}"},
     "StackExchange paired": {"question": Q, "response_j": GOOD, "response_k": BAD},
+    "Intel orca pairs": {"system": "", "question": Q, "chosen": GOOD, "rejected": BAD},
+    "Argilla": {"instruction": Q, "chosen_response": GOOD, "rejected_response": BAD},
 }
 
 

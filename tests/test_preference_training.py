@@ -114,6 +114,16 @@ def test_dpo_continues_an_sft_runs_adapter_against_it(tiny_model_dir, tmp_path):
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(run_dir / "adapter"))
 
+    # resumed for more steps: the same starting adapter and settings are accepted, from the checkpoint
+    code, events, _ = train_inprocess(project, ["training.max_steps=3"], run_name="dpo", resume=True)
+    assert code == EXIT_OK, of_type(events, "failed")
+    assert [e["step"] for e in of_type(events, "step")] == [3]
+    from tunedeck.core.errors import UserError
+    from tunedeck.core.launcher import prepare_run
+
+    with pytest.raises(UserError, match="training.method"):
+        prepare_run(project, ["training.method=orpo", "training.max_steps=5"], run_name="dpo", resume=True)
+
 
 def test_qlora_dpo_trains_on_the_cpu(tiny_model_dir, tmp_path):
     project = dpo_project(tmp_path, tiny_model_dir, quantization={"mode": "4bit"})

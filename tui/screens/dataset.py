@@ -41,7 +41,7 @@ READING = "reading the first row… (the first time, the engine process starts a
 # the settings the preview depends on
 KEYS = ("model.source", "model.trust_remote_code", "model.allow_pickle", "model.chat_template", "dataset.path",
         "dataset.format", "dataset.columns", "dataset.system_prompt", "dataset.eval_split", "dataset.max_length",
-        "dataset.loss_on")
+        "dataset.loss_on", "dataset.reasoning", "training.method")
 
 PreviewKey = tuple[Any, ...]
 

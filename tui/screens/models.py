@@ -50,7 +50,8 @@ KINDS = {"default": "the bundled default model", "dir": "model folder", "gguf": 
 EstimateKey = tuple[str, str, int | None]  # the settings the estimate reads, the machine, the longest row
 ESTIMATE_KEYS = ("quantization.mode", "quantization.double_quant", "quantization.compute_dtype", "lora.r",
                  "lora.target_modules", "lora.dropout", "lora.use_dora", "dataset.max_length", "dataset.packing",
-                 "training.batch_size", "training.precision", "training.gradient_checkpointing", "training.devices")
+                 "training.batch_size", "training.precision", "training.gradient_checkpointing", "training.devices",
+                 "training.method")
 
 
 def identity(source: str, root: Path) -> str:
@@ -391,6 +392,9 @@ class ModelsScreen(ProjectScreen):
         key = self._estimate_key()
         batch = tokens_text(project["training.batch_size"], project["dataset.max_length"], key[2] if key else None,
                             project["dataset.packing"])
+        if project["training.method"] != "sft":  # both answers of each pair go through the model
+            size = project["training.batch_size"]
+            batch = batch.replace(f"batch {size} × ", f"batch {size} pairs × 2 answers × ", 1)
         self._status(f"{len(self._infos)} models (● the project's) · memory in GiB at {batch}, r "
                      f"{project['lora.r']}{on} · enter uses · a adds")
 
