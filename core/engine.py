@@ -740,11 +740,26 @@ def op_merge(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, ru
     return merge_run(run_dir, Path(out), cpu=cpu, progress=lambda message: emit({"message": message}))
 
 
+def op_export(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, run: str, out: str,
+              quant: str = "f16", lora: bool = False, cpu: bool = False,
+              project_path: str | None = None) -> dict[str, Any]:
+    """Export a run as GGUF with its Modelfile (:func:`tunedeck.core.export.export_run`); a
+    partial ``{"stage", "message", "done", "total"}`` per step; ``cancel`` stops it."""
+    from .chat import run_folder
+    from .export import export_run
+
+    project = _chat_project(None, project_path)
+    run_dir = run_folder(run, _runs_dir(project))
+    chat_state().release()  # the chat model's memory goes to the merge (it loads again on the next question)
+    return export_run(run_dir, Path(out), quant=quant, lora=lora, cpu=cpu, progress=emit, cancel=cancel)
+
+
 STREAMS: dict[str, Callable[..., dict[str, Any]]] = {
     "chat": op_chat,
     "chat_panes": op_chat_panes,
     "chat_eval": op_chat_eval,
     "merge": op_merge,
+    "export": op_export,
     **PREVIEW_STREAMS,  # the dataset's stats, with progress
 }
 """Ops that stream partial results; each is called with ``emit`` and ``cancel`` too."""

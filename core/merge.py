@@ -23,6 +23,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,56 @@ def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge ``run_dir``'s adapter into its base and write the model to ``out``. Returns
     ``{"out", "run", "base", "dtype", "files", "params"}``. Raises UserError with one line."""
+    say = progress or (lambda message: None)
+    run_dir, out = Path(run_dir), Path(out).expanduser()
+    check_out(out)
+    m = merged_model(run_dir, cpu=cpu, progress=say)
+    merged, ref, stored, device_map = m.model, m.ref, m.dtype, m.device_map
+    tokenizer = m.tokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        say(f"writing {out}")
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _generation_config(merged, tokenizer).save_pretrained(str(tmp))
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write the merged model ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.name for p in out.iterdir())
+    params = sum(p.numel() for p in merged.parameters())
+    del merged, m
+    _free_gpu_memory()
+    say(f"merged {run_dir.name} into {out}")
+    return {"out": str(out), "run": run_dir.name, "base": ref.display, "dtype": stored, "files": files,
+            "params": params, "device": "cpu" if device_map == {"": "cpu"} else "cuda"}
+
+
+@dataclass
+class Merged:
+    """A run's adapter merged into its base, in memory."""
+
+    model: Any  # the merged transformers model, in the base's stored dtype
+    tokenizer: Any  # with the chat template the run trained with
+    project: Any  # the run's snapshot (tunedeck.core.project.Project)
+    ref: Any  # the base model's files (tunedeck.core.models.ModelRef)
+    dtype: str  # the base's stored dtype: "float32" | "float16" | "bfloat16"
+    device_map: Any
+
+
+def merged_model(run_dir: Path, *, cpu: bool = False, progress: Callable[[str], None] | None = None) -> Merged:
+    """Load ``run_dir``'s base unquantized and merge its adapter in (on one GPU when there is
+    room, else the CPU). Raises UserError with one line."""
     from .chat import check_adapter
     from .project import Project
 
     say = progress or (lambda message: None)
-    run_dir, out = Path(run_dir), Path(out).expanduser()
-    check_out(out)
+    run_dir = Path(run_dir)
     adapter = check_adapter(run_dir)
     snapshot = run_dir / SNAPSHOT
     if not snapshot.is_file():
@@ -80,30 +125,8 @@ def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
         say("out of GPU memory while merging: merging on the CPU instead")
         device_map = {"": "cpu"}
         merged = _merge(ref, adapter, run_dir, device_map, trust, project["model.allow_pickle"], stored, say)
-
     tokenizer = _tokenizer(adapter, ref, trust, project["model.chat_template"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        say(f"writing {out}")
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        _generation_config(merged, tokenizer).save_pretrained(str(tmp))
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write the merged model ({exc.strerror or exc})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(p.name for p in out.iterdir())
-    params = sum(p.numel() for p in merged.parameters())
-    del merged
-    _free_gpu_memory()
-    say(f"merged {run_dir.name} into {out}")
-    return {"out": str(out), "run": run_dir.name, "base": ref.display, "dtype": stored, "files": files,
-            "params": params, "device": "cpu" if device_map == {"": "cpu"} else "cuda"}
+    return Merged(merged, tokenizer, project, ref, stored, device_map)
 
 
 def _merge(ref: Any, adapter: Path, run_dir: Path, device_map: Any, trust: bool, allow_pickle: bool, stored: str,
