@@ -451,6 +451,17 @@ def _pair_format(rows: list[tuple[int, dict[str, Any]]], fmt: str, columns: dict
                     'training.method = "sft"')
 
 
+def row_field(row: dict[str, Any], columns: dict[str, str], name: str, required: bool = True) -> Any:
+    """A row's field by the name a format gives it (``columns`` maps it to the file's);
+    ValueError naming it when a required one is missing."""
+    key = columns.get(name, name)
+    if key not in row or row[key] is None:
+        if required:
+            raise ValueError(f'missing field "{key}"')
+        return None
+    return row[key]
+
+
 def to_messages(
     row: dict[str, Any], fmt: str, columns: dict[str, str] | None = None, system_prompt: str = "",
     notes: list[str] | None = None,
@@ -466,12 +477,7 @@ def to_messages(
     columns = columns or {}
 
     def get(name: str, required: bool = True) -> Any:
-        key = columns.get(name, name)
-        if key not in row or row[key] is None:
-            if required:
-                raise ValueError(f'missing field "{key}"')
-            return None
-        return row[key]
+        return row_field(row, columns, name, required)
 
     check_media(row)
     tools = normalise_tools(get("tools", required=False), columns.get("tools", "tools"))

@@ -111,15 +111,12 @@ def is_pair_row(row: dict[str, Any], columns: dict[str, str] | None = None) -> b
 def to_pair(row: dict[str, Any], columns: dict[str, str] | None = None, system_prompt: str = "") -> Pair:
     """One row as a :class:`Pair`; ValueError with the reason when it does not make one
     (:class:`~tunedeck.core.conversation.MediaError` for images, audio or video)."""
+    from .datafile import row_field
+
     columns = _with_aliases(row, columns)
 
     def get(name: str, required: bool = True) -> Any:
-        key = columns.get(name, name)
-        if key not in row or row[key] is None:
-            if required:
-                raise ValueError(f'missing field "{key}"')
-            return None
-        return row[key]
+        return row_field(row, columns, name, required)
 
     def has(name: str) -> bool:
         return row.get(columns.get(name, name)) is not None

@@ -686,48 +686,32 @@ def render_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str
     The trainer and the pre-flight both call it (the pre-flight with ``until_one_trains``).
     ``cache``: a :class:`tunedeck.core.rendercache.RowCache` (the trainer's): rows rendered
     before are read from it, and a row repeated by its source's weight is rendered once."""
-    from .preference import is_preference
+    from .preference import is_preference, render_pairs
 
     template_name = project["model.chat_template"]
-    if is_preference(project):
-        return _render_pair_splits(project, tokenizer, splits, model_label=model_label,
-                                   until_one_trains=until_one_trains, cache=cache)
-    needs_template = any(not is_text_row(m) for _, m in splits.train + splits.eval)
-    template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
     max_length = project["dataset.max_length"]
-    opts = dict(max_length=max_length, loss_on=project["dataset.loss_on"], chat_template=template,
-                until_one_trains=until_one_trains, reasoning=project["dataset.reasoning"], cache=cache)
-    train, stats = render_rows(tokenizer, splits.train, **opts)
+    opts: dict[str, Any] = dict(max_length=max_length, until_one_trains=until_one_trains,
+                                reasoning=project["dataset.reasoning"], cache=cache)
+    if is_preference(project):  # pairs: each side through the chat template; the prompt never trains
+        template = resolve_chat_template(tokenizer, template_name, model_label=model_label)
+
+        def render_set(rows: Any) -> tuple[Any, RenderStats, Any]:
+            return render_pairs(tokenizer, rows, chat_template=template, **opts)
+    else:
+        needs_template = any(not is_text_row(m) for _, m in splits.train + splits.eval)
+        template = resolve_chat_template(tokenizer, template_name, model_label=model_label) if needs_template else None
+
+        def render_set(rows: Any) -> tuple[Any, RenderStats, Any]:
+            return (*render_rows(tokenizer, rows, loss_on=project["dataset.loss_on"], chat_template=template, **opts),
+                    None)
+    train, stats, pairs = render_set(splits.train)
     refusal = dataset_refusal(stats, max_length=max_length)
     if refusal:
         raise UserError(refusal)
     evaluated: list[dict[str, list[int]]] = []
     eval_stats = None
     if splits.eval:
-        evaluated, eval_stats = render_rows(tokenizer, splits.eval, **opts)
-        refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
-        if refusal:
-            raise UserError(refusal)
-    return RenderedSplits(template, train, stats, evaluated, eval_stats)
-
-
-def _render_pair_splits(project: Any, tokenizer: Any, splits: Any, *, model_label: str, until_one_trains: bool,
-                        cache: Any) -> RenderedSplits:
-    """:func:`render_splits` for a preference method's pairs (:func:`tunedeck.core.preference.render_pairs`)."""
-    from .preference import render_pairs
-
-    template = resolve_chat_template(tokenizer, project["model.chat_template"], model_label=model_label)
-    max_length = project["dataset.max_length"]
-    opts = dict(max_length=max_length, chat_template=template, reasoning=project["dataset.reasoning"],
-                until_one_trains=until_one_trains, cache=cache)
-    train, stats, pairs = render_pairs(tokenizer, splits.train, **opts)
-    refusal = dataset_refusal(stats, max_length=max_length)
-    if refusal:
-        raise UserError(refusal)
-    evaluated: list[dict[str, list[int]]] = []
-    eval_stats = None
-    if splits.eval:
-        evaluated, eval_stats, _ = render_pairs(tokenizer, splits.eval, **opts)
+        evaluated, eval_stats, _ = render_set(splits.eval)
         refusal = dataset_refusal(eval_stats, max_length=max_length, key="dataset.eval_split")
         if refusal:
             raise UserError(refusal)
