@@ -20,16 +20,22 @@ from train_support import counting_rows, sharpened_copy, train_inprocess, write_
 PROMPTS = ["What is 3 plus 3?", "What is 11 plus 11?", "Say hello."]
 
 
-def build_tiny_qwen2(out: Path, tokenizer_dir: Path) -> Path:
+def build_tiny_qwen(out: Path, tokenizer_dir: Path, arch: str = "qwen2") -> Path:
+    """A tiny random Qwen2 (or Qwen3: per-head query/key norms, a head size of its own) with the default tokenizer."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    name = "Qwen2" if arch == "qwen2" else "Qwen3"
+    # Qwen3's head size is its own (128 in the real models, and the only one transformers reads back from GGUF)
+    extra = {} if arch == "qwen2" else {"head_dim": 128}
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **extra)
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(config)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
     with torch.no_grad():
         model.model.norm.weight.mul_(16)  # logits sharp enough for greedy decoding to mean something
     out.mkdir(parents=True, exist_ok=True)
@@ -127,25 +133,26 @@ def test_q8_0_gives_the_same_greedy_answers(llama_run, tmp_path):
             assert model.generate(**ids, max_new_tokens=8, do_sample=False).tolist() == greedy.tolist()
 
 
-def test_a_qwen2_run_exports_and_loads_back(default_model_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_qwen_run_exports_and_loads_back(default_model_dir, tmp_path, arch):
     import torch
 
     from tunedeck.core.export import export_run
 
-    model_dir = build_tiny_qwen2(tmp_path / "qwen2", default_model_dir)
+    model_dir = build_tiny_qwen(tmp_path / arch, default_model_dir, arch)
     project = write_project(tmp_path, model_dir, counting_rows(), training={"max_steps": 2})
     code, events, run_dir = train_inprocess(project, run_name="qwen")
     assert code == EXIT_OK, events[-1]
     result = export_run(run_dir, tmp_path / "gguf", quant="f16")
-    assert result["arch"] == "qwen2"
+    assert result["arch"] == arch
     model, _ = load_back(Path(result["gguf"]))
-    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert type(model).__name__ == f"Qwen{arch[-1]}ForCausalLM"
     for ids, logits, greedy in merged_logits(run_dir, PROMPTS[:2])[0]:
         with torch.no_grad():
             got = model(**ids).logits
             assert torch.allclose(got, logits, atol=2e-2 * logits.abs().max().item())
             assert model.generate(**ids, max_new_tokens=8, do_sample=False).tolist() == greedy.tolist()
-    assert metadata(Path(result["gguf"]))["qwen2.attention.head_count"] == 4
+    assert metadata(Path(result["gguf"]))[f"{arch}.attention.head_count"] == 4
 
 
 def test_the_bundled_model_end_to_end_with_its_modelfile(default_model_dir, tmp_path):
