@@ -268,6 +268,8 @@ def _after(prompt: list[dict[str, Any]], answer: list[dict[str, Any]]) -> list[d
 
 def _rated(value: Any, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The best and the worst rated of a list of rated answers."""
+    if not isinstance(value, list):
+        raise ValueError(f'"{name}" is not a list of rated answers (got {type(value).__name__})')
     rated: list[tuple[float, str]] = []
     for i, item in enumerate(value, 1):
         if not isinstance(item, dict):

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from textual.theme import Theme
 
     from tunedeck.core.engine import EngineClient
+    from tunedeck.core.runs import RunInfo
 
 T = TypeVar("T")
 GC_THRESHOLDS = (20_000, 50, 1_000)
@@ -162,6 +163,8 @@ class TunedeckApp(App[int]):
         self._last_input = self._last_full_gc = 0.0
         self._attach_to: Path | None = None  # a run to open on the Train screen once shown
         self._quitting = False  # the quit questions are on screen
+        self._export_lock = threading.Lock()  # one GGUF export at a time
+        self._exporting: str | None = None  # the run being exported
         self._config = load_user_config()
         themes, self._theme_problems = user_themes()
         themes = bundled_themes() + themes
@@ -483,6 +486,85 @@ class TunedeckApp(App[int]):
         self.notify(f"{name} merged: {display_path(Path(result['out']))} ({result['params']:,} parameters, "
                     f"{result['dtype']}); it loads with AutoModelForCausalLM.from_pretrained", title="Merge",
                     timeout=15)
+
+    # -- exporting as GGUF ---------------------------------------------------------------------
+
+    @property
+    def exporting(self) -> str | None:
+        """The name of the run being exported as GGUF now, or None."""
+        return self._exporting
+
+    def export_dialog(self, run: RunInfo) -> None:
+        """Ask how to export ``run`` as GGUF (the quantization, the folder), then export it;
+        a run that cannot be exported, or an export already going, is a notification."""
+        from .exporting import default_out, export_refusal
+        from .screens.dialogs import ExportDialog
+
+        why = export_refusal(run)
+        if why is None and self._exporting is not None:
+            why = f"{self._exporting} is being exported: one export at a time (Cancel export in the palette stops it)"
+        if why is not None:
+            self.notify(why, title="Export", severity="warning")
+            return
+
+        def chosen(choice: Any) -> None:
+            if choice is not None:
+                self.export_run(run.path, out=choice.out, quant=choice.quant, lora=choice.lora)
+
+        self.push_screen(ExportDialog(run.name, display_path(default_out(run.path))), chosen)
+
+    @work(thread=True, group="export", exit_on_error=False)
+    def export_run(self, run_dir: str, out: str | None = None, quant: str = "f16", lora: bool = False) -> None:
+        """Export a run as GGUF (in the engine: its adapter merged into the base, converted,
+        ``quant``; ``lora``: the adapter as a GGUF LoRA too) into ``out``, ``runs/<name>/gguf``
+        unless given. The stages (at most one notification per stage and every two seconds)
+        and the end (the file, its size, the ``ollama create`` command) are notifications; a
+        refusal is one error notification. One export at a time: a second one is refused
+        (Textual's ``exclusive`` would cancel the first instead). :meth:`cancel_export` stops it."""
+        from .exporting import ProgressNotes, default_out, done_text
+
+        name = Path(run_dir).name
+        if not self._export_lock.acquire(blocking=False):
+            self.notify(f"{self._exporting} is being exported: one export at a time (Cancel export in the palette "
+                        "stops it)", title="Export", severity="warning")
+            return
+        try:
+            self._exporting = name
+            worker = get_current_worker()
+            out = out or str(default_out(run_dir))
+            self.notify(f"exporting {name} as {quant} GGUF into {display_path(Path(out))}… (Cancel export in the "
+                        "palette stops it)", title="Export")
+            notes = ProgressNotes()
+
+            def progress(partial: dict[str, Any]) -> None:
+                text = notes(partial)
+                if text is not None:
+                    self.notify(text, title="Export", timeout=4)
+
+            try:
+                result = self.engine.stream("export", run=run_dir, out=out, quant=quant, lora=lora,
+                                            on_partial=progress, cancel=worker.cancelled_event)
+            except UserError as exc:
+                if worker.is_cancelled:
+                    self.notify(f"{name}: export cancelled; nothing half-written is left", title="Export",
+                                severity="warning")
+                else:
+                    self.notify(exc.message, title="Export", severity="error", timeout=10)
+                return
+            self.notify(done_text(name, result), title="Export", timeout=30)
+        finally:
+            self._exporting = None
+            self._export_lock.release()
+
+    def cancel_export(self) -> None:
+        """Stop the export going (the engine stops between tensors and removes what it wrote)."""
+        going = [w for w in self.workers if w.group == "export" and w.is_running]
+        if not going or self._exporting is None:
+            self.notify("no export is going", title="Export", severity="warning")
+            return
+        self.notify(f"cancelling the export of {self._exporting}…", title="Export")
+        for worker in going:
+            worker.cancel()
 
     # -- training ---------------------------------------------------------------------------------
 

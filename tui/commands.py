@@ -1,4 +1,5 @@
-"""The command palette's tunedeck commands (ctrl+p): projects, screens, presets, themes, training."""
+"""The command palette's tunedeck commands (ctrl+p): projects, screens, presets, themes, training,
+merging and exporting runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from .exporting import export_refusal
 from .presets import PRESETS
 from .widgets.mode_tabs import SCREENS
 
@@ -42,9 +44,17 @@ class TunedeckCommands(Provider):
             else:
                 found.append(("Start training", "Train the settings shown (unsaved edits included) in a "
                               "background process", app.action_start_training))
+            runs = _runs(app)
             found += [(f"Merge run: {run.name}", f"Merge its adapter into the base model: a standalone model "
                        f"folder in runs/{run.name}/merged", partial(app.merge_run, run.path))
-                      for run in _finished_runs(app)]
+                      for run in runs if run.status == "finished" and run.adapter]
+            found += [(f"Export run: {run.name}", f"As GGUF for llama.cpp, Ollama, LM Studio: pick the quantization "
+                       f"and the folder (runs/{run.name}/gguf; e on the Train screen's list)",
+                       partial(app.export_dialog, run))
+                      for run in runs if export_refusal(run) is None]
+        if app.exporting is not None:
+            found.append(("Cancel export", f"Stop exporting {app.exporting}; nothing half-written is left",
+                          app.cancel_export))
         found += [(f"Theme: {name}", "Switch to this colour theme (remembered)", partial(app.set_theme, name))
                   for name in app.tunedeck_themes]
         found.append(("Keys", "Show every key binding (f1 or ?)", app.action_keys))
@@ -62,10 +72,9 @@ class TunedeckCommands(Provider):
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)
 
 
-def _finished_runs(app: TunedeckApp) -> list:
-    """The open project's finished runs that have an adapter (newest first)."""
+def _runs(app: TunedeckApp) -> list:
+    """The open project's runs (newest first)."""
     from tunedeck.core.runs import list_runs
 
     project = app.session.project  # type: ignore[union-attr]
-    runs = list_runs(project.resolve_path(project["output.runs_dir"]))
-    return [run for run in reversed(runs) if run.status == "finished" and run.adapter]
+    return list(reversed(list_runs(project.resolve_path(project["output.runs_dir"]))))

@@ -1,4 +1,5 @@
-"""Modal dialogs: open a project, create one, unsaved changes, presets, and every key."""
+"""Modal dialogs: open a project, create one, unsaved changes, presets, every key, and
+exporting a run as GGUF."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.suggester import Suggester
-from textual.widgets import Button, DataTable, Input, Label, OptionList
+from textual.widgets import Button, Checkbox, DataTable, Input, Label, OptionList
 from textual.widgets.option_list import Option
 from tunedeck.core.errors import UserError
 from tunedeck.core.project import Project
 
+from ..exporting import EXPORT_QUANTS, K_QUANT_NOTE, QUANT_NAMES, ExportChoice
 from ..presets import PRESETS
 
 
@@ -238,3 +241,67 @@ class AddModelScreen(Dialog):
             self.query_one(".dialog-problem", Label).update("type the path of a model folder or a .gguf file")
             return
         self.dismiss(path)
+
+
+class SpaceCheckbox(Checkbox, inherit_bindings=False):
+    """A checkbox that space (or a click) ticks; enter is left to the dialog."""
+
+    BINDINGS = [Binding("space", "toggle_button", "Toggle", show=False, id="dialog.tick")]
+
+
+class ExportDialog(Dialog):
+    """Export a run as GGUF: the quantization (a list), the output folder and whether the
+    adapter is written as a GGUF LoRA too. Enter (on the list, in the field or on the
+    checkbox) and ctrl+s export; dismisses with an :class:`~tunedeck.tui.exporting.ExportChoice`
+    (``out`` None when the default folder is kept), or None."""
+
+    BINDINGS = [Binding("ctrl+s,enter", "export", "Export", id="export.go")]
+
+    def __init__(self, run_name: str, default_out: str, quant: str = "f16") -> None:
+        super().__init__()
+        self.run_name = run_name
+        self.default_out = default_out
+        self.quant = quant if quant in QUANT_NAMES else QUANT_NAMES[0]
+
+    def compose(self) -> ComposeResult:
+        width = max(len(name) for name in QUANT_NAMES) + 2
+        with Vertical(classes="dialog"):
+            yield Label(Content.assemble("Export ", (self.run_name, "bold"), " as GGUF"), classes="dialog-title")
+            yield Label("Quantization (↑↓) of the file for llama.cpp, Ollama, LM Studio:", classes="dialog-help")
+            yield OptionList(*(Option(Content.assemble((name.ljust(width), "bold"), (help_text, "$text-muted")),
+                                      id=name) for name, help_text in EXPORT_QUANTS), id="export-quant")
+            yield Label(K_QUANT_NOTE, classes="export-note", markup=False)
+            yield Label("Output folder (→ completes):", classes="dialog-help")
+            yield Input(self.default_out, suggester=PathSuggester(), id="export-out")
+            yield SpaceCheckbox("also the adapter as a GGUF LoRA (space ticks)", id="export-lora")
+            yield Label("", classes="dialog-problem")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Export", variant="primary", id="export")
+                yield Button("Cancel", id="cancel")
+            yield Label("enter or ctrl+s exports · esc cancels", classes="dialog-help")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        quants = self.query_one("#export-quant", OptionList)
+        quants.highlighted = QUANT_NAMES.index(self.quant)
+        quants.focus()
+
+    @on(OptionList.OptionSelected, "#export-quant")
+    @on(Input.Submitted, "#export-out")
+    @on(Button.Pressed, "#export")
+    def action_export(self) -> None:
+        quants = self.query_one("#export-quant", OptionList)
+        option = quants.highlighted_option
+        out = self.query_one("#export-out", Input).value.strip()
+        if option is None or option.id is None:
+            self._problem("pick a quantization")
+            return
+        if not out:
+            self._problem(f"type the folder to write the GGUF files to (e.g. {self.default_out})")
+            return
+        self.dismiss(ExportChoice(quant=option.id, out=None if out == self.default_out else
+                                  str(Path(os.path.expanduser(out)).absolute()),
+                                  lora=self.query_one("#export-lora", Checkbox).value))
+
+    def _problem(self, message: str) -> None:
+        self.query_one(".dialog-problem", Label).update(message)

@@ -28,7 +28,8 @@ checkpoint and the adapter, then the end), ``c`` save a checkpoint now, ``A`` ab
 (asks first), ``R`` resume a stopped or failed run from its latest checkpoint, in its
 folder (``tunedeck train --resume``), ``r`` re-read the runs list. Enter on a run in the
 list opens it: a live one re-attaches (history, then live, with the controls), an ended
-one shows its plots.
+one shows its plots; ``e`` on it exports it as GGUF (a dialog: the quantization, the
+folder; the work is the engine's, the progress is notifications).
 """
 
 from __future__ import annotations
@@ -722,6 +723,10 @@ class TrainScreen(ProjectScreen):
     def _open(self, event: OptionList.OptionSelected) -> None:
         if event.option.id is not None:
             self.app.open_run(event.option.id)
+
+    @on(RunsList.ExportAsked)
+    def _export_asked(self, event: RunsList.ExportAsked) -> None:
+        self.app.export_dialog(event.run)
 
     def work_failed(self, worker: Worker[Any], message: str) -> None:
         if worker.group == "runs":

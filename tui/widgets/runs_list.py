@@ -2,7 +2,8 @@
 loss, training time. The columns are fitted to the list's width as it changes: time, step
 and the long status go first at narrow widths, the name is shortened in its middle, and
 the two losses always show in full. Space picks runs for comparison; each picked run
-keeps a colour of :data:`PALETTE`, the colour of its curve on the loss plot."""
+keeps a colour of :data:`PALETTE`, the colour of its curve on the loss plot. ``e`` asks
+for the highlighted run to be exported as GGUF (:class:`RunsList.ExportAsked`)."""
 
 from __future__ import annotations
 
@@ -148,6 +149,7 @@ class RunsList(OptionList):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "pick", "Compare", id="train.compare"),
+        Binding("e", "export", "Export", id="train.export"),
         Binding("escape", "clear_picks", "Clear compare", show=False, id="train.compare_clear"),
     ]
 
@@ -168,6 +170,17 @@ class RunsList(OptionList):
 
         runs_list: RunsList
         header: Content
+
+        @property
+        def control(self) -> RunsList:
+            return self.runs_list
+
+    @dataclass
+    class ExportAsked(Message):
+        """``e`` on a run: export it as GGUF (the screen opens the dialog, or says why not)."""
+
+        runs_list: RunsList
+        run: RunInfo
 
         @property
         def control(self) -> RunsList:
@@ -261,6 +274,14 @@ class RunsList(OptionList):
             self._colors[option.id] = free[0]
         self._redraw()
         self.post_message(self.PicksChanged(self, self.picks))
+
+    def action_export(self) -> None:
+        option = self.highlighted_option
+        run = next((info for info in self.runs if option is not None and str(info.path) == option.id), None)
+        if run is None:
+            self.notify("no run to export: a finished run's adapter is exported", severity="warning")
+            return
+        self.post_message(self.ExportAsked(self, run))
 
     def action_clear_picks(self) -> None:
         if self._colors:
