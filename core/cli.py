@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .errors import UserError, one_line
 
-COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect", "chat", "merge", "export", "preview",
+COMMANDS = ("new", "check", "models", "demo", "train", "runs", "inspect", "chat", "merge", "export", "pull", "preview",
             "attach")
 
 

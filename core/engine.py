@@ -754,12 +754,40 @@ def op_export(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, r
     return export_run(run_dir, Path(out), quant=quant, lora=lora, cpu=cpu, progress=emit, cancel=cancel)
 
 
+def op_hub_search(text: str, limit: int = 20) -> dict[str, Any]:
+    """Hub models matching ``text`` (:func:`tunedeck.core.hub.search_models`): the network, when asked."""
+    from .hub import search_models
+
+    return {"models": search_models(text, limit)}
+
+
+def op_hub_plan(repo: str, revision: str | None = None, dataset: bool = False,
+                allow_pickle: bool = False) -> dict[str, Any]:
+    """What pulling ``repo`` would fetch (:func:`tunedeck.core.hub.plan_pull`)."""
+    from .hub import plan_pull
+
+    return plan_pull(repo, revision, dataset=dataset, allow_pickle=allow_pickle)
+
+
+def op_hub_pull(emit: Callable[[dict[str, Any]], None], cancel: threading.Event, repo: str,
+                revision: str | None = None, dataset: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Download ``repo`` into the Hugging Face cache (:func:`tunedeck.core.hub.pull`); a partial per
+    progress step; ``cancel`` stops it (the partial file is kept for resume)."""
+    from .hub import pull
+
+    return pull(repo, revision, dataset=dataset, allow_pickle=allow_pickle, progress=emit, cancel=cancel)
+
+
+OPS.update({"hub_search": op_hub_search, "hub_plan": op_hub_plan})  # the network, only when asked
+
+
 STREAMS: dict[str, Callable[..., dict[str, Any]]] = {
     "chat": op_chat,
     "chat_panes": op_chat_panes,
     "chat_eval": op_chat_eval,
     "merge": op_merge,
     "export": op_export,
+    "hub_pull": op_hub_pull,
     **PREVIEW_STREAMS,  # the dataset's stats, with progress
 }
 """Ops that stream partial results; each is called with ``emit`` and ``cancel`` too."""

@@ -8,6 +8,10 @@ size, max_length, rank, targets, gradient checkpointing), the estimate `tunedeck
 and the app show, at the dataset's longest row (its rows are tokenized once, then kept).
 Without: a generic LoRA bf16 / QLoRA 4-bit on a GPU at batch 4 x 1024 tokens, r 16 on all
 linear layers, with gradient checkpointing (CUDA context included).
+
+``--search TEXT`` asks the Hugging Face Hub instead (the one time this command uses the
+network): text-generation models matching TEXT, most downloaded first, with downloads,
+size, gated and license; ``tunedeck pull REPO_ID`` then downloads one.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the models found on this machine", description=__doc__)
     p.add_argument("paths", nargs="*", help="extra model folders, .gguf files or folders holding them")
     p.add_argument("--project", metavar="PROJECT.toml", help="estimate memory at this project's settings")
+    p.add_argument("--search", metavar="TEXT", help="search the Hugging Face Hub for text-generation models")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="with --search: at most N models (default 20)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.search is not None:
+        return _search(args)
     from ..memory import longest_row
     from ..models import list_models
     from ..project import Project
@@ -105,3 +113,33 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return "?"
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ..hub import search_models
+
+    found = search_models(args.search, limit=max(1, min(args.limit, 100)))
+    if args.json:
+        json.dump(found, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..cli import console as cli_console
+
+    console = cli_console()
+    if not found:
+        console.print(Text(f"no text-generation model on the Hub matches {args.search!r}"))
+        return 0
+    table = Table(show_header=True, header_style="bold", title=f"Hub models matching {args.search!r}")
+    for col in ("repo", "downloads", "size", "gated", "license"):
+        table.add_column(col, overflow="fold")
+    for m in found:
+        size = m["size"]
+        shown = "-" if not size else (f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.0f} MiB")
+        table.add_row(Text(m["id"]), f"{m['downloads']:,}" if isinstance(m["downloads"], int) else "-", shown,
+                      "yes" if m["gated"] else "no", Text(m["license"] or "-"))
+    console.print(table)
+    console.print(Text("download one with: tunedeck pull REPO_ID", style="dim"))
+    return 0

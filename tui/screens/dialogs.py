@@ -1,5 +1,5 @@
-"""Modal dialogs: open a project, create one, unsaved changes, presets, every key, and
-exporting a run as GGUF."""
+"""Modal dialogs: open a project, create one, unsaved changes, presets, every key,
+exporting a run as GGUF, and what a download from the Hugging Face Hub would fetch."""
 
 from __future__ import annotations
 
@@ -305,3 +305,62 @@ class ExportDialog(Dialog):
 
     def _problem(self, message: str) -> None:
         self.query_one(".dialog-problem", Label).update(message)
+
+
+class HubPlanDialog(Dialog):
+    """What downloading a Hub repo would fetch (``hub_plan``'s answer): the files, their size
+    against the free space of the cache's disk, the pickle files left out, whether it is gated.
+    Dismisses with "download", or None. Download is disabled when the disk is too small."""
+
+    def __init__(self, plan: dict[str, object]) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def compose(self) -> ComposeResult:
+        from ..widgets.hub_search import gated_text, hub_size
+
+        plan = self.plan
+        files = [f for f in plan.get("files", []) if isinstance(f, dict)]  # type: ignore[union-attr]
+        total, cached, free = (int(plan.get(k) or 0) for k in ("total", "cached", "free"))  # type: ignore[call-overload]
+        needed = max(total - cached, 0)
+        skipped = [str(n) for n in plan.get("skipped", [])]  # type: ignore[union-attr]
+        gated = gated_text(plan.get("gated"))
+        with Vertical(classes="dialog"):
+            yield Label(Content.assemble("Download ", (str(plan.get("repo", "?")), "bold"), " from the Hub"),
+                        classes="dialog-title")
+            revision = str(plan.get("revision") or "")
+            got = f" ({hub_size(cached)} already in the cache)" if cached else ""
+            yield Label(f"{len(files)} files, {hub_size(total)}{got} · revision {revision[:12]}",
+                        classes="hub-plan-line", markup=False)
+            short = needed > free
+            space = Label(f"{hub_size(needed)} to fetch · {hub_size(free)} free on the cache's disk"
+                          + (" · not enough space: free some, or set HF_HUB_CACHE to a bigger disk" if short else ""),
+                          classes="hub-plan-line", markup=False)
+            space.set_class(short, "-error")
+            yield space
+            table: DataTable[str] = DataTable(cursor_type="none", zebra_stripes=True, id="hub-plan-files")
+            table.add_columns("file", "size")
+            for entry in files:
+                table.add_row(str(entry.get("name", "?")), hub_size(int(entry.get("size") or 0)))
+            yield table
+            if skipped:
+                names = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+                yield Label(f"left out: {names} (pickle weights can run code when loaded; the safetensors are "
+                            "fetched)", classes="hub-plan-line -warning", markup=False)
+            if gated != "no":
+                yield Label(f"gated ({gated}): accept its terms on the Hub page, then set HF_TOKEN or run "
+                            "`hf auth login`", classes="hub-plan-line -warning", markup=False)
+            else:
+                yield Label("not gated", classes="hub-plan-line", markup=False)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Download", variant="primary", id="hub-download", disabled=short)
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        download = self.query_one("#hub-download", Button)
+        (self.query_one("#cancel", Button) if download.disabled else download).focus()
+
+    @on(Button.Pressed, "#hub-download")
+    def _download(self) -> None:
+        self.dismiss("download")

@@ -11,6 +11,15 @@ batch is the dataset's longest row once the engine or a run has tokenized the ro
 from their kept answer, :func:`tunedeck.core.memory.known_longest_row`), else max_length.
 Both run in worker threads, row by row; a model that cannot be read is one line in its row.
 Enter makes the highlighted model the project's ``model.source`` (unsaved; ctrl+s).
+
+``/`` searches the Hugging Face Hub (the engine's ``hub_search``: the only network use, and
+only when asked): enter on a model found shows what a download would fetch (``hub_plan``:
+the files, their size against the free disk space, the pickle files left out, whether it is
+gated) and asks; a download (stream ``hub_pull``) shows a bar for the current file and one
+for the whole, and esc, its Cancel button or "Cancel download" in the palette stop it (the
+partial file is kept: pulling again resumes). Once done the list shows the model (it is in
+the Hugging Face cache) and the screen offers to make it the project's model. A refusal (no
+network, a gated repo, no space) is one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import Vertical
 from textual.content import Content
 from textual.message import Message
-from textual.widgets import DataTable, Static
+from textual.widgets import ContentSwitcher, DataTable, Static
 from textual.worker import Worker, get_current_worker
 
 from tunedeck.core.errors import UserError
@@ -36,6 +47,7 @@ from tunedeck.core.project import Project
 from tunedeck.core.schema import toml_repr
 
 from ..session import display_path
+from ..widgets.hub_search import HubDownload, HubSearch, hub_size
 from ..widgets.summary import human_bytes, human_count
 from .base import ProjectScreen
 
@@ -120,10 +132,21 @@ class ModelsScreen(ProjectScreen):
 
     MODE = "models"
     AUTO_FOCUS = "#models-table"
+    DEFAULT_CSS = """
+    ModelsScreen {
+        #models-switcher, #models-local { height: 1fr; }
+        #hub-pull { display: none; }
+        #hub-pull.-going { display: block; }
+    }
+    """
     BINDINGS = [
         Binding("a", "add", "Add path", id="models.add"),
         Binding("r", "rescan", "Rescan", id="models.rescan"),
+        Binding("slash", "hub_search", "Hub search", id="models.hub_search"),
+        Binding("escape", "cancel_download", "Cancel download", id="models.hub_cancel"),
+        Binding("escape", "hub_back", "Back to the list", show=False, id="models.hub_back"),
     ]
+    COMMANDS = {lambda: HubCommands}
 
     @dataclass
     class Listed(Message):
@@ -147,6 +170,44 @@ class ModelsScreen(ProjectScreen):
         path: str
         estimate: Estimate
 
+    @dataclass
+    class HubFound(Message):
+        """The Hub's models matching ``text`` (``hub_search``'s dicts)."""
+
+        text: str
+        models: list[dict[str, Any]]
+
+    @dataclass
+    class HubRefused(Message):
+        """A Hub request that failed (no network, no such repo...): one line."""
+
+        message: str
+
+    @dataclass
+    class HubPlanned(Message):
+        """What downloading a repo would fetch (``hub_plan``'s answer)."""
+
+        plan: dict[str, Any]
+
+    @dataclass
+    class PullProgress(Message):
+        """How far the download is (a ``hub_pull`` partial); a newer one replaces one still queued."""
+
+        partial: dict[str, Any]
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, ModelsScreen.PullProgress)
+
+    @dataclass
+    class PullEnded(Message):
+        """The download of ``repo`` is over: done (``result``), cancelled, or refused (``error``)."""
+
+        repo: str
+        result: dict[str, Any] | None
+        error: str = ""
+        cancelled: bool = False
+        session: object = None  # the project open when it started
+
     def __init__(self) -> None:
         super().__init__()
         self._infos: list[ModelInfo] = []
@@ -156,14 +217,20 @@ class ModelsScreen(ProjectScreen):
         self._added: list[Path] = []  # folders and files added here
         self._estimates: dict[tuple[EstimateKey, str], Estimate] = {}
         self._estimating: EstimateKey | None = None
+        self.pulling: str | None = None  # the repo being downloaded
+        self._pulled: tuple[str, object] | None = None  # (model.source, session) to offer once listed
 
     def compose_body(self) -> ComposeResult:
         yield Static(LISTING, id="models-status", classes="screen-status", markup=False)
-        table: DataTable[Any] = DataTable(cursor_type="row", zebra_stripes=True, id="models-table")
-        for label in COLUMNS:
-            table.add_column(label, key=label or "current")
-        yield table
-        yield Static("", id="model-detail")
+        with ContentSwitcher(initial="models-local", id="models-switcher"):
+            with Vertical(id="models-local"):
+                table: DataTable[Any] = DataTable(cursor_type="row", zebra_stripes=True, id="models-table")
+                for label in COLUMNS:
+                    table.add_column(label, key=label or "current")
+                yield table
+                yield Static("", id="model-detail")
+            yield HubSearch(id="models-hub")
+        yield HubDownload(id="hub-pull", classes="-going" if self.pulling else "")
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -242,6 +309,10 @@ class ModelsScreen(ProjectScreen):
         source, root = self._project_model()
         current = identity(source, root)
         row = next((i for i, info in enumerate(self._infos) if identity_of(info) == current), 0)
+        pulled, self._pulled = self._pulled, None
+        if pulled is not None:
+            row = next((i for i, info in enumerate(self._infos) if info.kind == "hub" and info.source == pulled[0]),
+                       row)
         if event.added:
             if Path(event.added) not in self._added:
                 self._added.append(Path(event.added))
@@ -255,6 +326,8 @@ class ModelsScreen(ProjectScreen):
         self._status_line()
         self._estimating = None
         self._estimate_all()
+        if pulled is not None:
+            self._offer(*pulled)
 
     def _cells(self, info: ModelInfo) -> list[Text]:
         name = Text(short_name(info))
@@ -409,9 +482,12 @@ class ModelsScreen(ProjectScreen):
         if info.error:
             self.notify(f"{short_name(info)} cannot be used: {info.error}", severity="error", timeout=10)
             return
+        self.use_source(source_for(info, self.session.project.root))
+
+    def use_source(self, source: str) -> None:
+        """Make ``source`` the project's ``model.source`` (unsaved), as enter on a model does."""
         session = self.session
-        source = source_for(info, session.project.root)
-        if identity(session.project["model.source"], session.project.root) == identity_of(info):
+        if identity(session.project["model.source"], session.project.root) == identity(source, session.project.root):
             self.notify(f"{source} is already the project's model", title="Model")
             return
         self.app.edit_setting("model.source", value=source)
@@ -445,7 +521,191 @@ class ModelsScreen(ProjectScreen):
     def action_rescan(self) -> None:
         self._list()
 
+    # -- the Hugging Face Hub -------------------------------------------------------------------
+
+    def _hub(self) -> HubSearch:
+        return self.query_one("#models-hub", HubSearch)
+
+    def _hub_showing(self) -> bool:
+        switchers = self.query("#models-switcher").results(ContentSwitcher)
+        return any(switcher.current == "models-hub" for switcher in switchers)
+
+    def action_hub_search(self) -> None:
+        """Show the Hub search (the results of the last one stay) with the cursor in its field."""
+        self.query_one("#models-switcher", ContentSwitcher).current = "models-hub"
+        self._hub().focus_query()
+        self.refresh_bindings()
+
+    def action_hub_back(self) -> None:
+        self.query_one("#models-switcher", ContentSwitcher).current = "models-local"
+        self.query_one("#models-table", DataTable).focus()
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "cancel_download":
+            return self.pulling is not None
+        if action == "hub_back":
+            return self._hub_showing()
+        return True
+
+    @on(HubSearch.Search)
+    def _hub_search_asked(self, event: HubSearch.Search) -> None:
+        self._hub_search(event.text)
+
+    @work(thread=True, exclusive=True, group="hub-search", exit_on_error=False)
+    def _hub_search(self, text: str) -> None:
+        try:
+            found = self.app.engine.call("hub_search", text=text, limit=30)
+        except UserError as exc:  # EngineError: no network, a bad answer from the Hub...
+            self.post_message(self.HubRefused(exc.message))
+            return
+        if not get_current_worker().is_cancelled:
+            self.post_message(self.HubFound(text, list(found.get("models") or [])))
+
+    @on(HubFound)
+    def _hub_found(self, event: HubFound) -> None:
+        self._hub().show_results(event.text, event.models)
+
+    @on(HubRefused)
+    def _hub_refused(self, event: HubRefused) -> None:
+        if self.is_mounted:
+            self._hub().show_line(event.message, error=True)
+        self.notify(event.message, title="Hub", severity="error", timeout=10)
+
+    @on(HubSearch.Chosen)
+    def _hub_chosen(self, event: HubSearch.Chosen) -> None:
+        repo = str(event.model.get("id") or "")
+        if not repo:
+            return
+        if self.pulling is not None:
+            self.notify(f"downloading {self.pulling}: one download at a time (esc cancels it)", title="Hub",
+                        severity="warning")
+            return
+        self._hub().show_line(f"asking the Hub what {repo} would fetch…")
+        self._hub_plan(repo, bool(self.session.project["model.allow_pickle"]))
+
+    @work(thread=True, exclusive=True, group="hub-plan", exit_on_error=False)
+    def _hub_plan(self, repo: str, allow_pickle: bool) -> None:
+        try:
+            plan = self.app.engine.call("hub_plan", repo=repo, revision=None, dataset=False, allow_pickle=allow_pickle)
+        except UserError as exc:  # gated without access, pickle-only weights, an unknown architecture...
+            self.post_message(self.HubRefused(exc.message))
+            return
+        if not get_current_worker().is_cancelled:
+            self.post_message(self.HubPlanned({**plan, "allow_pickle": allow_pickle}))
+
+    @on(HubPlanned)
+    def _hub_planned(self, event: HubPlanned) -> None:
+        from .dialogs import HubPlanDialog
+
+        plan = event.plan
+        self._hub().show_line(f"{plan.get('repo')}: {len(plan.get('files') or [])} files, "
+                              f"{hub_size(int(plan.get('total') or 0))}")
+
+        def answered(answer: object) -> None:
+            if answer == "download":
+                self.pull(plan)
+
+        self.app.push_screen(HubPlanDialog(plan), answered)
+
+    def pull(self, plan: dict[str, Any]) -> None:
+        """Download what ``plan`` (``hub_plan``'s answer) names, showing its progress."""
+        repo = str(plan["repo"])
+        if self.pulling is not None:
+            self.notify(f"downloading {self.pulling}: one download at a time (esc cancels it)", title="Hub",
+                        severity="warning")
+            return
+        self.pulling = repo
+        panel = self.query_one("#hub-pull", HubDownload)
+        panel.start(repo, int(plan.get("total") or 0), len(plan.get("files") or []))
+        panel.add_class("-going")
+        self.refresh_bindings()
+        self._hub_pull(repo, plan.get("revision"), bool(plan.get("allow_pickle")), self.app.session)
+
+    @work(thread=True, exclusive=True, group="hub-pull", exit_on_error=False)
+    def _hub_pull(self, repo: str, revision: str | None, allow_pickle: bool, session: object) -> None:
+        worker = get_current_worker()
+        try:
+            result = self.app.engine.stream(
+                "hub_pull", repo=repo, revision=revision, dataset=False, allow_pickle=allow_pickle,
+                on_partial=lambda partial: self.post_message(self.PullProgress(partial)),
+                cancel=worker.cancelled_event)
+        except UserError as exc:  # cancelled (the partial file is kept), no space, the network gone...
+            cancelled = worker.is_cancelled or "cancelled" in exc.message
+            self.post_message(self.PullEnded(repo, None, exc.message, cancelled))
+            return
+        self.post_message(self.PullEnded(repo, result, session=session))
+
+    @on(PullProgress)
+    def _pull_progress(self, event: PullProgress) -> None:
+        if self.pulling is None:
+            return
+        panel = self.query_one("#hub-pull", HubDownload)
+        if panel.repo != self.pulling:  # rebuilt (another project opened) while downloading
+            partial = event.partial
+            panel.start(self.pulling, int(partial.get("total") or 0), int(partial.get("files_total") or 0))
+        panel.progress(event.partial)
+
+    def action_cancel_download(self) -> None:
+        """Stop the download (at the next bytes; the partial file is kept for resuming)."""
+        going = [w for w in self.workers if w.group == "hub-pull" and w.is_running]
+        if self.pulling is None or not going:
+            self.notify("no download is going", title="Hub", severity="warning")
+            return
+        for worker in going:
+            worker.cancel()
+        self.query_one("#hub-pull", HubDownload).stopping()
+
+    @on(HubDownload.CancelPressed)
+    def _cancel_pressed(self) -> None:
+        self.action_cancel_download()
+
+    def _pull_over(self) -> None:
+        self.pulling = None
+        self.query_one("#hub-pull", HubDownload).remove_class("-going")
+        self.refresh_bindings()
+
+    @on(PullEnded)
+    def _pull_ended(self, event: PullEnded) -> None:
+        self._pull_over()
+        if event.cancelled:
+            self.notify(f"{event.repo}: download cancelled; pull again to resume (the partial file is kept)",
+                        title="Hub", severity="warning", timeout=10)
+            return
+        if event.result is None:
+            self.notify(event.error, title="Hub", severity="error", timeout=10)
+            return
+        result = event.result
+        source = str(result.get("source") or event.repo)
+        self.notify(f"{event.repo} downloaded ({hub_size(int(result.get('bytes') or 0))}) into the Hugging Face "
+                    f"cache: model.source = {source!r} uses it", title="Hub", timeout=15)
+        self._pulled = (source, event.session)
+        self.action_hub_back()
+        self._list()
+
+    def _offer(self, source: str, session: object) -> None:
+        """Offer to make the model just downloaded the project's model (the same project, on this screen)."""
+        if session is not self.app.session or not self.is_current:
+            return
+        project = self.session.project
+        if identity(project["model.source"], project.root) == identity(source, project.root):
+            return
+        from .dialogs import ChoiceScreen
+
+        def answered(answer: object) -> None:
+            if answer == "use":
+                self.use_source(source)
+
+        self.app.push_screen(ChoiceScreen(
+            "Downloaded", f"{source} is in the Hugging Face cache. Make it the project's model "
+            f"(model.source = {source!r}, unsaved; ctrl+s saves)?", [("Use it", "use")]), answered)
+
     def work_failed(self, worker: Worker[object], message: str) -> None:
+        if worker.group in ("hub-search", "hub-plan"):
+            self.post_message(self.HubRefused(message))
+            return
+        if worker.group == "hub-pull":  # not a refusal (those end it in PullEnded): a bug, still one line
+            self._pull_over()
         if worker.group == "list":
             if self._infos:
                 self._status_line()
@@ -454,3 +714,30 @@ class ModelsScreen(ProjectScreen):
             self.notify(message, severity="error", timeout=10)
         else:
             super().work_failed(worker, message)
+
+
+class HubCommands(Provider):
+    """The Models screen's palette commands: search the Hub, cancel the download going."""
+
+    def commands(self) -> list[tuple[str, str, Any]]:
+        screen = self.screen
+        if not isinstance(screen, ModelsScreen):
+            return []
+        found: list[tuple[str, str, Any]] = [
+            ("Search the Hugging Face Hub", "Find a model to download (/ on the Models screen)",
+             screen.action_hub_search)]
+        if screen.pulling is not None:
+            found.append(("Cancel download", (f"Stop downloading {screen.pulling}; the partial file is kept, "
+                                              "pulling again resumes (esc)"), screen.action_cancel_download))
+        return found
+
+    async def discover(self) -> Hits:
+        for name, help_text, callback in self.commands():
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self.commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
