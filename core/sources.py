@@ -62,6 +62,8 @@ class Source:
 
     def files(self) -> list[Path]:
         """The files (or the one file or save_to_disk folder) the rows are read from."""
+        if self.spec.startswith(HUB_PREFIX):  # "hf:org/name": the cached dataset, never a local path
+            return cached_dataset_files(self.spec[len(HUB_PREFIX):], self.split, self.config, self.key)
         local = self.local()
         if local.exists() or os.path.lexists(local) or not _looks_like_name(self.spec):
             return [local]
@@ -71,6 +73,9 @@ class Source:
         """The file, or what of the cache a named dataset is read from, for messages."""
         files = self.files()
         return str(files[0]) if len(files) == 1 else f"{self.spec} ({len(files)} files in the Hugging Face cache)"
+
+
+HUB_PREFIX = "hf:"  # dataset.path = "hf:org/name" names a dataset in the local Hugging Face cache only
 
 
 def _looks_like_name(spec: str) -> bool:
@@ -157,6 +162,8 @@ def relative_sources(value: Any, root: Path, run_dir: Path) -> Any:
     """``dataset.path`` with its local paths made relative to ``run_dir`` (a run's snapshot);
     cached datasets' names stay as they are."""
     def rel(spec: str) -> str:
+        if spec.startswith(HUB_PREFIX):
+            return spec
         source = Source(spec, root=root)
         local = source.local()
         if not local.exists() and _looks_like_name(spec):

@@ -574,11 +574,12 @@ def test_pull_a_dataset_then_a_project_previews_it_offline_by_its_repo_id(hub, t
 
     hub.reset_counts()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    project = write_project(tmp_path / "proj", str(tiny_model_dir), data="tiny/chat")
-    assert main(["preview", str(project), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["stats"]["rows"] == len(CHAT_ROWS)
-    assert report["row"]["fields"]["messages"][0]["content"] == CHAT_ROWS[0]["messages"][0]["content"]
+    for name in ("tiny/chat", "hf:tiny/chat"):  # the repo id, or hf: for the cache alone (never a local path)
+        project = write_project(tmp_path / name.replace(":", "-").replace("/", "-"), str(tiny_model_dir), data=name)
+        assert main(["preview", str(project), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["stats"]["rows"] == len(CHAT_ROWS)
+        assert report["row"]["fields"]["messages"][0]["content"] == CHAT_ROWS[0]["messages"][0]["content"]
     assert hub.requests == [] and hub.connections == 0
 
 
