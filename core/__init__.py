@@ -8,12 +8,14 @@ __version__ = "0.1.0"
 # library, so these are in place when huggingface_hub reads them (at its import). Nothing
 # tunedeck does while training, inspecting, previewing or chatting needs the network; a
 # user who sets one of them (e.g. HF_HUB_OFFLINE=0 for a download) keeps their value.
-# whether the user set HF_HUB_OFFLINE themselves (tunedeck's own search and pull lift only its default);
-# the answer of the first tunedeck process is passed on to the processes it starts (engine, trainer)
-if "TUNEDECK_HUB_OFFLINE" not in _os.environ:
-    _os.environ["TUNEDECK_HUB_OFFLINE"] = (
-        "user" if "HF_HUB_OFFLINE" in _os.environ or "TRANSFORMERS_OFFLINE" in _os.environ else "default")
-HUB_OFFLINE_FROM_USER = _os.environ["TUNEDECK_HUB_OFFLINE"] == "user"
+# whether the user set HF_HUB_OFFLINE themselves (tunedeck's own search and pull lift only its default):
+# tunedeck marks the default it sets, so the processes it starts (engine, trainer), which inherit the
+# variable, know it is not the user's
+if "HF_HUB_OFFLINE" not in _os.environ and "TRANSFORMERS_OFFLINE" not in _os.environ:
+    HUB_OFFLINE_FROM_USER = False
+    _os.environ["TUNEDECK_HUB_OFFLINE"] = "default"
+else:
+    HUB_OFFLINE_FROM_USER = _os.environ.get("TUNEDECK_HUB_OFFLINE") != "default"
 for _name, _value in (
     ("HF_HUB_OFFLINE", "1"),
     ("HF_HUB_DISABLE_TELEMETRY", "1"),  # trl and transformers report usage through huggingface_hub
