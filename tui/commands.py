@@ -19,7 +19,26 @@ if TYPE_CHECKING:
 Command = tuple[str, str, Callable[[], object]]
 
 
-class TunedeckCommands(Provider):
+class ListedCommands(Provider):
+    """A palette provider whose commands are a list of (name, help, callback), made afresh
+    each time the palette asks (:meth:`commands`)."""
+
+    def commands(self) -> list[Command]:
+        raise NotImplementedError
+
+    async def discover(self) -> Hits:
+        for name, help_text, callback in self.commands():
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self.commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
+class TunedeckCommands(ListedCommands):
     """Commands for what the app can do now (some need an open project)."""
 
     def commands(self) -> list[Command]:
@@ -59,17 +78,6 @@ class TunedeckCommands(Provider):
                   for name in app.tunedeck_themes]
         found.append(("Keys", "Show every key binding (f1 or ?)", app.action_keys))
         return found
-
-    async def discover(self) -> Hits:
-        for name, help_text, callback in self.commands():
-            yield DiscoveryHit(name, callback, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, help_text, callback in self.commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=help_text)
 
 
 def _runs(app: TunedeckApp) -> list:

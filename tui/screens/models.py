@@ -33,7 +33,6 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Vertical
 from textual.content import Content
 from textual.message import Message
@@ -46,6 +45,7 @@ from tunedeck.core.models import ModelInfo, list_models, resolve_source
 from tunedeck.core.project import Project
 from tunedeck.core.schema import toml_repr
 
+from ..commands import Command, ListedCommands
 from ..session import display_path
 from ..widgets.hub_search import HubDownload, HubSearch, hub_size
 from ..widgets.summary import human_bytes, human_count
@@ -716,28 +716,17 @@ class ModelsScreen(ProjectScreen):
             super().work_failed(worker, message)
 
 
-class HubCommands(Provider):
+class HubCommands(ListedCommands):
     """The Models screen's palette commands: search the Hub, cancel the download going."""
 
-    def commands(self) -> list[tuple[str, str, Any]]:
+    def commands(self) -> list[Command]:
         screen = self.screen
         if not isinstance(screen, ModelsScreen):
             return []
-        found: list[tuple[str, str, Any]] = [
+        found: list[Command] = [
             ("Search the Hugging Face Hub", "Find a model to download (/ on the Models screen)",
              screen.action_hub_search)]
         if screen.pulling is not None:
             found.append(("Cancel download", (f"Stop downloading {screen.pulling}; the partial file is kept, "
                                               "pulling again resumes (esc)"), screen.action_cancel_download))
         return found
-
-    async def discover(self) -> Hits:
-        for name, help_text, callback in self.commands():
-            yield DiscoveryHit(name, callback, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, help_text, callback in self.commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=help_text)
