@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,7 +169,7 @@ def export_run(run_dir: Path, out: Path, *, quant: str = "f16", lora: bool = Fal
     """Merge, convert and write a run as GGUF with its Modelfile (see the module docstring).
     Returns {"out", "gguf", "modelfile", "lora", "quant", "arch", "size", "commands",
     "pre_tokenizer"}. Raises UserError with one line."""
-    from .merge import merged_model
+    from .merge import merged_model, written_in_place
 
     run_dir, out = Path(run_dir), Path(out).expanduser()
     config = check_request(run_dir, out, quant)
@@ -183,10 +180,7 @@ def export_run(run_dir: Path, out: Path, *, quant: str = "f16", lora: bool = Fal
     merged = merged_model(run_dir, cpu=cpu, progress=lambda m: _say(progress, "merge", m))
     _check_cancel(cancel)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_dir.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with written_in_place(out, "the export") as tmp:
         first = "f16" if quant in LLAMA_CPP_QUANTS else quant
         gguf_path = tmp / f"{name}-{first}.gguf"
         info = write_gguf(merged, config, gguf_path, first, name=name, progress=progress, cancel=cancel)
@@ -202,14 +196,6 @@ def export_run(run_dir: Path, out: Path, *, quant: str = "f16", lora: bool = Fal
             write_lora_gguf(run_dir, merged, config, lora_path, name=name, progress=progress, cancel=cancel)
         _say(progress, "write", "writing the Modelfile")
         modelfile = write_modelfile(tmp / "Modelfile", gguf_path.name, merged)
-        if out.is_dir():
-            out.rmdir()  # empty (checked before)
-        os.rename(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write the export ({exc.strerror or exc})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     gguf_file = out / gguf_path.name
     commands = [f"ollama create {name.lower()} -f {out / 'Modelfile'}",
                 f"llama-cli -m {gguf_file} --jinja -cnv",

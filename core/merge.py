@@ -18,11 +18,12 @@ merge leaves nothing half-written. Imports torch: engine or CLI process only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,26 @@ def check_out(out: Path) -> None:
                         "overwritten)")
 
 
+@contextlib.contextmanager
+def written_in_place(out: Path, what: str) -> Iterator[Path]:
+    """A temporary folder next to ``out`` to write ``what`` into, renamed to ``out`` (new or
+    empty: :func:`check_out`) when the block ends well and removed otherwise, so a failed or
+    cancelled write leaves nothing half-written; a write that fails is one line (UserError)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked before)
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write {what} ({exc.strerror or exc})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge ``run_dir``'s adapter into its base and write the model to ``out``. Returns
@@ -52,21 +73,11 @@ def merge_run(run_dir: Path, out: Path, *, cpu: bool = False,
     m = merged_model(run_dir, cpu=cpu, progress=say)
     merged, ref, stored, device_map = m.model, m.ref, m.dtype, m.device_map
     tokenizer = m.tokenizer
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        say(f"writing {out}")
+    say(f"writing {out}")
+    with written_in_place(out, "the merged model") as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         _generation_config(merged, tokenizer).save_pretrained(str(tmp))
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write the merged model ({exc.strerror or exc})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
     params = sum(p.numel() for p in merged.parameters())
     del merged, m
