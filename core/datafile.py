@@ -451,6 +451,24 @@ def _pair_format(rows: list[tuple[int, dict[str, Any]]], fmt: str, columns: dict
                     'training.method = "sft"')
 
 
+def alpaca_prompt(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, Any]]:
+    """An Alpaca row's prompt as turns: LLaMA-Factory's ``history`` (earlier [question,
+    answer] pairs), then the instruction with its input; ValueError naming a field that does not fit."""
+    instruction, extra = row_field(row, columns, "instruction"), row_field(row, columns, "input", required=False)
+    if not isinstance(instruction, str):
+        raise ValueError(f'"{columns.get("instruction", "instruction")}" is not text')
+    messages: list[dict[str, Any]] = []
+    history = row_field(row, columns, "history", required=False)
+    if history:
+        if not isinstance(history, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history):
+            raise ValueError(f'"{columns.get("history", "history")}" is not a list of [question, answer] pairs')
+        for question, answer in history:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": instruction if not extra else f"{instruction}\n\n{extra}"})
+    return messages
+
+
 def row_field(row: dict[str, Any], columns: dict[str, str], name: str, required: bool = True) -> Any:
     """A row's field by the name a format gives it (``columns`` maps it to the file's);
     ValueError naming it when a required one is missing."""
@@ -498,20 +516,11 @@ def to_messages(
         if isinstance(system, str) and system.strip() and (not messages or messages[0]["role"] != "system"):
             messages.insert(0, {"role": "system", "content": system})  # a separate system column (LLaMA-Factory)
     elif fmt == "alpaca":
-        instruction, extra, output = get("instruction"), get("input", required=False), get("output")
+        instruction, output = get("instruction"), get("output")
         for name, value in (("instruction", instruction), ("output", output)):
             if not isinstance(value, str):
                 raise ValueError(f'"{columns.get(name, name)}" is not text')
-        prompt = instruction if not extra else f"{instruction}\n\n{extra}"
-        messages = []
-        history = get("history", required=False)  # LLaMA-Factory: earlier [question, answer] pairs
-        if history:
-            if not isinstance(history, list) or not all(
-                    isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history):
-                raise ValueError(f'"{columns.get("history", "history")}" is not a list of [question, answer] pairs')
-            for question, answer in history:
-                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages = alpaca_prompt(row, columns) + [{"role": "assistant", "content": output}]
         system = get("system", required=False)
         if isinstance(system, str) and system.strip():
             messages.insert(0, {"role": "system", "content": system})

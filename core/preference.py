@@ -111,7 +111,7 @@ def is_pair_row(row: dict[str, Any], columns: dict[str, str] | None = None) -> b
 def to_pair(row: dict[str, Any], columns: dict[str, str] | None = None, system_prompt: str = "") -> Pair:
     """One row as a :class:`Pair`; ValueError with the reason when it does not make one
     (:class:`~tunedeck.core.conversation.MediaError` for images, audio or video)."""
-    from .datafile import row_field
+    from .datafile import alpaca_prompt, row_field
 
     columns = _with_aliases(row, columns)
 
@@ -130,7 +130,7 @@ def to_pair(row: dict[str, Any], columns: dict[str, str] | None = None, system_p
             raw = _json_list(get("conversations"), columns.get("conversations", "conversations"))
             prompt = sharegpt_turns(raw)
         elif has("instruction"):  # LLaMA-Factory's Alpaca ranking
-            prompt = _alpaca_prompt(get, columns)
+            prompt = alpaca_prompt(row, columns)
         elif has("prompt"):
             prompt = _prompt_turns(get("prompt"), columns.get("prompt", "prompt"))
         else:
@@ -198,22 +198,6 @@ def _answer_turns(value: Any, name: str) -> list[dict[str, Any]]:
             return sharegpt_turns(value)
         return openai_turns(value)
     raise ValueError(f'"{name}" is not text or a list of messages (got {type(value).__name__})')
-
-
-def _alpaca_prompt(get: Any, columns: dict[str, str]) -> list[dict[str, Any]]:
-    instruction, extra = get("instruction"), get("input", required=False)
-    if not isinstance(instruction, str):
-        raise ValueError(f'"{columns.get("instruction", "instruction")}" is not text')
-    messages: list[dict[str, Any]] = []
-    history = get("history", required=False)
-    if history:
-        if not isinstance(history, list) or not all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history):
-            raise ValueError(f'"{columns.get("history", "history")}" is not a list of [question, answer] pairs')
-        for question, answer in history:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": instruction if not extra else f"{instruction}\n\n{extra}"})
-    return messages
 
 
 def _hh_turns(text: str) -> list[dict[str, Any]]:
