@@ -30,6 +30,13 @@ class ProjectError(UserError):
         super().__init__(f"{prefix}{where}{message}")
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message as its first non-blank line (at most ``limit`` characters), or
+    its class name when it says nothing: the part of a library's error a one-line reason quotes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else error.__class__.__name__
+
+
 def one_line(error: BaseException | None) -> str:
     """An exception as the single line a user sees (never a traceback)."""
     if isinstance(error, UserError):
