@@ -1,6 +1,7 @@
 # tunedeck: two commands.
 #   make run    install everything (first time) and open the app on the demo project
 #   make test   install everything plus the test tools, and run the tests
+#   make test-fast   the same, without the slow tests (marked slow: the real model, training)
 #
 # The set-up installs into .venv. On a machine with an NVIDIA GPU it installs the CUDA
 # build of torch; without one, the CPU build (a local wheel when pip is configured with
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 # fixtures are made once); PYTEST_WORKERS=0 runs them in this one
 PYTEST_WORKERS ?= 2
 
-.PHONY: run setup test test-setup fuzz bench gpu-check clean
+.PHONY: run setup test test-fast test-setup fuzz bench gpu-check clean
 
 run: setup
 	$(VENV)/bin/tunedeck $(PROJECT)
@@ -64,6 +65,9 @@ $(TEST_STAMP): $(STAMP)
 
 test: test-setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+test-fast: test-setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # the randomised tests with many more examples, drawn afresh (make test draws a fixed few)
 fuzz: test-setup

@@ -164,8 +164,8 @@ def main() -> None:
             def streamed(model_name: str, partner: str | None) -> float:
                 pieces: list[dict] = []
                 start = time.perf_counter()
-                result = client.stream("chat", model=model_name, partner=partner, messages=PROMPT,
-                                       settings=settings, on_partial=pieces.append)
+                result = client.chat(model_name, PROMPT, partner=partner, settings=settings,
+                                     on_text=pieces.append)
                 return result["tokens"] / (time.perf_counter() - start)
 
             streamed("base", str(run))  # warm-up: the engine loads the base and the adapter
@@ -241,15 +241,14 @@ def both_panes(client, run: str, tokens: int, repeats: int) -> dict:
 
     def at_once() -> float:
         start = time.perf_counter()
-        result = client.stream("chat_panes", panes=panes, settings=forced)
+        result = client.chat_panes(panes, settings=forced)
         assert result["together"] and all(a["tokens"] == tokens for a in result["answers"]), result
         return time.perf_counter() - start
 
     def one_after_the_other() -> float:
         start = time.perf_counter()
         for pane, partner in ((panes[0], run), (panes[1], "base")):
-            result = client.stream("chat", model=pane["model"], partner=partner, messages=pane["messages"],
-                                   settings=forced)
+            result = client.chat(pane["model"], pane["messages"], partner=partner, settings=forced)
             assert result["tokens"] == tokens
         return time.perf_counter() - start
 
@@ -264,12 +263,11 @@ def both_panes(client, run: str, tokens: int, repeats: int) -> dict:
     greedy = {"greedy": True, "max_new_tokens": tokens}
     differences, checked = [], 0
     for case in ([("base", PROMPT), (run, PROMPT)], [("base", LONGER), (run, PROMPT)], [(run, PROMPT), (run, LONGER)]):
-        result = client.stream("chat_panes", panes=[{"model": m, "messages": msgs} for m, msgs in case],
-                               settings=greedy)
+        result = client.chat_panes([{"model": m, "messages": msgs} for m, msgs in case], settings=greedy)
         models = [m for m, _ in case]
         for i, (model, messages) in enumerate(case):
             partner = next((m for j, m in enumerate(models) if j != i and m != "base"), None)
-            alone = client.stream("chat", model=model, partner=partner, messages=messages, settings=greedy)
+            alone = client.chat(model, messages, partner=partner, settings=greedy)
             checked += 1
             if alone["text"] != result["answers"][i]["text"]:
                 differences.append(f"{result['answers'][i]['model']} ({len(messages)} messages)")

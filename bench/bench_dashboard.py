@@ -39,7 +39,7 @@ bindings change, which every focus move does (tunedeck's footer rebuilds only wh
 shown change). ``--default-gc`` leaves Python's garbage collector as it comes: a full
 collection walks every object of the app and pauses the UI for about 100 ms, which alone
 breaks the goal even at idle; the app (``tunedeck``, and this bench) freezes what start-up
-made and runs full collections in quiet moments (``tunedeck.tui.app.GC_THRESHOLDS``).
+made and runs full collections in quiet moments (``tunedeck.tui.gc_tuning.GC_THRESHOLDS``).
 Results are also written to ``bench/results/dashboard.json``.
 
     python bench/bench_dashboard.py [--seconds 10] [--rates 0,1000,10000] [--no-footer] [--default-gc] [--json]

@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from tunedeck.core.inspect import count_trainable, inspect_model
+    from tunedeck.core.inspect import inspect_model
+    from tunedeck.core.targets import count_trainable
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

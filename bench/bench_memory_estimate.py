@@ -90,7 +90,8 @@ def train_steps(model: Any, *, steps: int, batch: int, length: int, device: str,
 
 def estimate_for(model_dir: str, *, mode: str, precision: str, device: str, batch: int, length: int,
                  checkpointing: bool) -> Any:
-    from tunedeck.core.inspect import count_trainable, estimate, inspect_model
+    from tunedeck.core.inspect import estimate, inspect_model
+    from tunedeck.core.targets import count_trainable
 
     ins = inspect_model(model_dir)
     choice = count_trainable(ins, TARGETS, r=R)
@@ -189,7 +190,8 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from tunedeck.core.memory import MemoryEstimate, format_gib
+    from tunedeck.core.memory import MemoryEstimate
+    from tunedeck.core.units import format_gib
     from tunedeck.core.models import ensure_default_model
 
     model_dir = str(ensure_default_model()) if args.model == "default" else args.model

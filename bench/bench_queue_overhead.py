@@ -35,7 +35,7 @@ PLAIN = r'''
 import sys
 from pathlib import Path
 from tunedeck.core.events import EventLog
-from tunedeck.core.launcher import prepare_run
+from tunedeck.core.rundir import prepare_run
 from tunedeck.core.trainer import Controls, Emitter, run
 
 with prepare_run(sys.argv[1], [], run_name=sys.argv[2]) as prepared:

@@ -187,7 +187,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
 def estimate(project: Path, overrides: list[str]) -> int | None:
     try:
         from tunedeck.core.inspect import project_report
-        from tunedeck.core.launcher import load_project
+        from tunedeck.core.preflight import load_project
 
         return int(project_report(load_project(project, overrides))["memory"]["total"])
     except Exception:  # noqa: BLE001 - the check stands without it

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .runs import ADAPTER, SNAPSHOT
 
 BASE = "base"
@@ -126,11 +126,8 @@ class GenSettings:
         return kwargs
 
 
-SETTINGS_TABLE = "chat_settings"
-"""The user config's table of generation settings, one per project file (its absolute path)."""
-
-
 def _settings_key(project_path: str | Path) -> str:
+    """A project's key in the user config's ``chat_settings`` table: its file's absolute path."""
     return str(Path(project_path).expanduser().resolve())
 
 
@@ -138,15 +135,12 @@ def saved_settings(project_path: str | Path | None) -> GenSettings:
     """The generation settings last applied on this project's Chat screen; the defaults for
     a project never tuned (or without a file yet). A stored value that no longer fits is
     left at its default: the user config holds preferences, never a reason to fail."""
-    from .paths import load_user_config
+    from .paths import user_config
 
     if project_path is None:
         return GenSettings()
-    table = load_user_config().get(SETTINGS_TABLE)
-    stored = table.get(_settings_key(project_path)) if isinstance(table, dict) else None
+    stored = user_config().chat_settings.get(_settings_key(project_path), {})
     settings = GenSettings()
-    if not isinstance(stored, dict):
-        return settings
     for key, value in stored.items():
         try:
             setattr(settings, key, getattr(GenSettings.from_dict({key: value}), key))
@@ -157,14 +151,11 @@ def saved_settings(project_path: str | Path | None) -> GenSettings:
 
 def save_settings(project_path: str | Path, settings: GenSettings) -> None:
     """Keep ``settings`` for this project (the user config, atomically written)."""
-    from .paths import load_user_config, save_user_config
+    from .paths import update_user_config, user_config
 
-    config = load_user_config()
-    table = config.get(SETTINGS_TABLE)
-    if not isinstance(table, dict):
-        table = config[SETTINGS_TABLE] = {}
+    table = user_config().chat_settings
     table[_settings_key(project_path)] = settings.as_dict()
-    save_user_config(config)
+    update_user_config(chat_settings=table)
 
 
 # -- what a pane talks to ---------------------------------------------------------------------------
@@ -481,7 +472,7 @@ class ChatState:
                 self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False)
         except Exception as exc:  # a bad safetensors file, shapes of another model, a bad config value
             raise UserError(f"run {target.label}: its adapter in {folder} does not load onto "
-                            f"{target.source} ({exc.__class__.__name__}: {_first_line(exc)})") from None
+                            f"{target.source} ({exc.__class__.__name__}: {first_line(exc)})") from None
         self.model.eval()
         self.adapters[folder] = (name, stamp)
         return name
@@ -597,7 +588,7 @@ class ChatState:
         except UserError:
             raise
         except Exception as exc:
-            raise UserError(f"the chat template cannot render this conversation ({_first_line(exc)})") from None
+            raise UserError(f"the chat template cannot render this conversation ({first_line(exc)})") from None
         prompt = tok(text, add_special_tokens=False)["input_ids"]
         if not prompt:
             raise UserError("the chat template rendered this conversation as nothing to answer")
@@ -862,11 +853,6 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else exc.__class__.__name__
 
 
 # -- eval prompts ----------------------------------------------------------------------------------

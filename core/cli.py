@@ -122,11 +122,19 @@ def _open_app(args_list: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tunedeck", description="Open the tunedeck app.")
     parser.add_argument("project", nargs="?", help="project file (project.toml) to open")
     args = parser.parse_args(args_list)
+    return guarded(lambda: open_app(args.project))
+
+
+def open_app(project: str | None, attach: str | os.PathLike[str] | None = None) -> int:
+    """Open the TUI on ``project`` (on the Train screen following the run folder ``attach``,
+    when given); its exit code. The one place the library reaches into the tui package
+    (``tunedeck [PROJECT]``, ``tunedeck demo`` and ``tunedeck attach`` come through here);
+    tests/test_packaging.py holds it so."""
     try:
         from tunedeck.tui.app import run_app
     except ImportError as exc:  # pragma: no cover - a broken install
-        return fail(f"the app cannot start ({exc})")
-    return guarded(lambda: int(run_app(args.project) or 0))
+        raise UserError(f"the app cannot start ({exc})") from exc
+    return int(run_app(project, attach=attach) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,8 +32,10 @@ class ProjectError(UserError):
 
 def first_line(error: BaseException, limit: int = 200) -> str:
     """An exception's message as its first non-blank line (at most ``limit`` characters), or
-    its class name when it says nothing: the part of a library's error a one-line reason quotes."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    its class name when it says nothing: the part of a library's error a one-line reason quotes.
+    The line is kept as the library wrote it from its first character on (a trailing space
+    too), as the modules' own copies of this quoted it."""
+    lines = str(error).strip().splitlines()
     return lines[0][:limit] if lines else error.__class__.__name__
 
 

@@ -58,7 +58,7 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .events import CHECKPOINT, EVAL, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, library_versions, system_fields
 from .runs import ADAPTER, CHECKPOINTS, ENV_FILE, SNAPSHOT, latest_checkpoint
 
@@ -71,7 +71,7 @@ class Run:
     """One training run, from the snapshot to the adapter."""
 
     def __init__(self, spec: Any, emit: Any, controls: Any) -> None:
-        """``spec``: the :class:`~tunedeck.core.launcher.RunSpec`; ``emit`` and ``controls``:
+        """``spec``: the :class:`~tunedeck.core.rundir.RunSpec`; ``emit`` and ``controls``:
         the trainer process's :class:`~tunedeck.core.trainer.Emitter` and
         :class:`~tunedeck.core.trainer.Controls`."""
         from .project import Project
@@ -310,9 +310,8 @@ class Run:
         try:
             model = PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
         except (ValueError, RuntimeError, KeyError) as exc:  # shapes or names that do not fit this model
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
             raise UserError(f"model.adapter = {self.project['model.adapter']!r}: the adapter does not fit this "
-                            f"model ({first}); pick a run of model.source") from None
+                            f"model ({first_line(exc)}); pick a run of model.source") from None
         trainable, total = model.get_nb_trainable_parameters()
         check_trainable(trainable, self.project["lora.target_modules"])
         self.params = (trainable, total)
@@ -782,7 +781,8 @@ class EventsCallback(TrainerCallback):
 
 def reset_rss_peak() -> None:
     """Start this process's resident-memory high-water mark (VmHWM) afresh (Linux), so that
-    it measures training rather than loading the model."""
+    it measures training rather than loading the model. /proc by hand: psutil has no peak RSS
+    on Linux, and getrusage's ru_maxrss cannot be reset."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")

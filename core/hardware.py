@@ -272,6 +272,16 @@ def _ram_total() -> int:
         return 0
 
 
+def _cpu_count() -> int:
+    """Logical CPUs (psutil, as for the RAM; os.cpu_count where psutil cannot say)."""
+    try:
+        import psutil
+
+        return int(psutil.cpu_count() or os.cpu_count() or 1)
+    except Exception:
+        return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def detect() -> Hardware:
     """The machine as this process sees it (cached for the process)."""
@@ -281,7 +291,7 @@ def detect() -> Hardware:
 def scan() -> Hardware:
     """The machine as this process sees it now (free memory read afresh)."""
     cpu = cpu_auto()
-    machine = {"cpu_count": os.cpu_count() or 1, "ram_total": _ram_total(), "cpu_precision": cpu.precision,
+    machine = {"cpu_count": _cpu_count(), "ram_total": _ram_total(), "cpu_precision": cpu.precision,
                "cpu_precision_reason": cpu.reason}
     if os.environ.get("TUNEDECK_DEVICE", "").lower() == "cpu":
         return Hardware(gpus=(), **machine)

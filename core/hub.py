@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .units import format_bytes
 
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
@@ -94,11 +95,6 @@ def _reach_hub() -> None:
     response.raise_for_status()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else exc.__class__.__name__
-
-
 def _endpoint() -> str:
     return _hub().constants.ENDPOINT
 
@@ -117,14 +113,14 @@ def _refusal(exc: BaseException, repo: str, kind: str = "model") -> UserError:
     if isinstance(exc, errors.RevisionNotFoundError):
         return UserError(f"{repo}: no such revision; give a branch, tag or commit of {page}")
     if isinstance(exc, errors.EntryNotFoundError):
-        return UserError(f"{repo}: a file is missing on the Hub ({_one_line(exc)})")
+        return UserError(f"{repo}: a file is missing on the Hub ({first_line(exc, limit=160)})")
     if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
         return UserError(f"{repo}: the Hub cannot be reached (offline: HF_HUB_OFFLINE is set, or no network); "
                          "check the connection and try again")
     if isinstance(exc, errors.HfHubHTTPError):
-        return UserError(f"{repo}: the Hub answered {_one_line(exc)}")
+        return UserError(f"{repo}: the Hub answered {first_line(exc, limit=160)}")
     return UserError(f"{repo}: the Hub at {_endpoint()} cannot be reached ({exc.__class__.__name__}: "
-                     f"{_one_line(exc)}); check the network, or HF_ENDPOINT")
+                     f"{first_line(exc, limit=160)}); check the network, or HF_ENDPOINT")
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -424,6 +420,5 @@ def _snapshot_folder(path: Path | None) -> Path:
 
 
 def _gib(n: int) -> str:
-    from .memory import format_gib
-
-    return format_gib(n) if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    """Disk space in a refusal: MiB below 1 GiB ("512.0 MiB"), then as a memory figure ("6.57 GiB")."""
+    return format_bytes(n, smallest="MiB", spec=",.1f", memory_gib=True)

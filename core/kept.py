@@ -1,45 +1,20 @@
-"""Values that cost seconds to build, kept for the requests that follow: in a process
-(:class:`Kept`: a model's inspection, a tokenizer) and on disk (:func:`kept_answer`: answers a
-fresh process would otherwise compute again).
+"""Answers kept on disk: what a fresh process would otherwise compute again.
 
-:class:`Kept` builds once per key; past ``size`` the least recently used is dropped.
-Thread-safe; a value is built outside the lock, so a slow build does not hold up requests
-about other keys (two threads asking for the same new key may both build it; one is kept).
+Values kept within a process (a model's inspection, a tokenizer) are
+``functools.lru_cache``\ d functions where they are built; this module keeps the answers
+that should outlive the process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-
-
-class Kept(Generic[K, V]):
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._values: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: K, build: Callable[[], V]) -> V:
-        """The value kept for ``key``, built with ``build()`` the first time."""
-        with self._lock:
-            if key in self._values:
-                self._values.move_to_end(key)
-                return self._values[key]
-        value = build()
-        with self._lock:
-            self._values[key] = value
-            while len(self._values) > self.size:
-                self._values.popitem(last=False)
-        return value
 
 
 # -- answers kept on disk ------------------------------------------------------------------

@@ -9,7 +9,7 @@ Every screen and command gets its number from one function, :func:`estimate_proj
 project's settings as resolved for this machine (:func:`project_settings`: precision,
 quantization mode, batch size, max_length, packing, gradient checkpointing, device) applied
 to a :class:`ModelShape` (exact counts from the meta-built model, or config-only counts),
-and printed with one formatter, :func:`format_gib`.
+and printed with one formatter, :func:`tunedeck.core.units.format_gib`.
 
 The formula (bytes; ``N = batch_size x S`` tokens, ``L`` decoder layers, hidden
 size ``h``, intermediate size ``i``, ``nh`` query heads and ``nkv`` key/value heads of
@@ -78,7 +78,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
+from .units import format_gib
+
 CUDA_CONTEXT = 500 * 1024**2
 # trl's fused LM head (trl.kernels.chunked_logprob): tokens and vocabulary per tile
 HEAD_TOKEN_TILE = 4096
@@ -223,13 +224,6 @@ def tokens_text(batch_size: int, max_length: int, longest_row: int | None, packi
     if longest_row < max_length:
         return f"batch {batch_size} × {longest_row} tokens (the longest row)"
     return f"batch {batch_size} × {max_length} tokens (max_length: the longest row, {longest_row} tokens, is truncated)"
-
-
-def format_gib(n: float) -> str:
-    """Bytes in GiB, the one way tunedeck prints a memory figure: "6.57 GiB" (two decimals,
-    one from 10 GiB up)."""
-    value = n / GIB
-    return f"{value:.2f} GiB" if round(value, 2) < 10 else f"{value:.1f} GiB"
 
 
 def memory_line(memory: dict[str, Any] | MemoryEstimate) -> str:

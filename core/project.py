@@ -279,7 +279,9 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 def current_umask() -> int:
-    """This process's umask (a new file follows it), read without changing it where Linux allows."""
+    """This process's umask (a new file follows it), read without changing it where Linux allows:
+    /proc/self/status's ``Umask`` (psutil does not expose the umask; ``os.umask`` reads it only by
+    setting it, which another thread could see), else set and restored."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:

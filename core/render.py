@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 IGNORE = -100
 
@@ -374,7 +374,7 @@ def _apply(tokenizer: Any, messages: Sequence[dict[str, Any]], chat_template: st
             add_generation_prompt=add_generation_prompt, **extra,
         )
     except Exception as exc:  # jinja raises its own errors (TemplateError, raise_exception(...))
-        raise ValueError(f"the chat template cannot render this conversation ({_one_line(exc)})") from None
+        raise ValueError(f"the chat template cannot render this conversation ({first_line(exc)})") from None
     if not isinstance(out, str):
         raise ValueError("the chat template did not render to text")
     return out
@@ -589,11 +589,6 @@ def _tokenize_segments(
         trained.extend([inside] * len(piece))
         offsets.extend([(a, b)] * len(piece))
     return ids, trained, offsets
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else exc.__class__.__name__
 
 
 # -- a dataset at a time ------------------------------------------------------------------

@@ -58,6 +58,8 @@ FINISHED_STATUS, STOPPED, ABORTED, FAILED_STATUS, DIED, UNKNOWN = (
     "finished", "stopped", "aborted", "failed", "died", "unknown")
 LIVE = (STARTING, RUNNING, STOPPING)
 ENDED = (FINISHED_STATUS, STOPPED, ABORTED, FAILED_STATUS, DIED)
+FAILED_ENDS = (ABORTED, FAILED_STATUS, DIED)  # ended by a failure: no adapter of the whole run
+RESUMABLE = (STOPPED, *FAILED_ENDS)  # ended without finishing: a checkpoint of it can be resumed
 
 # exit codes of the trainer process (and of `tunedeck train`)
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_ABORTED = 0, 1, 2, 130
@@ -95,7 +97,9 @@ def process_alive(pid: int, start: Any) -> bool:
 
 
 def oom_kills() -> int | None:
-    """How many processes the kernel's out-of-memory killer has ended since boot (Linux)."""
+    """How many processes the kernel's out-of-memory killer has ended since boot (Linux), or None
+    elsewhere. Read from /proc/vmstat (``oom_kill``) here and nowhere else: psutil has no such
+    counter."""
     try:
         with open("/proc/vmstat", encoding="ascii") as fh:
             for line in fh:
@@ -261,6 +265,16 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 # -- the fold ------------------------------------------------------------------------------------
 
 
+def final_status(final: dict[str, Any]) -> str:
+    """How a session ended, from its final event (``finished`` or ``failed``): finished |
+    stopped (early, on request) | aborted | failed | died (gone without a report)."""
+    if final.get("type") == FINISHED:
+        return STOPPED if final.get("stopped") else FINISHED_STATUS
+    if final.get("died"):
+        return DIED
+    return ABORTED if final.get("aborted") else FAILED_STATUS
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -366,14 +380,7 @@ class RunState:
 
     def end_status(self) -> str | None:
         """finished | stopped | aborted | failed | died, once the session has its final event."""
-        final = self.final
-        if final is None:
-            return None
-        if final.get("type") == FINISHED:
-            return STOPPED if final.get("stopped") else FINISHED_STATUS
-        if final.get("died"):
-            return DIED
-        return ABORTED if final.get("aborted") else FAILED_STATUS
+        return None if self.final is None else final_status(self.final)
 
     def status(self, live: Liveness | None) -> str:
         """The run's status, given its trainer's liveness (None: assume alive)."""

@@ -273,7 +273,8 @@ def _gpu_memory_context(spec: Any) -> str:
     and the memory torch kept is given back, so that the final event and the rest can proceed.
     The estimate is the one the run recorded when training began (the one every screen
     shows), else the project's estimate made now."""
-    from .memory import MemoryEstimate, format_gib
+    from .memory import MemoryEstimate
+    from .units import format_gib
 
     parts: list[str] = []
     try:
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     install_signals(started_by_tunedeck=args.run_dir is not None)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .launcher import RunSpec
+    from .rundir import RunSpec
 
     if args.run_dir is not None:
         if not args.launch:
@@ -573,7 +574,7 @@ def one_process_devices(project_path: str, overrides: list[str]) -> None:
     that asks for several (transformers would wrap the model in DataParallel, which trl
     refuses), and otherwise shows CUDA only the GPU it chose."""
     from .hardware import detect
-    from .launcher import load_project
+    from .preflight import load_project
     from .resolve import resolve
 
     resolved = resolve(load_project(project_path, overrides))
@@ -589,7 +590,7 @@ def one_process_devices(project_path: str, overrides: list[str]) -> None:
 
 def _prepare_by_hand(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any, str | None]:
     """Rank 0 checks the project and makes the run folder; every rank gets its spec."""
-    from .launcher import RunSpec, prepare_run
+    from .rundir import RunSpec, prepare_run
 
     spec: Any = None
     prepared = None

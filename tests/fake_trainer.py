@@ -15,6 +15,9 @@ line:
 ``python fake_trainer.py --launched RUN_DIR SCRIPT.jsonl`` plays the trainer as the launcher
 starts it (a test puts it in :func:`tunedeck.core.launcher.trainer_command`): the run folder
 is made, its session begun and its lock held by the launcher, and inherited.
+
+tests/test_fake_trainer.py holds it to the real trainer: its events, fields, exit codes and
+calls into tunedeck.core.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from tunedeck.core.channel import Server
 from tunedeck.core.events import EventLog, append_event, event
-from tunedeck.core.runs import RunLock, write_record
+from tunedeck.core.runs import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, RunLock, write_record
 from tunedeck.core.trainer import Aborted, Controls, Emitter, install_signals
 
 
@@ -55,7 +58,7 @@ def main(run_dir: Path, script: Path, launched: bool = False) -> int:
     except Aborted:
         emit("failed", reason=f"aborted at step {emit.step}; nothing more saved", failure="aborted", traceback=None,
              user_error=False, aborted=True)
-        return 130
+        return EXIT_ABORTED
     finally:
         server.close()
         log.close()
@@ -76,7 +79,7 @@ def play(run_dir: Path, script: Path, emit: Emitter, controls: Controls) -> int:
                     emit("checkpoint", path=str(checkpoint))
                     emit("finished", adapter=str(run_dir / "adapter"), run_dir=str(run_dir), final_loss=None,
                          stopped=True)
-                    return 0
+                    return EXIT_OK
                 if controls.save.is_set():
                     controls.save.clear()
                     emit("checkpoint", path=str(checkpoint))
@@ -85,14 +88,14 @@ def play(run_dir: Path, script: Path, emit: Emitter, controls: Controls) -> int:
             emit("failed", reason=item["crash"], failure="crash", user_error=False,
                  traceback="Traceback (most recent call last):\n  File \"train.py\", line 1, in <module>\n"
                            f"    trainer.train()\n{item['crash']}\n")
-            return 1
+            return EXIT_FAILED
         elif "kill" in item:
             os.kill(os.getpid(), signal.SIGKILL)
         else:
             step = int(item.get("step", emit.step))
             fields = {k: v for k, v in item.items() if k not in ("type", "step")}
             emit(item["type"], step, **fields)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def test_a_model_without_packed_rows_trains_on_padded_batches(tmp_path, tiny_mod
 def _trainer(project: Path):
     """The real trainer for ``project``, built as a run builds it (no step taken)."""
     from tunedeck.core.finetune import Run
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
     from tunedeck.core.trainer import Controls, Emitter
 
     prepared = prepare_run(project, [], run_name="b", resume=False, deep=False)

@@ -20,13 +20,11 @@ from train_support import (
     train_inprocess,
     write_project,
 )
-from tunedeck.core import engine
+from tunedeck.core.engine.server import handle
 from tunedeck.core.chat import BASE, ChatState, GenSettings, target_for
 from tunedeck.core.cli import main
 from tunedeck.core.engine import EngineClient, EngineError
 from tunedeck.core.errors import UserError
-
-pytestmark = pytest.mark.slow
 
 GREEDY = {"greedy": True, "max_new_tokens": 8}
 ASK = [{"role": "user", "content": "Say the magic words."}]
@@ -69,6 +67,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     return {"project": project, "tuned": tuned, "sharp": sharp, **made}
 
 
+@pytest.mark.slow
 def test_base_and_tuned_answer_differently_on_one_copy_of_the_weights(runs):
     state = ChatState(device="cpu")
     settings = GenSettings.from_dict(GREEDY)
@@ -141,14 +140,15 @@ def test_missing_or_broken_adapters_are_one_clear_line(runs, tmp_path):
         target_for("nope", runs_dir=runs["tuned"].parent)
 
 
+@pytest.mark.slow
 def test_streaming_both_panes_cancel_and_death_through_the_engine(runs, tmp_path):
     with EngineClient(log_path=tmp_path / "engine.log") as client:
         project = str(runs["project"])
         answers = {}
         for model, partner in ((BASE, str(runs["tuned"])), (str(runs["tuned"]), BASE)):
             parts: list[dict] = []
-            result = client.stream("chat", model=model, partner=partner, messages=ASK, settings=GREEDY,
-                                   project_path=project, on_partial=parts.append)
+            result = client.chat(model, ASK, partner=partner, settings=GREEDY, project_path=project,
+                                 on_text=parts.append)
             assert "".join(p["text"] for p in parts) == result["text"] and len(parts) > 1
             assert parts[-1]["tokens"] == result["tokens"] == 8 and result["tokens_per_s"] > 0
             answers[result["model"]] = result["text"]
@@ -163,14 +163,13 @@ def test_streaming_both_panes_cancel_and_death_through_the_engine(runs, tmp_path
             cancel.set()
 
         long = {"greedy": True, "max_new_tokens": 3000, "min_new_tokens": 3000}
-        result = client.stream("chat", model=str(runs["tuned"]), messages=ASK, settings=long, cancel=cancel,
-                               on_partial=first)
+        result = client.chat(str(runs["tuned"]), ASK, settings=long, cancel=cancel, on_text=first)
         assert result["cancelled"] and result["tokens"] < 200, result["tokens"]
-        assert client.call("ping")  # plain calls still work
+        assert client.ping()  # plain calls still work
 
         # a broken run: one line back, the engine goes on
         with pytest.raises(EngineError) as err:
-            client.stream("chat", model=str(tmp_path), messages=ASK, settings=GREEDY)
+            client.chat(str(tmp_path), ASK, settings=GREEDY)
         assert "no such run folder" in str(err.value) and "\n" not in str(err.value)
 
         # death while streaming: an error, not a hang; the next request starts a new engine
@@ -183,13 +182,13 @@ def test_streaming_both_panes_cancel_and_death_through_the_engine(runs, tmp_path
                 os.kill(pid, signal.SIGKILL)
 
         with pytest.raises(EngineError, match="stopped unexpectedly"):
-            client.stream("chat", model=str(runs["tuned"]), messages=ASK, settings=long, on_partial=kill_on_first)
-        assert client.call("ping")["pid"] != pid
+            client.chat(str(runs["tuned"]), ASK, settings=long, on_text=kill_on_first)
+        assert client.ping()["pid"] != pid
 
 
 def test_eval_mode_answers_the_eval_split_with_the_reference(runs, tmp_path):
     partials: list[dict] = []
-    reply = engine.handle({"id": 1, "op": "chat_eval", "args": {
+    reply = handle({"id": 1, "op": "chat_eval", "args": {
         "models": [BASE, str(runs["tuned"])], "settings": GREEDY, "project_path": str(runs["project"])}},
         emit=partials.append)
     assert reply["ok"], reply
@@ -201,7 +200,7 @@ def test_eval_mode_answers_the_eval_split_with_the_reference(runs, tmp_path):
         assert (base["model"], tuned["model"]) == ("base", "tuned") and tuned["text"].startswith(ANSWER[:6])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say the magic words.\n\nHello\n")
-    reply = engine.handle({"id": 2, "op": "chat_eval", "args": {
+    reply = handle({"id": 2, "op": "chat_eval", "args": {
         "models": [str(runs["tuned"]), str(runs["other"])], "settings": GREEDY, "prompts_file": str(prompts),
         "project_path": str(runs["project"])}})
     assert reply["ok"] and [i["reference"] for i in reply["result"]["items"]] == [None, None]
@@ -249,6 +248,7 @@ def both(state, pairs, settings, **kwargs):
     return asks, result, pieces, order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [GREEDY | {"max_new_tokens": 24}, SAMPLED], ids=["greedy", "seeded"])
 def test_both_panes_answer_at_once_each_as_that_model_alone(runs, settings):
     state = ChatState(device="cpu")
@@ -278,6 +278,7 @@ def test_both_panes_answer_at_once_each_as_that_model_alone(runs, settings):
             assert len(lengths) == 2  # left padding was needed
 
 
+@pytest.mark.slow
 def test_a_row_that_ends_leaves_the_batch_and_the_other_goes_on_as_alone(runs, monkeypatch):
     """Each row stops at its own stop ids: here "," ends an answer too, which the run's
     answer has early and base's has not; base then goes on alone in the batch."""
@@ -301,6 +302,7 @@ def test_a_row_that_ends_leaves_the_batch_and_the_other_goes_on_as_alone(runs, m
             assert (result.answers[index].text, result.answers[index].tokens) == (alone.text, alone.tokens)
 
 
+@pytest.mark.slow
 def test_esc_stops_both_answers_within_a_token(runs):
     state = ChatState(device="cpu")
     cancel = threading.Event()
@@ -323,6 +325,7 @@ def test_esc_stops_both_answers_within_a_token(runs):
         assert state.answer(target, messages, short).text.startswith(answer.text)
 
 
+@pytest.mark.slow
 def test_a_run_on_another_base_or_with_dora_answers_one_after_the_other(runs):
     state = ChatState(device="cpu")
     gen = GenSettings.from_dict(GREEDY)
@@ -340,7 +343,7 @@ def test_a_run_on_another_base_or_with_dora_answers_one_after_the_other(runs):
 
 
 def test_a_pane_that_cannot_answer_leaves_the_other_answering_through_the_engine(runs, tmp_path):
-    reply = engine.handle({"id": 1, "op": "chat_panes", "args": {
+    reply = handle({"id": 1, "op": "chat_panes", "args": {
         "panes": [{"model": BASE, "messages": ASK}, {"model": str(tmp_path / "gone"), "messages": ASK}],
         "settings": GREEDY, "project_path": str(runs["project"])}})
     assert reply["ok"], reply
@@ -350,12 +353,13 @@ def test_a_pane_that_cannot_answer_leaves_the_other_answering_through_the_engine
     assert result["errors"][0] is None and result["answers"][0]["tokens"] == 8
 
 
+@pytest.mark.slow
 def test_both_panes_stream_together_through_the_engine(runs, tmp_path):
     with EngineClient(log_path=tmp_path / "engine.log") as client:
         partials: list[dict] = []
         panes = [{"model": BASE, "messages": ASK}, {"model": str(runs["tuned"]), "messages": ASK}]
-        result = client.stream("chat_panes", panes=panes, settings=GREEDY | {"max_new_tokens": 12},
-                               project_path=str(runs["project"]), on_partial=partials.append)
+        result = client.chat_panes(panes, settings=GREEDY | {"max_new_tokens": 12}, project_path=str(runs["project"]),
+                                   on_text=partials.append)
         assert result["together"] and result["errors"] == [None, None]
         order = [p["pane"] for p in partials]
         assert order.index(1) < len(order) - 1 - order[::-1].index(0), order  # interleaved
@@ -363,11 +367,12 @@ def test_both_panes_stream_together_through_the_engine(runs, tmp_path):
             mine = [p for p in partials if p["pane"] == pane]
             assert "".join(p["text"] for p in mine) == answer["text"] and mine[-1]["tokens"] == answer["tokens"]
             assert answer["tokens_per_s"] > 0
-        alone = client.stream("chat", model=str(runs["tuned"]), messages=ASK, settings=GREEDY | {"max_new_tokens": 12},
-                              project_path=str(runs["project"]))
+        alone = client.chat(str(runs["tuned"]), ASK, settings=GREEDY | {"max_new_tokens": 12},
+                            project_path=str(runs["project"]))
         assert alone["text"] == result["answers"][1]["text"]
 
 
+@pytest.mark.slow
 def test_cli_chat_prints_no_library_noise(runs, tmp_path):
     """The real command in a fresh process: its output is the answers, and the libraries'
     loading bars and warnings are in the log."""

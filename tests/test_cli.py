@@ -59,6 +59,7 @@ def test_check_prints_resolved_settings(project, capsys):
     assert report["sources"]["lora.r"] == "project"
 
 
+@pytest.mark.slow
 def test_check_human_output_shows_auto_and_overrides(project):
     result = run_cli("check", str(project), "--set", "lora.r=8", "--set", "training.seed=3")
     assert result.returncode == 0, result.stderr
@@ -151,6 +152,7 @@ def test_real_process_bad_input_has_no_traceback(tmp_path):
     assert result.returncode == 2 and "the following arguments are required: project" in result.stderr
 
 
+@pytest.mark.slow
 def test_models_json_lists_the_default_model():
     result = run_cli("models", "--json")
     assert result.returncode == 0, result.stderr
@@ -172,6 +174,7 @@ def test_demo_copies_the_sample_project(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["dataset"]["format"] == "messages"
 
 
+@pytest.mark.slow
 def test_check_on_the_demo_project():
     result = run_cli("check", str(SAMPLE / "demo.toml"), "--json")
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,6 @@ import pytest
 
 from tunedeck.core import datafile, preview
 from tunedeck.core.datafile import load_splits
-from tunedeck.core.kept import Kept
 from tunedeck.core.project import Project
 
 BIG_MB = 40
@@ -105,7 +104,7 @@ def reads(monkeypatch) -> ReadCounter:
 @pytest.fixture
 def fresh_held(monkeypatch, tmp_path):
     """No held-out split known yet: in this process or on disk."""
-    monkeypatch.setattr(preview, "_held", Kept(preview.HELD_KEPT))
+    preview._read_held.cache_clear()
     monkeypatch.setenv("TUNEDECK_CACHE_DIR", str(tmp_path / "cache"))
 
 
@@ -251,6 +250,7 @@ def test_no_row_is_held_out_with_an_eval_file_or_no_split(tmp_path, default_mode
         assert len(splits.train) == 50 and (splits.eval == [] or isinstance(split, str))
 
 
+@pytest.mark.slow
 def test_held_out_positions_of_a_big_file_stream_in_flat_memory_and_are_kept(tmp_path, default_model_dir, big_file,
                                                                             fresh_held, reads, monkeypatch):
     path, rows = big_file
@@ -276,21 +276,23 @@ def test_held_out_positions_of_a_big_file_stream_in_flat_memory_and_are_kept(tmp
 
     reads.bytes = 0
     assert preview.held_out_positions(project, [0])["done"] and reads.bytes == 0  # kept in the process
-    monkeypatch.setattr(preview, "_held", Kept(preview.HELD_KEPT))
+    preview._read_held.cache_clear()
     again = preview.held_out_positions(project, range(rows), start=0, compute=False)  # kept on disk
     assert again == answer and reads.bytes == 0
 
 
 def test_the_held_out_ops_answer_through_the_engine(tmp_path, default_model_dir, fresh_held, monkeypatch):
-    from tunedeck.core.engine import handle
+    from tunedeck.core.engine.server import handle
 
     write_rows(tmp_path / "a.jsonl", count=200, bad_every=10)
     project = make_project(tmp_path, default_model_dir, tmp_path / "a.jsonl", dataset__eval_split=0.2)
     args = {"project_text": project.text(), "project_path": str(project.path), "positions": [0, 1, 2], "start": 0}
     expected = preview.held_out_positions(project, [0, 1, 2], start=0)
-    monkeypatch.setattr(preview, "_held", Kept(preview.HELD_KEPT))
-    assert handle({"id": 1, "op": "preview_held_out", "args": args}) == {"id": 1, "ok": True, "result": expected}
-    monkeypatch.setattr(preview, "_held", Kept(preview.HELD_KEPT))
+    preview._read_held.cache_clear()
+    reply = handle({"id": 1, "op": "preview_held_out_stream", "args": args}, emit=lambda p: None,
+                   cancel=threading.Event())
+    assert reply == {"id": 1, "ok": True, "result": expected}
+    preview._read_held.cache_clear()
     monkeypatch.setenv("TUNEDECK_CACHE_DIR", str(tmp_path / "other-cache"))  # nothing known: a pass with partials
     monkeypatch.setattr(preview, "PROGRESS_EVERY_S", 0.0)
     partials: list[dict] = []
@@ -299,13 +301,14 @@ def test_the_held_out_ops_answer_through_the_engine(tmp_path, default_model_dir,
     assert reply == {"id": 2, "ok": True, "result": expected}
     assert partials and all(p == {"done": False, "rows": p["rows"]} for p in partials)
     cancel = threading.Event()
-    monkeypatch.setattr(preview, "_held", Kept(preview.HELD_KEPT))
+    preview._read_held.cache_clear()
     monkeypatch.setenv("TUNEDECK_CACHE_DIR", str(tmp_path / "third-cache"))
     reply = handle({"id": 3, "op": "preview_held_out_stream", "args": args}, emit=lambda p: cancel.set(),
                    cancel=cancel)
     assert reply["ok"] and not reply["result"]["done"] and reply["result"]["held"] == [False] * 3
 
 
+@pytest.mark.slow
 def test_the_engine_answers_a_row_while_it_reads_the_whole_set(tmp_path, default_model_dir):
     """A stats pass over a big file runs beside the rows asked for: a row comes back
     before the pass ends (and the pass stops on cancel)."""
@@ -319,17 +322,17 @@ def test_the_engine_answers_a_row_while_it_reads_the_whole_set(tmp_path, default
     partials = threading.Event()
     cancel = threading.Event()
     with EngineClient(log_path=tmp_path / "engine.log") as client:
-        client.call("preview_row", **request, index=0, timeout=120)  # the tokenizer is loaded
+        client.preview_row(**request, index=0, timeout=120)  # the tokenizer is loaded
 
         def stats() -> None:
-            result = client.stream("preview_stats_stream", **request, cancel=cancel,
-                                   on_partial=lambda p: partials.set(), timeout=120)
+            result = client.preview_stats(**request, cancel=cancel, on_progress=lambda p: partials.set(),
+                                          timeout=120)
             order.append("stats done" if result["done"] else "stats cancelled")
 
         thread = threading.Thread(target=stats)
         thread.start()
         assert partials.wait(60)  # the pass is under way
-        row = client.call("preview_row", **request, index=30_000, timeout=60)
+        row = client.preview_row(**request, index=30_000, timeout=60)
         order.append("row")
         cancel.set()
         thread.join(60)

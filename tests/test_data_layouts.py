@@ -379,7 +379,7 @@ def test_bad_source_entries_get_one_line(tmp_path, value, message):
 
 
 def test_a_source_list_survives_the_run_snapshot(tmp_path, default_model_dir, write_jsonl):
-    from tunedeck.core.launcher import write_snapshot
+    from tunedeck.core.rundir import write_snapshot
 
     write_jsonl([qa(i, "a") for i in range(4)], "a.jsonl")
     project = make_project(tmp_path, default_model_dir, [{"path": "a.jsonl", "weight": 2}, "a.jsonl"])
@@ -450,6 +450,7 @@ def test_conversations_survive_pickling_with_their_tools():
     assert isinstance(back, Conversation) and back == conv and back.tools == conv.tools
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_tool_rows_with_the_rendered_labels(tiny_model_dir, tmp_path):
     """The trainer takes tool rows end to end; a batch is exactly their render()."""
     from train_support import train_inprocess, write_project

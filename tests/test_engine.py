@@ -3,6 +3,7 @@ that equal peft's own."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import threading
@@ -12,8 +13,8 @@ import pytest
 
 from tui_helpers import CPU
 
-from tunedeck.core import engine
-from tunedeck.core.engine import EngineClient, EngineError
+from tunedeck.core.engine import ops, server
+from tunedeck.core.engine import EngineCalls, EngineClient, EngineError
 from tunedeck.core.inspect import lora_config
 from tunedeck.core.project import Project
 
@@ -60,7 +61,7 @@ def peft_counts(model_dir, lora: dict) -> tuple[int, int]:
 @pytest.mark.parametrize("lora", TARGETS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
 def test_counts_equal_peft_on_the_real_model(tiny_model_dir, lora):
     project = project_for(tiny_model_dir, **lora)
-    summary = engine.lora_summary(project, hardware=CPU)
+    summary = ops.lora_summary(project, hardware=CPU)
     assert (summary["trainable_params"], summary["total_params"]) == peft_counts(tiny_model_dir,
                                                                                  project.values["lora"])
     assert summary["adapter_bytes"] == 4 * summary["trainable_params"]  # fp32 adapters; no biases in llama
@@ -70,12 +71,12 @@ def test_counts_equal_peft_on_the_real_model(tiny_model_dir, lora):
 
 def test_a_pick_of_layers_becomes_targets_that_count_the_same(tiny_model_dir):
     project = project_for(tiny_model_dir)
-    ins = engine.project_inspection(project)
+    ins = ops.project_inspection(project)
     groups = {g.name: list(g.layers) for g in ins.groups}
-    whole = engine.lora_summary(project, layers=groups["q_proj"] + groups["v_proj"])
+    whole = ops.lora_summary(project, layers=groups["q_proj"] + groups["v_proj"])
     assert whole["targets"] == ["q_proj", "v_proj"]
     assert whole["adapted"] == {"q_proj": 2, "v_proj": 2} and whole["adapted_layers"] == 4
-    partial = engine.lora_summary(project, layers=[groups["q_proj"][1], groups["down_proj"][0]])
+    partial = ops.lora_summary(project, layers=[groups["q_proj"][1], groups["down_proj"][0]])
     assert isinstance(partial["targets"], str)  # a regex selecting exactly those two layers
     assert partial["layers"] == [groups["down_proj"][0], groups["q_proj"][1]]  # model order
     values = {**project.values["lora"], "target_modules": partial["targets"]}
@@ -83,21 +84,21 @@ def test_a_pick_of_layers_becomes_targets_that_count_the_same(tiny_model_dir):
 
 
 def test_groups_and_attention_targets(tiny_model_dir):
-    info = engine.op_inspect(str(tiny_model_dir))
+    info = ops.op_inspect(str(tiny_model_dir))
     assert [g["name"] for g in info["groups"]] == ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj",
                                                    "gate_proj", "up_proj", "down_proj", "lm_head"]
-    summary = engine.lora_summary(project_for(tiny_model_dir))
+    summary = ops.lora_summary(project_for(tiny_model_dir))
     assert summary["attention_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert summary["adapted"] == {name: 2 for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj")}  # all-linear: no lm_head
-    partial = engine.lora_summary(project_for(tiny_model_dir, target_modules=["q_proj", "qproj"]))
+    partial = ops.lora_summary(project_for(tiny_model_dir, target_modules=["q_proj", "qproj"]))
     assert partial["warnings"][0].startswith('"qproj" matches no layer; the layers: embed_tokens, q_proj')
 
 
 def test_inspect_builds_on_the_meta_device(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    info = engine.op_inspect(str(tiny_model_dir))
+    info = ops.op_inspect(str(tiny_model_dir))
     real = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert info["total_params"] == sum(p.numel() for p in real.parameters())
     assert info["architecture"] == "LlamaForCausalLM"
@@ -110,9 +111,9 @@ def test_inspect_builds_on_the_meta_device(tiny_model_dir):
 def test_requests_through_the_process(client, tiny_model_dir):
     assert client.call("ping")["pid"] != os.getpid()
     project = project_for(tiny_model_dir, r=4)
-    args = {"project_text": project.text(), "project_path": None, "hardware": engine.hardware_arg(CPU)}
+    args = {"project_text": project.text(), "project_path": None, "hardware": ops.hardware_arg(CPU)}
     result = client.call("lora_summary", **args)
-    assert result == engine.lora_summary(project, hardware=CPU)
+    assert result == ops.lora_summary(project, hardware=CPU)
     started = time.monotonic()
     for _ in range(5):  # the engine keeps the model's Inspection: a toggle is a count, not a build
         client.call("lora_summary", **args, layers=result["layers"][:3])
@@ -214,6 +215,7 @@ def test_death_is_reported_not_a_hang_and_the_engine_restarts(fresh_client, tiny
     assert fresh_client.call("ping")["pid"] != first
 
 
+@pytest.mark.slow
 def test_cancel_timeout_and_close(fresh_client, tiny_model_dir):
     cancel = threading.Event()
     cancel.set()
@@ -263,7 +265,155 @@ def test_handle_runs_streaming_ops_with_emit_and_cancel(monkeypatch):
                 cancel.set()
         return {"stopped_at": upto}
 
-    monkeypatch.setitem(engine.STREAMS, "count", counting)
-    reply = engine.handle({"id": 7, "op": "count", "args": {"upto": 10}}, emit=seen.append, cancel=threading.Event())
+    monkeypatch.setitem(ops.STREAMS, "count", counting)
+    reply = server.handle({"id": 7, "op": "count", "args": {"upto": 10}}, emit=seen.append, cancel=threading.Event())
     assert reply == {"id": 7, "ok": True, "result": {"stopped_at": 3}} and seen == [{"i": 0}, {"i": 1}, {"i": 2}]
-    assert engine.handle({"id": 8, "op": "ping"})["ok"]  # plain ops as before
+    assert server.handle({"id": 8, "op": "ping"})["ok"]  # plain ops as before
+
+
+# -- lanes: a long job never holds up a quick request -----------------------------------------
+
+
+class _Served:
+    """:func:`server.serve` on two real pipes in a thread of this process (the loop the engine
+    process runs), with a reader that files replies by request id."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        self.requests_out, self.requests_in = mp.Pipe(duplex=False)
+        self.replies_out, self.replies_in = mp.Pipe(duplex=False)
+        self.replies: dict[int, list[dict]] = {}
+        self.answered = threading.Condition()
+        self.loop = threading.Thread(target=server.serve, args=(self.requests_out, self.replies_in, ""), daemon=True)
+        self.loop.start()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                reply = self.replies_out.recv()
+            except (EOFError, OSError):
+                return
+            with self.answered:
+                self.replies.setdefault(reply["id"], []).append(reply)
+                self.answered.notify_all()
+
+    def send(self, request_id: int, op: str, **args) -> None:
+        self.requests_in.send({"id": request_id, "op": op, "args": args})
+
+    def final(self, request_id: int, timeout: float = 10.0) -> dict | None:
+        with self.answered:
+            self.answered.wait_for(lambda: any("partial" not in r for r in self.replies.get(request_id, [])),
+                                   timeout)
+            return next((r for r in self.replies.get(request_id, []) if "partial" not in r), None)
+
+    def close(self) -> None:
+        self.requests_in.send(None)
+        self.loop.join(5)
+
+
+def test_a_long_job_does_not_hold_up_inspect_and_preview(monkeypatch):
+    """A merge (or an export) runs on the models lane: a quick request sent after it is
+    answered while it runs; a chat request waits for its turn behind it, in order; a
+    request cancelled while it waits is answered "cancelled" without running."""
+    go, started, ran = threading.Event(), threading.Event(), []
+
+    def slow_merge(emit, cancel, run: str, out: str, cpu: bool = False, project_path: str | None = None) -> dict:
+        started.set()
+        emit({"message": "merging"})
+        go.wait(10)
+        ran.append("merge")
+        return {"out": out}
+
+    def chat(emit, cancel, model: str, messages: list, **kw) -> dict:
+        ran.append(f"chat {model}")
+        return {"model": model}
+
+    monkeypatch.setitem(ops.STREAMS, "merge", slow_merge)
+    monkeypatch.setitem(ops.STREAMS, "chat", chat)
+    monkeypatch.setitem(ops.OPS, "inspect", lambda source, root=None, trust_remote_code=False: {"source": source})
+    served = _Served()
+    try:
+        served.send(1, "merge", run="r", out="o")
+        assert started.wait(10)
+        served.send(2, "chat", model="first", messages=[])
+        served.send(3, "chat", model="cancelled", messages=[])
+        served.requests_in.send({"cancel": 3})
+        served.send(4, "inspect", source="m")
+        assert served.final(4) == {"id": 4, "ok": True, "result": {"source": "m"}}  # while the merge runs
+        assert served.final(1, timeout=0.2) is None and ran == []
+        go.set()
+        assert served.final(1)["result"] == {"out": "o"}
+        assert served.final(2)["result"] == {"model": "first"}
+        assert served.final(3) == {"id": 3, "ok": False, "error": "engine request 'chat' cancelled"}
+        assert ran == ["merge", "chat first"]  # in order on their lane; the cancelled one never ran
+        assert served.replies[1][0] == {"id": 1, "ok": True, "partial": {"message": "merging"}}
+    finally:
+        go.set()
+        served.close()
+    assert not served.loop.is_alive()
+
+
+# -- typed calls, and the fakes that stand in for the engine ------------------------------------
+
+
+class _Recorder(EngineCalls):
+    """A transport that records what each typed call would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict]] = []
+
+    def call(self, op, *, timeout=None, cancel=None, **args):
+        self.sent.append(("call", op, args))
+        return {}
+
+    def stream(self, op, *, on_partial=None, timeout=None, cancel=None, **args):
+        self.sent.append(("stream", op, args))
+        return {}
+
+    def close(self, timeout=2.0):
+        pass
+
+
+def _typed_calls() -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(fn) for name, fn in vars(EngineCalls).items()
+            if callable(fn) and not name.startswith("_") and name not in ("call", "stream", "close")}
+
+
+def _sample(parameter: inspect.Parameter):
+    return {"str": "x", "str | None": "x", "list[dict[str, Any]]": [], "list[str]": [], "Sequence[str]": (),
+            "int": 1}.get(str(parameter.annotation), "x")
+
+
+def test_every_op_has_one_typed_call_whose_arguments_the_op_takes():
+    recorder = _Recorder()
+    for name, sig in _typed_calls().items():
+        required = {p.name: _sample(p) for p in sig.parameters.values()
+                    if p.name != "self" and p.default is inspect.Parameter.empty}
+        getattr(recorder, name)(**required)
+    sent_ops = [op for _, op, _ in recorder.sent]
+    assert sorted(sent_ops) == sorted({**ops.OPS, **ops.STREAMS})  # every op once, no typed call to nowhere
+    for how, op, args in recorder.sent:
+        fn = (ops.STREAMS if how == "stream" else ops.OPS)[op]
+        extra = {"emit": None, "cancel": None} if how == "stream" else {}
+        inspect.signature(fn).bind(**extra, **args)  # TypeError if the call and the op disagree
+
+
+def test_the_fake_engines_keep_the_real_clients_interface():
+    from test_tui_dataset_pairs import PairEngine
+    from test_tui_dataset_tools import HeldStatsEngine
+    from test_tui_export import ExportEngine
+    from test_tui_hub import HubEngine
+    from tui_helpers import InProcessEngine, PanesEngine, SilentEngine
+
+    for fake in (InProcessEngine, SilentEngine, PanesEngine, PairEngine, HeldStatsEngine, ExportEngine, HubEngine):
+        assert issubclass(fake, EngineCalls), fake
+        assert not inspect.isabstract(fake), fake  # every part of the transport is there
+        for name in ("call", "stream", "close"):
+            assert _shape(getattr(fake, name)) == _shape(getattr(EngineClient, name)), (fake, name)
+
+
+def _shape(fn) -> list[tuple[str, object]]:
+    """A function's parameters: names and kinds (how a caller passes them)."""
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]

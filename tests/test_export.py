@@ -88,6 +88,7 @@ def metadata(gguf: Path) -> dict:
             and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
 
 
+@pytest.mark.slow
 def test_f16_loads_back_with_the_merged_models_logits_and_its_metadata(llama_run, tmp_path):
     import torch
 
@@ -117,6 +118,7 @@ def test_f16_loads_back_with_the_merged_models_logits_and_its_metadata(llama_run
     assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
 
 
+@pytest.mark.slow
 def test_q8_0_gives_the_same_greedy_answers(llama_run, tmp_path):
     import torch
 
@@ -133,6 +135,7 @@ def test_q8_0_gives_the_same_greedy_answers(llama_run, tmp_path):
             assert model.generate(**ids, max_new_tokens=8, do_sample=False).tolist() == greedy.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_a_qwen_run_exports_and_loads_back(default_model_dir, tmp_path, arch):
     import torch
@@ -155,6 +158,7 @@ def test_a_qwen_run_exports_and_loads_back(default_model_dir, tmp_path, arch):
     assert metadata(Path(result["gguf"]))[f"{arch}.attention.head_count"] == 4
 
 
+@pytest.mark.slow
 def test_the_bundled_model_end_to_end_with_its_modelfile(default_model_dir, tmp_path):
     """SmolLM2 trained a step, exported from the CLI: the GGUF answers as the merged model,
     and the Modelfile speaks ChatML with the template's own system prompt."""
@@ -182,6 +186,7 @@ def test_the_bundled_model_end_to_end_with_its_modelfile(default_model_dir, tmp_
             assert model.generate(**ids, max_new_tokens=8, do_sample=False).tolist() == greedy.tolist()
 
 
+@pytest.mark.slow
 def test_the_adapter_alone_as_a_gguf_lora(llama_run, tmp_path):
     import gguf as gg
     import numpy as np
@@ -243,6 +248,7 @@ def test_the_cli_refuses_in_one_line_with_exit_2(llama_run, tmp_path):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cancelling_leaves_nothing_behind(llama_run, tmp_path):
     from tunedeck.core.export import export_run
 
@@ -258,6 +264,7 @@ def test_cancelling_leaves_nothing_behind(llama_run, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_llama_cpp_generates_the_same_answer_where_it_is_installed(llama_run, tmp_path):
     """Optional: llama.cpp itself (llama-cpp-python) loads the file and answers greedily as the
     merged model does. Runs where llama-cpp-python is installed (it builds llama.cpp from source)."""
@@ -276,6 +283,7 @@ def test_llama_cpp_generates_the_same_answer_where_it_is_installed(llama_run, tm
     assert tokens == greedy[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_k_quants_through_llama_cpps_quantizer_where_it_is_installed(llama_run, tmp_path):
     """Optional, as above: q4_k_m is written by llama.cpp's own quantizer."""
     pytest.importorskip("llama_cpp")

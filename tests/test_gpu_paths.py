@@ -81,7 +81,7 @@ def test_cuda_visible_devices_is_read_as_cuda_reads_it(gpus):
 def test_a_cuda_visible_devices_that_names_no_gpu_is_refused_not_trained_on_the_cpu(gpus, tmp_path):
     from tui_helpers import write_project
 
-    from tunedeck.core.launcher import preflight
+    from tunedeck.core.preflight import preflight
 
     gpus(box(), visible="GPU-0123456789")
     assert detect().gpus == ()
@@ -111,7 +111,8 @@ def test_a_run_uses_one_mig_slice(gpus):
 
 
 def test_the_trainer_sees_its_gpus_by_uuid_and_in_pci_order(gpus):
-    from tunedeck.core.launcher import RunSpec, trainer_env
+    from tunedeck.core.launcher import trainer_env
+    from tunedeck.core.rundir import RunSpec
 
     gpus(box()[:2])
     spec = RunSpec(run_dir="r", name="r", resume=False, project_path="p", processes=2,
@@ -152,7 +153,7 @@ def test_the_memory_alarm_counts_what_torch_holds_not_its_cache():
 def test_the_preflight_refuses_a_gpu_this_torch_cannot_use(gpus, tmp_path):
     from tui_helpers import write_project
 
-    from tunedeck.core.launcher import preflight
+    from tunedeck.core.preflight import preflight
 
     gpus(box()[:1])
     import torch
@@ -208,7 +209,7 @@ def test_chat_takes_the_precision_training_would(gpus, monkeypatch):
 
 
 def test_accelerate_configs_that_shard_the_model_are_refused_in_the_preflight(tmp_path):
-    from tunedeck.core.launcher import check_accelerate_config
+    from tunedeck.core.preflight import check_accelerate_config
 
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 8\n")
@@ -243,7 +244,7 @@ def test_moe_models_look_for_unused_parameters_under_ddp():
 def test_out_of_gpu_memory_says_so_with_the_estimate_and_what_to_do(tmp_path):
     from tui_helpers import write_project
 
-    from tunedeck.core.launcher import write_snapshot
+    from tunedeck.core.rundir import write_snapshot
     from tunedeck.core.trainer import failure_of
 
     run_dir = tmp_path / "runs" / "r"
@@ -269,6 +270,7 @@ def test_system_fields_without_nvml_say_not_available(monkeypatch):
         forget()
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     """bench/gpu_check.py, the script to run the day a GPU is here, is exercised on the CPU
     (bf16 LoRA, 4-bit QLoRA, a too-large batch, tunedeck against a plain trl script) so that

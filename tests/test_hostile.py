@@ -253,6 +253,7 @@ runs_dir = "runs[/x]"
 """
 
 
+@pytest.mark.slow
 async def test_the_app_shows_hostile_text_as_text_and_stays_usable(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_tiny_model(tmp_path / "tiny[bold]" / "[" / "bold]")
@@ -307,6 +308,7 @@ async def test_a_save_that_fails_is_a_notification_and_the_edits_stay(tmp_path, 
     assert "r = 8" not in path.read_text()
 
 
+@pytest.mark.slow
 def test_check_of_an_unchanged_project_does_not_build_the_model_again(tmp_path, tiny_model_dir):
     """check refuses what train refuses, targets included; its answer about the targets is
     kept, so a second check does not import torch (see bench/bench_check.py for the speed)."""
@@ -369,7 +371,7 @@ def test_new_refuses_folders_links_and_missing_folders(tmp_path):
 def test_a_run_snapshot_follows_the_umask(tmp_path):
     from tui_helpers import write_project
 
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
 
     old = os.umask(0o022)
     try:
@@ -381,6 +383,7 @@ def test_a_run_snapshot_follows_the_umask(tmp_path):
         os.umask(old)
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, tiny_model_dir):
     import subprocess
     import sys
@@ -394,6 +397,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, tiny_model_d
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.slow
 def test_markup_in_a_project_name_and_path_never_stops_a_run(tmp_path, tiny_model_dir):
     """`tunedeck train` printed the project through rich markup: "[/x]" in a name ended the
     command after the trainer had started."""

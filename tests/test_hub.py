@@ -586,6 +586,7 @@ def test_pull_a_dataset_then_a_project_previews_it_offline_by_its_repo_id(hub, t
 # -- the commands -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_pull_json_in_a_real_process_takes_the_endpoint_from_the_environment(hub, tmp_path):
     home = tmp_path / "user-hf"
     result = subprocess.run([sys.executable, "-m", "tunedeck.core", "pull", "tiny/llama", "--json"],
@@ -647,25 +648,24 @@ def test_engine_ops_search_plan_and_a_streamed_pull(hub, tmp_path, monkeypatch, 
     else:
         monkeypatch.delenv("TUNEDECK_HUB_OFFLINE", raising=False)
     with EngineClient(log_path=tmp_path / "engine.log") as client:
-        found = client.call("hub_search", text="tiny", limit=2, timeout=60)["models"]
+        found = client.hub_search("tiny", limit=2, timeout=60)["models"]
         assert [m["id"] for m in found] == ["tiny/llama", "tiny/llama-gated"]
-        plan = client.call("hub_plan", repo="tiny/chat", revision=None, dataset=True, allow_pickle=False, timeout=60)
+        plan = client.hub_plan("tiny/chat", dataset=True, timeout=60)
         assert plan["kind"] == "dataset" and plan["source"] == "tiny/chat"
         partials: list[dict] = []
-        result = client.stream("hub_pull", on_partial=partials.append, repo="tiny/chat", revision=None, dataset=True,
-                               allow_pickle=False, timeout=60)
+        result = client.hub_pull("tiny/chat", dataset=True, on_progress=partials.append, timeout=60)
         assert result["source"] == "tiny/chat" and Path(result["path"]).is_dir()
         assert partials and all(set(p) == PROGRESS_KEYS for p in partials), partials[:2]
         assert partials[-1]["done"] == partials[-1]["total"] == result["bytes"]
         with pytest.raises(EngineError) as caught:
-            client.call("hub_plan", repo="tiny/does-not-exist", revision=None, dataset=False, allow_pickle=False,
-                        timeout=60)
+            client.hub_plan("tiny/does-not-exist", timeout=60)
         assert "tiny/does-not-exist" in one_line(caught.value)
 
 
 # -- nothing else connects ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user_offline", [None, "0"], ids=["tunedeck-default", "user-HF_HUB_OFFLINE=0"])
 def test_check_inspect_and_preview_of_a_local_project_open_no_connection(hub, tmp_path, tiny_model_dir,
                                                                          user_offline):

@@ -13,13 +13,9 @@ import pytest
 
 from tunedeck.core.cli import main
 from tunedeck.core.errors import UserError
-from tunedeck.core.inspect import (
-    build_meta_model,
-    count_trainable,
-    inspect_config,
-    inspect_model,
-    targets_for,
-)
+from tunedeck.core.inspect import inspect_config, inspect_model
+from tunedeck.core.modelconfig import build_meta_model
+from tunedeck.core.targets import count_trainable, targets_for
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=256)
 FAMILIES = {
@@ -279,6 +275,7 @@ def test_config_only_sources_need_no_weights(tmp_path):
     assert by_folder.architecture == "MistralForCausalLM" and len(by_folder.layers) == 3 * 7 + 2
 
 
+@pytest.mark.slow
 def test_bundled_gguf_header_inspects_like_the_converted_default(default_model_dir):
     from tunedeck.core.models import bundled_gguf
 

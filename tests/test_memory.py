@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tunedeck.core.inspect import count_trainable, estimate, inspect_config, weight_split
+from tunedeck.core.inspect import estimate, inspect_config, weight_split
 from tunedeck.core.memory import (
     CUDA_CONTEXT,
     NF4_BYTES,
@@ -22,6 +22,7 @@ from tunedeck.core.memory import (
     arch_from_config,
     estimate_for_model,
 )
+from tunedeck.core.targets import count_trainable
 
 SHAPE = dict(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
              num_hidden_layers=3, vocab_size=512)
@@ -143,6 +144,7 @@ def test_config_only_estimate_is_close_to_the_inspected_one(default_model_dir):
     assert quick["qlora"].weights < quick["lora"].weights  # (its fp32 residual stream costs more activations)
 
 
+@pytest.mark.slow
 def test_config_only_estimate_imports_no_torch(default_model_dir):
     from tunedeck.core.models import bundled_gguf
 
@@ -182,9 +184,10 @@ DEMO = Path(__file__).resolve().parent.parent / "sample_data" / "demo.toml"
 
 def test_the_demo_project_gets_one_number_from_every_command_and_screen(default_model_dir, capsys):
     from tunedeck.core.cli import main
-    from tunedeck.core.engine import lora_summary
+    from tunedeck.core.engine.ops import lora_summary
     from tunedeck.core.hardware import detect
-    from tunedeck.core.memory import estimate_for_model, format_gib, known_longest_row, longest_row
+    from tunedeck.core.memory import estimate_for_model, known_longest_row, longest_row
+    from tunedeck.core.units import format_gib
     from tunedeck.core.models import describe, resolve_source
     from tunedeck.core.preview import preview_stats
     from tunedeck.core.project import Project
@@ -211,8 +214,10 @@ def test_the_demo_project_gets_one_number_from_every_command_and_screen(default_
     assert format_gib(inspected["total"]).endswith(" GiB")
 
 
+@pytest.mark.slow
 def test_the_cli_text_says_gib_and_the_batch(default_model_dir):
-    from tunedeck.core.memory import format_gib, longest_row
+    from tunedeck.core.memory import longest_row
+    from tunedeck.core.units import format_gib
     from tunedeck.core.project import Project
 
     longest = longest_row(Project.load(DEMO))
@@ -234,7 +239,7 @@ def test_the_cli_text_says_gib_and_the_batch(default_model_dir):
 
 
 def test_format_gib_is_the_one_unit():
-    from tunedeck.core.memory import format_gib
+    from tunedeck.core.units import format_gib
 
     assert format_gib(0) == "0.00 GiB"
     assert format_gib(1.5 * 2**30) == "1.50 GiB"
@@ -244,7 +249,8 @@ def test_format_gib_is_the_one_unit():
 
 
 def test_the_batch_is_estimated_at_the_longest_row_and_says_so(llama):
-    from tunedeck.core.memory import MemoryEstimate, estimate_vs_peak, format_gib
+    from tunedeck.core.memory import MemoryEstimate, estimate_vs_peak
+    from tunedeck.core.units import format_gib
 
     _, ins = llama
     choice = count_trainable(ins, "all-linear", r=8)
@@ -296,11 +302,13 @@ def test_the_longest_row_is_kept_for_the_ui_and_read_without_a_tokenizer(tmp_pat
     assert memory.longest_row(empty) is None  # no dataset: the estimate stays at max_length
 
 
+@pytest.mark.slow
 def test_a_run_records_its_estimate_and_measured_peak(tmp_path, tiny_model_dir):
     from train_support import train_inprocess, write_project
 
     from tunedeck.core.inspect import inspect_project, project_choice, project_memory
-    from tunedeck.core.memory import format_gib, known_longest_row
+    from tunedeck.core.memory import known_longest_row
+    from tunedeck.core.units import format_gib
     from tunedeck.core.project import Project
     from tunedeck.core.runs import run_info
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tunedeck.core import engine
+from tunedeck.core.engine.server import handle
 from tunedeck.core.cli import main
 
 from train_support import memorisable_rows, sharpened_copy, train_inprocess, write_project
@@ -73,7 +73,7 @@ def test_merged_logits_equal_base_plus_adapter(sharp, tmp_path, capsys):
 
     # the engine op streams its stages and returns the same kind of result
     messages: list[dict] = []
-    reply = engine.handle({"id": 1, "op": "merge", "args": {"run": "lora", "out": str(tmp_path / "m2"),
+    reply = handle({"id": 1, "op": "merge", "args": {"run": "lora", "out": str(tmp_path / "m2"),
                                                             "cpu": True, "project_path": str(project)}},
                           emit=messages.append)
     assert reply["ok"], reply

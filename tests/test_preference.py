@@ -174,6 +174,7 @@ def test_the_memory_estimate_counts_both_answers(tmp_path, default_model_dir):
     assert "2 pairs × 2 answers × 200 tokens" in dpo.line()
 
 
+@pytest.mark.slow
 def test_preview_json_gives_both_sides_token_by_token(tmp_path, default_model_dir):
     rows = [LAYOUTS["trl explicit, text"], LAYOUTS["StackExchange paired"]]
     project = project_for(tmp_path, default_model_dir, rows)

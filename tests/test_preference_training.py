@@ -37,6 +37,7 @@ def dpo_project(folder: Path, model_dir: Path, adapter: str = "", **sections: di
     return path
 
 
+@pytest.mark.slow
 def test_dpo_on_the_bundled_model_learns_the_sample_preferences(default_model_dir, tmp_path):
     """Code-first answers preferred over vague ones: the preference accuracy rises above
     chance and the margin grows within a few steps; the adapter loads in plain peft."""
@@ -86,6 +87,7 @@ def adapter_weights(folder: Path) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_dpo_continues_an_sft_runs_adapter_against_it(tiny_model_dir, tmp_path):
     sft = write_project(tmp_path, tiny_model_dir, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                         training={"max_steps": 2})
@@ -119,12 +121,13 @@ def test_dpo_continues_an_sft_runs_adapter_against_it(tiny_model_dir, tmp_path):
     assert code == EXIT_OK, of_type(events, "failed")
     assert [e["step"] for e in of_type(events, "step")] == [3]
     from tunedeck.core.errors import UserError
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
 
     with pytest.raises(UserError, match="training.method"):
         prepare_run(project, ["training.method=orpo", "training.max_steps=5"], run_name="dpo", resume=True)
 
 
+@pytest.mark.slow
 def test_qlora_dpo_trains_on_the_cpu(tiny_model_dir, tmp_path):
     project = dpo_project(tmp_path, tiny_model_dir, quantization={"mode": "4bit"})
     code, events, run_dir = train_inprocess(project)
@@ -133,6 +136,7 @@ def test_qlora_dpo_trains_on_the_cpu(tiny_model_dir, tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_orpo_trains_without_a_reference_on_the_answers_only(tiny_model_dir, tmp_path):
     project = dpo_project(tmp_path, tiny_model_dir, training={"method": "orpo", "max_steps": 2},
                           preference={"beta": 0.2})
@@ -209,7 +213,7 @@ def test_an_adapter_of_another_base_model_is_refused(tiny_model_dir, default_mod
     assert code == EXIT_OK
     project = dpo_project(tmp_path / "other", default_model_dir, adapter=str(sft_dir))
     from tunedeck.core.errors import UserError
-    from tunedeck.core.launcher import load_project, preflight
+    from tunedeck.core.preflight import load_project, preflight
 
     with pytest.raises(UserError, match="trained an adapter for") as err:
         preflight(load_project(project), deep=False)

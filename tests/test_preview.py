@@ -355,6 +355,7 @@ def test_cli_missing_project_in_a_process(tmp_path):
 # -- through the engine process ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_ops_answer_through_the_engine_process(tmp_path, default_model_dir, write_jsonl):
     from tunedeck.core.engine import EngineClient, EngineError
 
@@ -362,14 +363,15 @@ def test_the_ops_answer_through_the_engine_process(tmp_path, default_model_dir, 
     project = make_project(tmp_path, default_model_dir)
     args = {"project_text": project.text(), "project_path": str(project.path)}
     with EngineClient(log_path=tmp_path / "engine.log") as client:
-        second = client.call("preview_row", **args, index=1, timeout=120)
+        second = client.preview_row(**args, index=1, timeout=120)
         assert second == preview_row(project, index=1)
-        assert client.call("preview_stats", **args, timeout=120)["rows"] == 2
-        assert client.call("preview_search", **args, text="2+2", timeout=120) == {"index": 1, "row": 2}
+        assert client.preview_stats(**args, timeout=120)["rows"] == 2
+        assert client.preview_search(**args, text="2+2", timeout=120) == {"index": 1, "row": 2}
         with pytest.raises(EngineError, match="has no row 5"):
-            client.call("preview_row", **args, row=5, timeout=120)
+            client.preview_row(**args, row=5, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_piped_keeps_the_mask_in_plain_text(tmp_path, default_model_dir, write_jsonl):
     """Written to a pipe (no colour), the trained tokens are still told apart: a header explains
     the notation, trained spans are in «…», trained tokens in [..] and masked ones in (..)."""

@@ -321,7 +321,7 @@ def test_a_follower_that_stops_reading_is_dropped_not_queued_for(served, monkeyp
 
 def test_two_new_runs_with_the_same_name_race_and_one_wins(tmp_path):
     from tunedeck.core.errors import UserError
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
     from tui_helpers import write_project
 
     project = write_project(tmp_path)
@@ -350,7 +350,7 @@ def test_two_new_runs_with_the_same_name_race_and_one_wins(tmp_path):
 
 def test_a_run_name_with_a_line_break_is_refused(tmp_path):
     from tunedeck.core.errors import UserError
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
     from tui_helpers import write_project
 
     project = write_project(tmp_path)
@@ -438,7 +438,8 @@ def test_a_trainer_started_by_tunedeck_ignores_the_terminals_hangup_and_ctrl_c()
 def test_devices_become_processes_and_the_launch_command():
     from tunedeck.core.errors import ProjectError
     from tunedeck.core.hardware import Gpu, Hardware
-    from tunedeck.core.launcher import RunSpec, trainer_command, trainer_env
+    from tunedeck.core.launcher import trainer_command, trainer_env
+    from tunedeck.core.rundir import RunSpec
     from tunedeck.core.project import Project
     from tunedeck.core.resolve import resolve
 

@@ -150,6 +150,7 @@ def test_a_sigkill_while_the_oom_killer_ran_is_called_out_of_memory(tmp_path, mo
     assert death_reason(tmp_path, -9, oom_before=8)[0] == "died"  # the count did not move
 
 
+@pytest.mark.slow
 def test_cli_runs_lists_a_folder(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs / "x", [ev("run_started", 0, 1.0, max_steps=2), ev("step", 2, 2.0, loss=0.5),

@@ -9,12 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from tunedeck.core.errors import UserError
-from tunedeck.core.launcher import prepare_run
+from tunedeck.core.rundir import prepare_run
 from tunedeck.core.runs import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 
 from train_support import ANSWER, memorisable_rows, of_type, sharpened_copy, train_inprocess, write_project
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +20,7 @@ def sharp_model(tiny_model_dir, tmp_path_factory):
     return sharpened_copy(tiny_model_dir, tmp_path_factory.mktemp("sharp"))
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_adapter_loads_in_plain_peft(sharp_model, tmp_path):
     project = write_project(tmp_path, sharp_model, memorisable_rows(),
                             training={"max_steps": 10, "logging_steps": 1}, lora={"r": 16, "alpha": 32})
@@ -77,6 +76,7 @@ def test_loss_falls_and_the_adapter_loads_in_plain_peft(sharp_model, tmp_path):
     assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).startswith(ANSWER[:4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_path, padding_free):
     """trl neither re-masks, re-truncates nor re-pads: a batch is render()'s rows, one after
@@ -114,6 +114,7 @@ def test_the_trainer_trains_on_exactly_the_rendered_labels(tiny_model_dir, tmp_p
     assert got == want
 
 
+@pytest.mark.slow
 def test_qlora_4bit_trains_on_the_cpu(tiny_model_dir, tmp_path):
     project = write_project(tmp_path, tiny_model_dir, quantization={"mode": "4bit", "quant_type": "nf4"},
                             training={"max_steps": 2})
@@ -131,6 +132,7 @@ def test_qlora_4bit_trains_on_the_cpu(tiny_model_dir, tmp_path):
     assert dtypes == {"torch.float32"}  # fp32 adapter weights, not trl's bf16 cast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, before, line", [
     (['lora.target_modules=["query", "value"]'],
      'lora.target_modules ["query", "value"] matches no layer of this model; its layers: embed_tokens, q_proj',
@@ -156,6 +158,7 @@ def test_refusals_found_by_the_trainer(tiny_model_dir, tmp_path, overrides, befo
     assert not of_type(events, "run_started") and not (run_dir / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_a_model_without_a_chat_template_is_refused(tiny_model_dir, tmp_path):
     import shutil
 
@@ -249,6 +252,7 @@ def test_a_crash_is_reported_with_its_traceback(tiny_model_dir, tmp_path, monkey
     assert failed["user_error"] is False and failed["failure"] == "crash"
 
 
+@pytest.mark.slow
 def test_resume_without_a_name_picks_the_newest_run_with_a_checkpoint(tiny_model_dir, tmp_path):
     project = write_project(tmp_path, tiny_model_dir)
     for name, step in (("t-20260101-000000", 4), ("t-20260102-000000", None), ("other-20260103-000000", 2)):

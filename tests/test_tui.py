@@ -1,4 +1,6 @@
-"""The app driven with Pilot: navigation, editing, validation, presets, saving, quitting."""
+"""The app driven with Pilot: switching screens, the start screen, saving, quitting, keys,
+the palette, themes, the open and new dialogs, and the command line. (The Settings screen
+has its own file, test_tui_settings.py.)"""
 
 from __future__ import annotations
 
@@ -16,15 +18,11 @@ from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle
 from tunedeck.core import cli
 from tunedeck.core.paths import load_user_config, save_user_config
 from tunedeck.core.project import Project
-from tunedeck.core.schema import field_for
 from tunedeck.tui import app as app_module
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.commands import TunedeckCommands
-from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen, PresetScreen
+from tunedeck.tui.screens.dialogs import ChoiceScreen, KeysScreen, NewProjectScreen, OpenProjectScreen
 from tunedeck.tui.widgets.facts import Facts
-from tunedeck.tui.widgets.field_editor import FieldEditor
-from tunedeck.tui.widgets.settings_list import SettingsList
-from tunedeck.tui.widgets.summary import SettingsSummary
 
 SIZE = (100, 30)
 
@@ -39,52 +37,12 @@ def make_app(path: Path | None, engine: Any = None) -> TunedeckApp:
     return TunedeckApp(Project.load(path) if path else None, engine=engine or SilentEngine(), hardware=CPU)
 
 
-def view(app: TunedeckApp, key: str):
-    return app.screen.query_one(SettingsList)._views[key]
-
-
 async def edit(pilot, key: str, *keys: str) -> None:
     """Open ``key`` in the editor, replace its text with ``keys``."""
     await pilot.app.screen.edit_field(key)
     await pilot.pause()
     await pilot.press(*keys)
     await pilot.pause()
-
-
-async def test_opens_a_project_on_the_settings_screen(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        assert app.current_mode == "settings"
-        assert (app.title, app.sub_title) == ("demo", "demo.toml")
-        assert isinstance(app.focused, SettingsList)
-        assert app.focused.highlighted_key == "model.source"
-        assert view(app, "training.precision").source == "default, auto -> fp32"
-        assert view(app, "lora.r").source == "project"
-        assert view(app, "dataset.path").problem == ""
-        assert app.screen.query_one(SettingsSummary).command == "tunedeck train demo.toml"
-        assert load_user_config()["recent_projects"] == [str(project_path)]
-
-
-async def test_settings_say_why_auto_chose_its_precision(project_path):
-    from dataclasses import replace
-
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        assert view(app, "training.precision").help.startswith("auto chose fp32: this CPU has no native bf16")
-        measured = "this CPU has AVX512-BF16: bf16 measured 2.3x as fast as fp32, with the same loss"
-        app.hardware = replace(app.hardware, cpu_precision="bf16", cpu_precision_reason=measured)
-        await pilot.pause()
-        assert view(app, "training.precision").source == "default, auto -> bf16"
-        assert view(app, "training.precision").help == f"auto chose bf16: {measured}"
-        await app.screen.edit_field("training.precision")
-        await pilot.pause()
-        assert measured in str(app.screen.query_one("#editor-note").render())  # the whole line, under the editor
-        await pilot.press("down", "down", "down", "enter")  # fp32, set in the project
-        await pilot.pause()
-        assert app.session.project["training.precision"] == "fp32"
-        assert view(app, "training.precision").help == field_for("training.precision").help
 
 
 async def test_number_keys_and_tabs_switch_screens(project_path):
@@ -119,130 +77,6 @@ async def test_without_a_project_the_start_screen_offers_recent_and_new(project_
         await pilot.pause()
         assert app.current_mode == "settings"
         assert app.session.path == project_path
-
-
-async def test_editing_a_value_marks_it_and_the_title(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await edit(pilot, "lora.r", "8")
-        assert app.session.project["lora.r"] == 8
-        assert view(app, "lora.r").source == "edited"
-        assert app.title == "demo *"
-        assert app.screen.query_one(SettingsSummary).command == "tunedeck train demo.toml --set lora.r=8"
-        await pilot.press("enter")
-        await pilot.pause()
-        assert isinstance(app.focused, SettingsList)
-        assert app.focused.highlighted_key == "lora.r"
-        assert project_path.read_text() == PROJECT_TOML  # not saved yet
-
-
-async def test_the_keyboard_alone_reaches_and_edits_a_field(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press(*["down"] * 9, "enter")  # model.source ... lora.r (headings are skipped)
-        await pilot.pause()
-        assert app.screen.query_one(FieldEditor).key == "lora.r"
-        await pilot.press("6", "4", "enter", "ctrl+s")
-        await pilot.pause()
-        assert "r = 64" in project_path.read_text()
-
-
-async def test_invalid_input_is_marked_with_the_reason_and_not_saved(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await edit(pilot, "lora.r", "0")
-        row = view(app, "lora.r")
-        assert (row.value, row.severity) == ("0", "error")
-        assert row.problem == "0 is not valid: expected an integer >= 1 and <= 4096"
-        editor = app.screen.query_one(FieldEditor)
-        assert "expected an integer >= 1" in str(editor.query_one("#editor-note").render())
-        assert app.screen.query_one(SettingsSummary).invalid == ("lora.r",)
-        await pilot.press("enter")  # keep the invalid text, move on
-        await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert project_path.read_text() == PROJECT_TOML
-        assert any("not saved: lora.r is invalid" in n.message for n in app._notifications)
-        await edit(pilot, "lora.r", "1", "2")
-        await pilot.press("enter", "ctrl+s")
-        await pilot.pause()
-        assert "r = 12" in project_path.read_text()
-        assert app.title == "demo"
-
-
-async def test_a_rule_between_keys_and_escape_puts_a_value_back(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await edit(pilot, "training.eval_steps", "5")
-        assert view(app, "training.eval_steps").problem.startswith("5 asks for evaluation but there is no eval set")
-        await pilot.press("enter")
-        await edit(pilot, "dataset.eval_split", "0", ".", "1")
-        await pilot.press("enter")
-        await pilot.pause()
-        assert not app.session.invalid
-        assert app.session.project["training.eval_steps"] == 5
-        await edit(pilot, "lora.alpha", "9", "9")
-        assert app.session.project["lora.alpha"] == 99
-        await pilot.press("escape")
-        await pilot.pause()
-        assert app.session.project["lora.alpha"] == 32
-        assert view(app, "lora.alpha").source == "project"
-
-
-async def test_choices_switches_and_defaults(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await edit(pilot, "quantization.mode", "down", "down", "enter")  # none -> 8bit -> 4bit
-        assert app.session.project["quantization.mode"] == "4bit"
-        assert app.screen.query_one(FieldEditor).key is None
-        await pilot.app.screen.edit_field("lora.use_dora")  # a switch flips at once
-        await pilot.pause()
-        assert app.session.project["lora.use_dora"] is True
-        app.screen.query_one(SettingsList).highlight("lora.alpha")
-        await pilot.press("ctrl+r")
-        await pilot.pause()
-        assert app.session.project.source_of("lora.alpha") == "default"
-        assert view(app, "lora.alpha").source == "default"  # the same value (32), no longer in the file
-        assert app.session.project["lora.alpha"] == 32
-        assert app.title == "demo *"  # saving would change the file
-
-
-async def test_presets_are_applied_as_visible_edits(project_path):
-    app = make_app(project_path)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f2")
-        await pilot.pause()
-        assert isinstance(app.screen, PresetScreen)
-        await pilot.press("down", "down", "enter")  # QLoRA 4-bit nf4
-        await pilot.pause()
-        project = app.session.project
-        assert (project["quantization.mode"], project["quantization.quant_type"]) == ("4bit", "nf4")
-        assert view(app, "quantization.mode").edited
-        assert any(n.title == "Preset applied" for n in app._notifications)
-        await app.apply_preset("Quick test run (max_steps 10)")
-        assert project["training.max_steps"] == 10
-        assert "--set training.max_steps=10" in app.screen.query_one(SettingsSummary).command
-
-
-async def test_the_summary_counts_with_the_engine_and_presets_use_its_layer_names(project_path):
-    app = make_app(project_path, InProcessEngine())
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        summary = app.screen.query_one(SettingsSummary)
-        assert not summary.pending and not summary.error
-        # r (in + out) per layer: q, o 32->32; k, v 32->16; gate, up 32->64, down 64->32; two blocks
-        assert summary.result["trainable_params"] == 2 * 16 * (2 * 64 + 2 * 48 + 3 * 96)
-        await edit(pilot, "lora.target_modules", "n", "o", "p", "e")
-        await settle(pilot)
-        [error] = summary.result["errors"]  # what the trainer would refuse, in one line
-        assert error.startswith('lora.target_modules ["nope"] matches no layer of this model; its layers: ')
-        assert error in str(summary.render())
-        await pilot.press("escape")
-        await settle(pilot)
-        assert not summary.result["errors"] and summary.result["trainable_params"] > 0
-        await app.apply_preset("LoRA, attention only")
-        await settle(pilot)
-        assert app.session.project["lora.target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-        assert summary.result["adapted"] == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
 
 
 async def test_save_keeps_the_file_order_and_comments(project_path):
@@ -441,6 +275,7 @@ class FakeRun:
         self.stopped = True
 
 
+@pytest.mark.slow
 async def test_training_from_the_palette_follows_the_run(tmp_path, monkeypatch, default_model_dir):
     import json
 

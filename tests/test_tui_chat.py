@@ -29,8 +29,6 @@ from tunedeck.tui.screens.chat import (
 )
 from tunedeck.tui.widgets.chat_pane import ChatPane, EvalView, Turn
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def project_with_run(tiny_model_dir, tmp_path_factory):
@@ -55,6 +53,7 @@ async def open_chat(pilot) -> ChatScreen:
     return screen
 
 
+@pytest.mark.slow
 async def test_answers_stream_into_both_panes_and_esc_stops(project_with_run, tmp_path):
     path, run_dir = project_with_run
     app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
@@ -110,6 +109,7 @@ async def test_answers_stream_into_both_panes_and_esc_stops(project_with_run, tm
         assert a.history == [] and b.history == []
 
 
+@pytest.mark.slow
 async def test_settings_dialog_and_eval_mode(project_with_run):
     path, run_dir = project_with_run
     app = TunedeckApp(Project.load(path), engine=InProcessEngine(), hardware=CPU)
@@ -161,6 +161,7 @@ async def test_settings_dialog_and_eval_mode(project_with_run):
         assert screen.query_one("#pane-a", ChatPane).query_one(Select).value == "base"
 
 
+@pytest.mark.slow
 async def test_merge_from_the_palette(project_with_run):
     path, run_dir = project_with_run
     out = run_dir / "merged"
@@ -271,6 +272,7 @@ async def test_the_pickers_show_status_steps_and_loss_and_hide_unfinished_runs(r
         assert len(option_labels(b)) == 3 and b.model == str(runs_project.parent / "runs" / "early")
 
 
+@pytest.mark.slow
 async def test_enter_applies_the_settings_and_they_are_kept_per_project(runs_project, tmp_path):
     app = TunedeckApp(Project.load(runs_project), engine=PanesEngine(), hardware=CPU)
     async with app.run_test(size=(100, 30)) as pilot:

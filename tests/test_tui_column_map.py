@@ -115,6 +115,7 @@ def test_the_edits_for_one_source_and_for_a_list():
 # -- the dialog ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_mapping_unusual_fields_writes_format_and_columns_and_the_row_renders(qa_project):
     app = make_app(qa_project)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -165,6 +166,7 @@ async def test_mapping_unusual_fields_writes_format_and_columns_and_the_row_rend
                    for n in app._notifications)
 
 
+@pytest.mark.slow
 async def test_escape_leaves_the_project_as_it_was(qa_project):
     app = make_app(qa_project)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -178,6 +180,7 @@ async def test_escape_leaves_the_project_as_it_was(qa_project):
         assert app.session.project.text() == before and not app.session.dirty
 
 
+@pytest.mark.slow
 async def test_apply_asks_for_a_column_a_format_cannot_do_without(qa_project):
     app = make_app(qa_project)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -196,6 +199,7 @@ async def test_apply_asks_for_a_column_a_format_cannot_do_without(qa_project):
         assert app.session.project["dataset.format"] == "auto"
 
 
+@pytest.mark.slow
 async def test_a_listed_source_is_mapped_in_its_own_table(tmp_path, monkeypatch, default_model_dir):
     monkeypatch.chdir(tmp_path)
     write_lines(tmp_path / "qa.jsonl", QA_ROWS)
@@ -223,6 +227,7 @@ def _inside(inner, outer) -> bool:
             and inner.bottom <= outer.bottom and inner.width > 0 and inner.height > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["prompt_completion", "alpaca"])  # alpaca: the most fields
 async def test_the_dialog_fits_80x24(qa_project, fmt):
     app = make_app(qa_project)

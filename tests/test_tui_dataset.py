@@ -48,6 +48,7 @@ def row(screen: DatasetScreen) -> dict:
     return shown
 
 
+@pytest.mark.slow
 async def test_first_row_stats_and_navigation(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -101,6 +102,7 @@ async def test_token_view_marks_what_the_trainer_trains(project_path):
         assert view.view == "fields" and json.loads(view.content().plain) == shown["fields"]
 
 
+@pytest.mark.slow
 async def test_search_and_a_missing_match(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -115,6 +117,7 @@ async def test_search_and_a_missing_match(project_path):
         assert any("no row contains 'zebra'" in str(n.message) for n in app._notifications)
 
 
+@pytest.mark.slow
 async def test_settings_change_reads_again_and_truncation_shows(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -129,6 +132,7 @@ async def test_settings_change_reads_again_and_truncation_shows(project_path):
         assert "training refuses this dataset" in str(screen.query_one("#stats-refusal", Static).render())
 
 
+@pytest.mark.slow
 async def test_missing_dataset_is_one_line_not_a_crash(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:

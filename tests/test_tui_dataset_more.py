@@ -4,6 +4,7 @@ that wrap between tokens, never inside one."""
 
 from __future__ import annotations
 
+import pytest
 from rich.cells import cell_len
 from test_tui_dataset import SIZE, make_app, open_dataset, project_path, status  # noqa: F401 - a fixture
 from textual.widgets import Static
@@ -27,6 +28,7 @@ async def test_a_legend_names_every_style(project_path):
         assert "EVAL" not in text  # eval_split = 0 in this project
 
 
+@pytest.mark.slow
 async def test_search_highlights_and_counts_matches(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -51,6 +53,7 @@ async def test_search_highlights_and_counts_matches(project_path):
         assert not any(str(s.style) == MATCH for s in view.content().spans)
 
 
+@pytest.mark.slow
 async def test_eval_rows_are_marked(project_path):
     from tunedeck.core.datafile import load_splits
 
@@ -73,6 +76,7 @@ async def test_eval_rows_are_marked(project_path):
         assert shown == held
 
 
+@pytest.mark.slow
 async def test_going_past_the_last_row_is_said_in_the_apps_words(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -91,6 +95,7 @@ async def test_going_past_the_last_row_is_said_in_the_apps_words(project_path):
         assert screen.query_one(RowView).row["row"] == 1
 
 
+@pytest.mark.slow
 async def test_the_histogram_marks_max_length(project_path):
     app = make_app(project_path)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -121,6 +126,7 @@ def test_tokens_wrap_between_tokens_never_inside_one():
                 assert piece in {"<|im_start|>", "user", "↵", "What", "·is", "·7", "<|im_end|>", "assistant", ""}
 
 
+@pytest.mark.slow
 async def test_a_search_typed_in_one_burst_keeps_every_key(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:

@@ -9,6 +9,7 @@ the CLI's text output of a pair too."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -271,17 +272,19 @@ class PairEngine(InProcessEngine):
         super().__init__()
         self.row, self.stats = row, stats
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, *, timeout: float | None = None, cancel: threading.Event | None = None,
+             **args: Any) -> dict[str, Any]:
         if op == "preview_row":
             self.calls.append(op)
             return self.row
-        return super().call(op, **args)
+        return super().call(op, timeout=timeout, cancel=cancel, **args)
 
-    def stream(self, op: str, **args: Any) -> dict[str, Any]:
+    def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
+               cancel: threading.Event | None = None, **args: Any) -> dict[str, Any]:
         if op == "preview_stats_stream":
             self.calls.append(op)
             return self.stats
-        return super().stream(op, **args)
+        return super().stream(op, on_partial=on_partial, timeout=timeout, cancel=cancel, **args)
 
 
 @pytest.fixture

@@ -92,6 +92,7 @@ def styled(text) -> list[tuple[str, str]]:
 # -- parts told apart in the app ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_tool_calls_results_and_schemas_are_told_apart(tools_project):
     app = make_app(tools_project)
     async with app.run_test(size=SIZE) as pilot:
@@ -127,6 +128,7 @@ async def test_tool_calls_results_and_schemas_are_told_apart(tools_project):
         assert call == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
 
 
+@pytest.mark.slow
 async def test_reasoning_is_marked_and_a_plain_row_has_no_markers(tmp_path, monkeypatch, default_model_dir):
     monkeypatch.chdir(tmp_path)
     write_lines(tmp_path / "r.jsonl", [REASONING_ROW, chat_row(1)])
@@ -149,6 +151,7 @@ async def test_reasoning_is_marked_and_a_plain_row_has_no_markers(tmp_path, monk
 # -- sources -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_each_source_shows_its_share_and_the_row_its_source(multi_project):
     app = make_app(multi_project)
     async with app.run_test(size=SIZE) as pilot:
@@ -212,6 +215,7 @@ async def wait_for(pilot, check, timeout: float = 60.0) -> None:
         await pilot.pause(0.05)
 
 
+@pytest.mark.slow
 async def test_stats_show_the_count_so_far_and_a_settings_change_cancels_it(multi_project):
     engine = HeldStatsEngine()
     app = make_app(multi_project, engine)
@@ -233,6 +237,7 @@ async def test_stats_show_the_count_so_far_and_a_settings_change_cancels_it(mult
         await wait_for(pilot, lambda: "(#1 of 4, sharegpt)" in text_of(screen, "#dataset-status"))
 
 
+@pytest.mark.slow
 async def test_fields_that_fit_several_formats_are_said_with_the_key_that_maps_them(tmp_path, monkeypatch,
                                                                                     default_model_dir):
     monkeypatch.chdir(tmp_path)
@@ -254,6 +259,7 @@ def preview(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_cli_plain_text_marks_tool_calls_results_and_schemas(tools_project):
     proc = preview(str(tools_project))
     assert proc.returncode == 0, proc.stderr
@@ -273,6 +279,7 @@ def test_cli_plain_text_marks_tool_calls_results_and_schemas(tools_project):
     assert "[<|im_end|>] (↵) ⟨/tool call⟩ ⟨tool result⟩ (<|im_start|>) (tool)" in tokens
 
 
+@pytest.mark.slow
 def test_cli_source_picks_the_source_a_row_is_counted_in(multi_project):
     proc = preview(str(multi_project), "--source", "2", "--row", "3", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -291,7 +298,7 @@ def test_cli_source_picks_the_source_a_row_is_counted_in(multi_project):
 @pytest.mark.parametrize("args, message", [
     (["--source", "3"], "--source 3: the project has 2 sources; sources are numbered from 1"),
     (["--source", "0", "--row", "1"], "--source 0: the project has 2 sources"),
-    (["--source", "1", "--row", "9"], "--row 9: tools.jsonl has no row 9"),
+    pytest.param(["--source", "1", "--row", "9"], "--row 9: tools.jsonl has no row 9", marks=pytest.mark.slow),
 ])
 def test_cli_a_missing_source_or_row_is_one_line(multi_project, args, message):
     proc = preview(str(multi_project), *args)

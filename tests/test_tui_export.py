@@ -16,7 +16,7 @@ import pytest
 from textual.widgets import Button, Checkbox, Input, OptionList
 from tui_helpers import CPU, InProcessEngine, settle, write_project, write_run
 
-from tunedeck.core.engine import EngineError
+from tunedeck.core.engine import EngineCalls, EngineError
 from tunedeck.core.project import Project
 from tunedeck.core.runs import run_info
 from tunedeck.tui.app import TunedeckApp
@@ -31,7 +31,7 @@ STAGES = ("merge", "convert", "write")
 TENSORS = 40
 
 
-class ExportEngine:
+class ExportEngine(EngineCalls):
     """A stand-in engine with the ``export`` op: many partials a stage (one per tensor),
     then the result dict of :func:`tunedeck.core.export.export_run`. ``error`` makes it
     refuse as the engine does (an EngineError, one line); ``hold`` stops it after its first
@@ -43,7 +43,8 @@ class ExportEngine:
         self.hold = hold
         self.started = threading.Event()
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, *, timeout: float | None = None, cancel: threading.Event | None = None,
+             **args: Any) -> dict[str, Any]:
         raise EngineError(f"unknown engine request {op!r}")
 
     def stream(self, op: str, *, on_partial: Any = None, timeout: float | None = None,
@@ -129,7 +130,7 @@ async def test_e_opens_the_dialog_and_q8_0_goes_to_the_engine_with_the_default_f
         assert not isinstance(app.screen, ExportDialog)
         run_dir = project.parent / "runs" / "tuned"
         assert engine.requests == [{"run": str(run_dir), "out": str(run_dir / "gguf"), "quant": "q8_0",
-                                    "lora": False}]
+                                    "lora": False, "cpu": False, "project_path": None}]
         shown = [n.message for n in notes(app)]
         # the start, the first partial of each stage (not one per tensor: 3 x 40 were sent), the end
         assert len(shown) == 2 + len(STAGES), shown
@@ -195,6 +196,7 @@ async def test_an_engine_refusal_is_one_error_notification(project):
         assert app.exporting is None
 
 
+@pytest.mark.slow
 async def test_cancel_export_from_the_palette_and_one_export_at_a_time(project):
     engine = ExportEngine(hold=True)
     app = TunedeckApp(Project.load(project), engine=engine, hardware=CPU)

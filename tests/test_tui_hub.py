@@ -14,12 +14,13 @@ from textual.widgets._footer import FooterKey
 from tui_helpers import CPU, settle, write_project, write_tiny_model
 
 from tunedeck.core import models
-from tunedeck.core.engine import EngineError
+from tunedeck.core.engine import EngineCalls, EngineError
 from tunedeck.core.project import Project
+from tunedeck.core.units import format_count
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.dialogs import ChoiceScreen, HubPlanDialog
 from tunedeck.tui.screens.models import ModelsScreen
-from tunedeck.tui.widgets.hub_search import HubDownload, gated_text, hub_count, hub_size
+from tunedeck.tui.widgets.hub_search import HubDownload, gated_text, hub_size
 
 SIZE = (80, 24)
 MiB, GiB = 2**20, 2**30
@@ -39,7 +40,7 @@ PLAN = {"repo": "org/tiny", "kind": "model", "revision": "0123456789abcdef0123",
     "skipped": ["pytorch_model.bin"], "source": "org/tiny", "gated": False}
 
 
-class HubEngine:
+class HubEngine(EngineCalls):
     """A stand-in for the engine's Hub ops. ``hub_pull`` streams each file in 1 MiB pieces;
     with ``hold`` it waits half-way through (``halfway`` set) until ``go`` is set or the
     request is cancelled, and a cancel ends it as the core does: a UserError that says so."""
@@ -131,7 +132,8 @@ def notes(app: TunedeckApp) -> list[str]:
 
 def test_sizes_counts_and_gated_in_words():
     assert hub_size(None) == "?" and hub_size(988 * MiB) == "988.0 MiB" and hub_size(int(2.3 * GiB)) == "2.3 GiB"
-    assert hub_count(4_321_000) == "4.3M" and hub_count(12) == "12" and hub_count(None) == "?"
+    assert format_count(4_321_000, spec=".1f") == "4.3M" and format_count(12, spec=".1f") == "12"
+    assert format_count(None, spec=".1f") == "?"
     assert [gated_text(g) for g in (False, "auto", "manual", True)] == ["no", "auto", "manual", "yes"]
 
 
@@ -209,6 +211,7 @@ async def test_enter_on_a_result_shows_the_plan_size_against_free_space(project_
         assert not any(op == "hub_pull" for op, _ in engine.calls)
 
 
+@pytest.mark.slow
 async def test_download_shows_progress_and_ends_by_listing_the_model(project_path, monkeypatch, tmp_path):
     engine = HubEngine(hold=True)
     snapshot = write_tiny_model(tmp_path / "hub-cache" / "snapshot")
@@ -249,6 +252,7 @@ async def test_download_shows_progress_and_ends_by_listing_the_model(project_pat
         assert app.session.project["model.source"] == "org/tiny" and app.session.dirty
 
 
+@pytest.mark.slow
 async def test_esc_cancels_the_download_and_says_how_to_resume(project_path):
     engine = HubEngine(hold=True)
     app = make_app(project_path, engine)
@@ -268,6 +272,7 @@ async def test_esc_cancels_the_download_and_says_how_to_resume(project_path):
         assert "Cancel download" not in [k.description for k in screen.query(FooterKey)]
 
 
+@pytest.mark.slow
 async def test_the_cancel_button_and_the_palette_cancel_too(project_path):
     engine = HubEngine(hold=True)
     app = make_app(project_path, engine)
@@ -307,6 +312,7 @@ def test_the_hub_search_at_80x24(project_path, snap_compare):
     assert snap_compare(make_app(project_path, HubEngine()), terminal_size=SIZE, run_before=run_before)
 
 
+@pytest.mark.slow
 async def test_a_refused_download_is_one_error_and_another_can_start(project_path):
     engine = HubEngine()
     app = make_app(project_path, engine)

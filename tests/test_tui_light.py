@@ -12,7 +12,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from tui_helpers import write_project
+
+pytestmark = pytest.mark.slow
 
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 

@@ -10,10 +10,11 @@ from textual.widgets import DataTable, Input
 from tui_helpers import CPU, SilentEngine, settle, write_project, write_tiny_model
 
 from tunedeck.core import models
-from tunedeck.core.engine import lora_summary
-from tunedeck.core.memory import _longest, estimate_for_model, format_gib, remember_longest_row
+from tunedeck.core.engine.ops import lora_summary
+from tunedeck.core.memory import _longest, estimate_for_model, remember_longest_row
 from tunedeck.core.paths import load_user_config, save_user_config
 from tunedeck.core.project import Project
+from tunedeck.core.units import format_gib
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.dialogs import AddModelScreen
 from tunedeck.tui.screens.models import ModelsScreen

@@ -11,8 +11,8 @@ from textual.widgets import DataTable, Tree
 from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle, write_project
 
 from tunedeck.core.inspect import lora_config, project_counts
-from tunedeck.core.memory import format_gib
 from tunedeck.core.project import Project
+from tunedeck.core.units import format_gib
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.modules import NOTHING_PICKED, READING, ModulesScreen
 from tunedeck.tui.widgets.choice import ChoiceSummary
@@ -115,6 +115,7 @@ async def test_presets(project_path):
                 in str(screen.query_one(ChoiceSummary).render()))  # the tiny model has no tokenizer: no longest row
 
 
+@pytest.mark.slow
 async def test_a_partial_pick_writes_a_regex_that_counts_the_same_and_saves(project_path):
     app = make_app(project_path)
     async with app.run_test(size=SIZE) as pilot:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tui_helpers import write_project
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
 
 TUNEDECK = str(Path(sys.executable).with_name("tunedeck"))
 

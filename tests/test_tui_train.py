@@ -19,6 +19,7 @@ from tui_helpers import CPU, InProcessEngine, settle, write_project
 
 from tunedeck.core import launcher
 from tunedeck.core.project import Project
+from tunedeck.core.rundir import write_snapshot
 from tunedeck.core.runs import RunInfo, run_info
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.screens.dialogs import ChoiceScreen
@@ -290,6 +291,7 @@ def test_series_stay_bounded_and_even():
     assert len(snap.loss[0]) < 2 * POINTS and len(snap.log) <= 400 and snap.log_total == 5000
 
 
+@pytest.mark.slow
 async def test_a_real_run_of_the_tiny_model_from_the_screen(tiny_model_dir, tmp_path, monkeypatch):
     from train_support import write_project as write_training_project
 
@@ -322,13 +324,14 @@ async def test_a_refused_start_is_the_line_of_tunedeck_train_and_nothing_runs(tm
     from tui_helpers import PROJECT_TOML
     from tunedeck.core import launcher
     from tunedeck.core.errors import UserError
+    from tunedeck.core.preflight import load_project, preflight
 
     monkeypatch.chdir(tmp_path)
     path = write_project(tmp_path, PROJECT_TOML.replace(*edit))
     spawned: list[Any] = []
     monkeypatch.setattr(launcher.subprocess, "Popen", lambda *args, **kw: spawned.append(args))
     with pytest.raises(UserError) as cli_line:
-        launcher.preflight(launcher.load_project(path))
+        preflight(load_project(path))
     app = make_app(path)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("5")
@@ -368,7 +371,7 @@ def finished_run(project_path: Path, name: str, *, loss: float = 2.0, eval_loss:
     project = Project.load(project_path)
     for key, value in (sets or {}).items():
         project.set(key, value)
-    launcher.write_snapshot(project, run_dir)
+    write_snapshot(project, run_dir)
     return run_dir
 
 
@@ -514,7 +517,7 @@ async def test_resume_continues_the_run_in_its_folder_and_the_screen_follows_it(
     write_events(run_dir, [{"type": "checkpoint", "step": 5, "path": str(checkpoint)},
                            {"type": "failed", "step": 5, "reason": "RuntimeError: CUDA error", "failure": "crash"}],
                  t0=1100.0)
-    launcher.write_snapshot(Project.load(project_path), run_dir)
+    write_snapshot(Project.load(project_path), run_dir)
     script = project_path.parent / "resume.script.jsonl"
     script.write_text("\n".join(json.dumps(item) for item in [
         {"type": "run_started", "step": 5, "max_steps": 10, "resumed_from": {"checkpoint": str(checkpoint), "step": 5}},

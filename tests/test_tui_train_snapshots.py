@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tui_helpers import CPU, InProcessEngine, settle, write_project
 
-from tunedeck.core import launcher
 from tunedeck.core.project import Project
+from tunedeck.core.rundir import write_snapshot
 from tunedeck.core.runs import write_record
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.training import RunView
@@ -109,14 +109,15 @@ def test_finished_run_80x24(make_app, snap_compare, tmp_path):
     assert snap_compare(make_app(), terminal_size=(80, 24), run_before=open_run("demo-1"))
 
 
+@pytest.mark.slow
 def test_two_runs_compared_80x24(make_app, snap_compare, tmp_path):
     """Two runs picked in the list (space): both loss curves, and the settings that differ."""
     project = Project.load(tmp_path / "demo.toml")
     write_run(tmp_path / "runs" / "demo-r16", {"type": "finished", "final_loss": 0.61})
-    launcher.write_snapshot(project, tmp_path / "runs" / "demo-r16")
+    write_snapshot(project, tmp_path / "runs" / "demo-r16")
     write_run(tmp_path / "runs" / "demo-r32", {"type": "finished", "final_loss": 0.49}, scale=0.8)
     project.set("lora.r", 32)
     project.set("training.learning_rate", 1e-4)
-    launcher.write_snapshot(project, tmp_path / "runs" / "demo-r32")
+    write_snapshot(project, tmp_path / "runs" / "demo-r32")
     assert snap_compare(make_app(), terminal_size=(80, 24),
                         run_before=open_run("demo-r16", "r", "space", "down", "space"))

@@ -49,7 +49,7 @@ def train_inprocess(project: Path, overrides: list[str] | None = None, run_name:
     """Run the trainer in this process (after the pre-flight; ``deep=False`` leaves the
     target check to the trainer); returns (exit code, events, run dir)."""
     from tunedeck.core.events import EventLog
-    from tunedeck.core.launcher import prepare_run
+    from tunedeck.core.rundir import prepare_run
     from tunedeck.core.trainer import Controls, Emitter, run
 
     events: list[dict[str, Any]] = []
@@ -60,7 +60,7 @@ def train_inprocess(project: Path, overrides: list[str] | None = None, run_name:
         # the same whichever tests ran in it before (a test file alone, in another order, or on
         # another pytest-xdist worker)
         from transformers import set_seed
-        from tunedeck.core.launcher import load_project
+        from tunedeck.core.preflight import load_project
 
         set_seed(load_project(spec.project_path, overrides or [])["training.seed"])
         with EventLog(Path(spec.run_dir) / "events.jsonl") as log:

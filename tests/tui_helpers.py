@@ -11,8 +11,8 @@ from typing import Any
 from textual import events
 from textual.keys import _character_to_key
 
-from tunedeck.core import engine
-from tunedeck.core.engine import EngineError
+from tunedeck.core.engine import EngineCalls, EngineError
+from tunedeck.core.engine.server import handle
 from tunedeck.core.hardware import Hardware
 
 # a fixed machine, so "auto" resolves the same everywhere (snapshots)
@@ -97,7 +97,7 @@ def write_project(folder: Path, text: str = PROJECT_TOML, rows: int = 12) -> Pat
     return path
 
 
-class InProcessEngine:
+class InProcessEngine(EngineCalls):
     """The engine's ops, run in the test's own process (the functions the engine process runs),
     one request at a time as the engine process serves them."""
 
@@ -109,7 +109,7 @@ class InProcessEngine:
              **args: Any) -> dict[str, Any]:
         self.calls.append(op)
         with self._serving:
-            reply = engine.handle({"id": 0, "op": op, "args": args})
+            reply = handle({"id": 0, "op": op, "args": args})
         if reply["ok"]:
             return reply["result"]
         raise EngineError(reply["error"])
@@ -119,7 +119,7 @@ class InProcessEngine:
         """A streaming op: partials go to ``on_partial``, the caller's cancel reaches the op."""
         self.calls.append(op)
         with self._serving:
-            reply = engine.handle({"id": 0, "op": op, "args": args}, emit=on_partial or (lambda p: None),
+            reply = handle({"id": 0, "op": op, "args": args}, emit=on_partial or (lambda p: None),
                                   cancel=cancel)
         if reply["ok"]:
             return reply["result"]
@@ -129,7 +129,7 @@ class InProcessEngine:
         pass
 
 
-class SilentEngine:
+class SilentEngine(EngineCalls):
     """An engine that never answers (until the request is cancelled): "computing..." stays."""
 
     def call(self, op: str, *, timeout: float | None = None, cancel: threading.Event | None = None,

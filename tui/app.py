@@ -4,6 +4,9 @@ The app owns the state every screen shares: the open project (:class:`Session`),
 revision counter bumped on every change (screens watch it), the machine's hardware, the
 engine client and the run started from this window. Screens read that state and ask the
 app to change it (:meth:`TunedeckApp.edit_setting`, :meth:`TunedeckApp.action_save`...).
+The run this window follows, its controls, merging and exporting are
+:mod:`tunedeck.tui.run_control` (mixed into the app); the garbage collector's tuning is
+:mod:`tunedeck.tui.gc_tuning`.
 
 The UI process stays light: nothing here imports torch, transformers, peft, trl,
 datasets, bitsandbytes or accelerate. Work that needs them is an engine request
@@ -14,7 +17,6 @@ from worker threads; a frame never waits on a model.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import os
 import sys
@@ -31,36 +33,28 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.reactive import var
 from textual.screen import Screen
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import Worker, WorkerState
 
 from tunedeck.core.errors import UserError
 from tunedeck.core.hardware import Hardware, detect
-from tunedeck.core.paths import add_recent_project, load_user_config, update_user_config
+from tunedeck.core.paths import add_recent_project, update_user_config, user_config
 from tunedeck.core.project import Project
 
+from .gc_tuning import GcTuning
+from .run_control import RunControl
 from .screens.base import one_line
 from .session import Session, display_path
 from .themes import DEFAULT_THEME, bundled_themes, user_themes
-from .training import RunView, launch, status_label
+from .training import RunView
 from .widgets.mode_tabs import SCREENS, ModeTabs
 
 if TYPE_CHECKING:
     from textual.command import Provider
     from textual.theme import Theme
 
-    from tunedeck.core.engine import EngineClient
-    from tunedeck.core.runs import RunInfo
+    from tunedeck.core.engine import EngineCalls
 
 T = TypeVar("T")
-GC_THRESHOLDS = (20_000, 50, 1_000)
-"""Python's cyclic collector, tuned for a long-lived UI: a full collection walks every object
-(a Textual app holds hundreds of thousands) and pauses the UI for about 100 ms; with these
-thresholds young garbage is still collected often and cheaply, and full collections run in
-quiet moments instead (:meth:`TunedeckApp._collect_when_quiet`). See bench/bench_dashboard.py."""
-GC_TUNE_AFTER_S = 1.0  # after the first frame, once the start-up work has settled
-GC_FULL_EVERY_S = 60.0
-GC_FORCE_AFTER_S = 300.0
-QUIET_S = 2.0  # no key or click for this long
 FIRST_FRAME_ENV = "TUNEDECK_FIRST_FRAME_FILE"
 """When set, the app writes the wall-clock time of its first frame to this file (bench/)."""
 
@@ -81,7 +75,7 @@ def _commands() -> type[Provider]:
     return TunedeckCommands
 
 
-class TunedeckApp(App[int]):
+class TunedeckApp(RunControl, App[int]):
     """LoRA and QLoRA fine-tuning in the terminal."""
 
     TITLE = "tunedeck"
@@ -97,7 +91,7 @@ class TunedeckApp(App[int]):
     }
     COMMANDS = App.COMMANDS | {_commands}
     tune_gc = False
-    """Tune Python's garbage collector for this process (:data:`GC_THRESHOLDS`); set by
+    """Tune Python's garbage collector for this process (:mod:`tunedeck.tui.gc_tuning`); set by
     :func:`run_app`, which owns the process (not in tests, which run many apps in one)."""
     BINDINGS = [
         *(Binding(str(number), f"switch_screen('{mode}')", title, show=False, id=f"screen.{mode}")
@@ -127,29 +121,7 @@ class TunedeckApp(App[int]):
 
         hardware: Hardware
 
-    @dataclass
-    class RunFollowed(Message):
-        """A run to follow: a trainer started here (a launcher RunHandle) or one attached to
-        (an AttachedRun, from its events.jsonl)."""
-
-        handle: Any
-        view: RunView
-        started_here: bool
-
-    @dataclass
-    class RunAlarm(Message):
-        """A health alarm of the followed run (an ``alarm`` event)."""
-
-        view: RunView
-        alarm: dict[str, Any]
-
-    @dataclass
-    class RunEnded(Message):
-        """The followed run has ended (finished, failed or died) and its process is gone."""
-
-        view: RunView
-
-    def __init__(self, project: Project | None = None, *, engine: EngineClient | None = None,
+    def __init__(self, project: Project | None = None, *, engine: EngineCalls | None = None,
                  hardware: Hardware | None = None) -> None:
         """``engine`` and ``hardware`` are for tests; by default the app starts its own engine
         on first need and detects the hardware in the background."""
@@ -158,21 +130,17 @@ class TunedeckApp(App[int]):
         self._engine = engine
         self._owns_engine = engine is None
         self._config_lock = threading.Lock()
-        self._run: Any = None
-        self._left_running = False  # quit with "leave it running"
-        self._last_input = self._last_full_gc = 0.0
+        self._gc_tuning = GcTuning()
         self._attach_to: Path | None = None  # a run to open on the Train screen once shown
         self._quitting = False  # the quit questions are on screen
-        self._export_lock = threading.Lock()  # one GGUF export at a time
-        self._exporting: str | None = None  # the run being exported
-        self._config = load_user_config()
+        self._config = user_config()
         themes, self._theme_problems = user_themes()
         themes = bundled_themes() + themes
         for theme in themes:
             self.register_theme(theme)
         self.tunedeck_themes = [theme.name for theme in themes]
-        wanted = self._config.get("theme")
-        self.theme = wanted if isinstance(wanted, str) and wanted in self.available_themes else DEFAULT_THEME
+        wanted = self._config.theme
+        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
         if project is not None:
             self.set_reactive(TunedeckApp.session, Session(project))
         if hardware is not None:
@@ -204,9 +172,8 @@ class TunedeckApp(App[int]):
 
     def on_mount(self) -> None:
         self._update_title()
-        keymap = self._config.get("keymap")
-        if isinstance(keymap, dict) and all(isinstance(v, str) for v in keymap.values()):
-            self.set_keymap(keymap)
+        if self._config.keymap:
+            self.set_keymap(self._config.keymap)
         for problem in self._theme_problems:
             self.notify(problem, severity="warning", timeout=10)
         self.theme_changed_signal.subscribe(self, self._theme_changed)
@@ -218,7 +185,7 @@ class TunedeckApp(App[int]):
             Path(stamp_file).write_text(repr(time.time()), encoding="utf-8")
         _start_resource_tracker()
         if self.tune_gc:
-            self.set_timer(GC_TUNE_AFTER_S, self._tune_gc)
+            self._gc_tuning.start(self)
         if self.hardware is None:
             self._detect_hardware()
         if self.session is not None and self.session.path is not None:
@@ -227,23 +194,9 @@ class TunedeckApp(App[int]):
             self.switch_mode("train")
             self.open_run(self._attach_to)
 
-    def _tune_gc(self) -> None:
-        gc.collect()
-        gc.freeze()  # what start-up made lives as long as the app: never walked again
-        gc.set_threshold(*GC_THRESHOLDS)
-        self._last_full_gc = time.monotonic()
-        self.set_interval(GC_FULL_EVERY_S, self._collect_when_quiet)
-
-    def _collect_when_quiet(self) -> None:
-        """A full collection when nobody typed for a moment, or anyway after a few minutes."""
-        now = time.monotonic()
-        if now - self._last_input >= QUIET_S or now - self._last_full_gc >= GC_FORCE_AFTER_S:
-            gc.collect()
-            self._last_full_gc = now
-
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, (events.Key, events.MouseDown)):
-            self._last_input = time.monotonic()
+            self._gc_tuning.input_seen()
         await super().on_event(event)
 
     def on_unmount(self) -> None:
@@ -251,7 +204,7 @@ class TunedeckApp(App[int]):
             self._engine.close(timeout=0.5)
 
     @property
-    def engine(self) -> EngineClient:
+    def engine(self) -> EngineCalls:
         """The engine client (its process starts on the first request)."""
         if self._engine is None:
             from tunedeck.core.engine import EngineClient
@@ -288,13 +241,13 @@ class TunedeckApp(App[int]):
     def remember_model_dir(self, path: str) -> None:
         """List the models at ``path`` from now on (the user config's ``model_dirs``)."""
         with self._config_lock:
-            dirs = [p for p in load_user_config().get("model_dirs", []) if isinstance(p, str)]
+            dirs = user_config().model_dirs
             if path not in dirs:
                 update_user_config(model_dirs=[*dirs, path])
 
     def _theme_changed(self, theme: Theme) -> None:
-        if theme.name != self._config.get("theme"):
-            self._config["theme"] = theme.name
+        if theme.name != self._config.theme:
+            self._config.theme = theme.name
             self._remember(theme=theme.name)
 
     def set_theme(self, name: str) -> None:
@@ -473,252 +426,6 @@ class TunedeckApp(App[int]):
         """Apply a preset on the settings screen, where its edits are seen."""
         await self.switch_mode("settings")
         self.screen.apply_preset(name)  # type: ignore[attr-defined]
-
-    @work(thread=True, group="merge", exit_on_error=False)
-    def merge_run(self, run_dir: str, out: str | None = None) -> None:
-        """Merge a run's adapter into its base model (in the engine): a standalone model folder,
-        ``runs/<name>/merged`` unless ``out`` is given; the stages and the end are notifications."""
-        out = out or str(Path(run_dir) / "merged")
-        name = Path(run_dir).name
-        self.notify(f"merging {name} into {display_path(Path(out))}…", title="Merge")
-        result = self.engine.stream("merge", run=run_dir, out=out,
-                                    on_partial=lambda p: self.notify(p["message"], title="Merge", timeout=4))
-        self.notify(f"{name} merged: {display_path(Path(result['out']))} ({result['params']:,} parameters, "
-                    f"{result['dtype']}); it loads with AutoModelForCausalLM.from_pretrained", title="Merge",
-                    timeout=15)
-
-    # -- exporting as GGUF ---------------------------------------------------------------------
-
-    @property
-    def exporting(self) -> str | None:
-        """The name of the run being exported as GGUF now, or None."""
-        return self._exporting
-
-    def export_dialog(self, run: RunInfo) -> None:
-        """Ask how to export ``run`` as GGUF (the quantization, the folder), then export it;
-        a run that cannot be exported, or an export already going, is a notification."""
-        from .exporting import default_out, export_refusal
-        from .screens.dialogs import ExportDialog
-
-        why = export_refusal(run)
-        if why is None and self._exporting is not None:
-            why = f"{self._exporting} is being exported: one export at a time (Cancel export in the palette stops it)"
-        if why is not None:
-            self.notify(why, title="Export", severity="warning")
-            return
-
-        def chosen(choice: Any) -> None:
-            if choice is not None:
-                self.export_run(run.path, out=choice.out, quant=choice.quant, lora=choice.lora)
-
-        self.push_screen(ExportDialog(run.name, display_path(default_out(run.path))), chosen)
-
-    @work(thread=True, group="export", exit_on_error=False)
-    def export_run(self, run_dir: str, out: str | None = None, quant: str = "f16", lora: bool = False) -> None:
-        """Export a run as GGUF (in the engine: its adapter merged into the base, converted,
-        ``quant``; ``lora``: the adapter as a GGUF LoRA too) into ``out``, ``runs/<name>/gguf``
-        unless given. The stages (at most one notification per stage and every two seconds)
-        and the end (the file, its size, the ``ollama create`` command) are notifications; a
-        refusal is one error notification. One export at a time: a second one is refused
-        (Textual's ``exclusive`` would cancel the first instead). :meth:`cancel_export` stops it."""
-        from .exporting import ProgressNotes, default_out, done_text
-
-        name = Path(run_dir).name
-        if not self._export_lock.acquire(blocking=False):
-            self.notify(f"{self._exporting} is being exported: one export at a time (Cancel export in the palette "
-                        "stops it)", title="Export", severity="warning")
-            return
-        try:
-            self._exporting = name
-            worker = get_current_worker()
-            out = out or str(default_out(run_dir))
-            self.notify(f"exporting {name} as {quant} GGUF into {display_path(Path(out))}… (Cancel export in the "
-                        "palette stops it)", title="Export")
-            notes = ProgressNotes()
-
-            def progress(partial: dict[str, Any]) -> None:
-                text = notes(partial)
-                if text is not None:
-                    self.notify(text, title="Export", timeout=4)
-
-            try:
-                result = self.engine.stream("export", run=run_dir, out=out, quant=quant, lora=lora,
-                                            on_partial=progress, cancel=worker.cancelled_event)
-            except UserError as exc:
-                if worker.is_cancelled:
-                    self.notify(f"{name}: export cancelled; nothing half-written is left", title="Export",
-                                severity="warning")
-                else:
-                    self.notify(exc.message, title="Export", severity="error", timeout=10)
-                return
-            self.notify(done_text(name, result), title="Export", timeout=30)
-        finally:
-            self._exporting = None
-            self._export_lock.release()
-
-    def cancel_export(self) -> None:
-        """Stop the export going (the engine stops between tensors and removes what it wrote)."""
-        going = [w for w in self.workers if w.group == "export" and w.is_running]
-        if not going or self._exporting is None:
-            self.notify("no export is going", title="Export", severity="warning")
-            return
-        self.notify(f"cancelling the export of {self._exporting}…", title="Export")
-        for worker in going:
-            worker.cancel()
-
-    # -- training ---------------------------------------------------------------------------------
-
-    @property
-    def run_handle(self) -> Any:
-        """The run this window follows (a launcher RunHandle or AttachedRun), if any."""
-        return self._run
-
-    @property
-    def training(self) -> bool:
-        """The run this window follows is going."""
-        return self._run is not None and not self._run.ended
-
-    def action_start_training(self) -> None:
-        session = self.session
-        if session is None or session.path is None:
-            self.notify("open a project first", severity="warning")
-            return
-        if session.invalid:
-            self.notify(f"fix the invalid settings first: {', '.join(session.invalid)}", severity="error")
-            return
-        if self.training:
-            self.notify(f"{self._run.name} is still running; stop it first", severity="warning")
-            return
-        self.notify("checking the project and starting the trainer…", title="Training")
-        self._start_run(str(session.path), tuple(session.overrides()))
-
-    def _control(self, what: str) -> Any:
-        """The live run to send ``what`` to, or None (and a notification saying why not)."""
-        if not self.training:
-            self.notify(f"no run is going: nothing to {what}", severity="warning")
-            return None
-        return self._run
-
-    def action_stop_training(self) -> None:
-        run = self._control("stop")
-        if run is not None:
-            self._log_control("stop asked: a checkpoint and the adapter are saved at the end of this step")
-            self._send_control(run, "stop")
-
-    def action_save_checkpoint(self) -> None:
-        run = self._control("save")
-        if run is not None:
-            self._log_control("checkpoint asked: saved at the end of this step; training goes on")
-            self._send_control(run, "save")
-
-    def action_abort_training(self) -> None:
-        if self._control("abort") is not None:
-            self._abort_dialog()
-
-    @work(thread=True, group="run-control", exit_on_error=False)
-    def _send_control(self, run: Any, action: str) -> None:
-        """Send a control to the run's trainer (off the UI thread: it waits for the answer);
-        the answer, or why it could not be sent, is a notification."""
-        try:
-            message = run.control(action)
-        except UserError as exc:
-            self.notify(exc.message, title="Training", severity="warning", timeout=10)
-            return
-        self.notify(f"{run.name}: {message}", title="Training", severity="warning" if action == "abort" else
-                    "information")
-
-    @work(group="dialogs", exit_on_error=False)
-    async def _abort_dialog(self) -> None:
-        from .screens.dialogs import ChoiceScreen
-
-        run = self._run
-        answer = await self.push_screen_wait(ChoiceScreen(
-            "Abort the run", f"{run.name} ends at once and nothing more is saved (checkpoints already written "
-            "stay). Stop saves a checkpoint and the adapter first.",
-            [("Abort, saving nothing", "abort"), ("Stop with a checkpoint", "stop")],
-        ))
-        if answer == "abort" and not run.ended:
-            self._log_control("abort asked: ending now, saving nothing")
-            self._send_control(run, "abort")
-        elif answer == "stop":
-            self.action_stop_training()
-
-    def _log_control(self, text: str) -> None:
-        if self.run_view is not None:
-            self.run_view.note("control", text)
-
-    def open_run(self, run_dir: str | Path) -> None:
-        """Follow a run of the runs folder: a live one re-attaches (history, then live, with
-        the controls); an ended one shows its plots."""
-        if self.run_view is not None and Path(run_dir).resolve() == self.run_view.run_dir.resolve():
-            return
-        self._attach_run(str(run_dir))
-
-    @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
-    def _start_run(self, project_path: str, overrides: tuple[str, ...]) -> None:
-        """The pre-flight of `tunedeck train` in the engine process (the target check needs
-        torch), then the run folder and the trainer: a refusal creates nothing."""
-        handle = launch(self.engine, project_path, overrides)
-        self.post_message(self.RunFollowed(handle, RunView(handle.name, handle.run_dir), started_here=True))
-
-    @work(thread=True, exclusive=True, group="run-start", exit_on_error=False)
-    def _attach_run(self, run_dir: str) -> None:
-        from tunedeck.core.launcher import attach
-
-        handle = attach(run_dir)
-        view = RunView(handle.name, handle.run_dir)
-        alarms = view.fold(handle.events(timeout=0), handle.status)  # its history, before it is shown
-        self.post_message(self.RunFollowed(handle, view, started_here=False))
-        for alarm in alarms[-3:]:
-            self.post_message(self.RunAlarm(view, alarm))
-
-    @on(RunFollowed)
-    def _run_followed(self, event: RunFollowed) -> None:
-        handle, before = event.handle, self._run
-        if before is not None and before is not handle and not before.ended:
-            before.detach()  # it goes on; the runs list opens it again
-            self.notify(f"{before.name} goes on running; open it from the Train screen's list to follow it",
-                        title="Training")
-        self._run = handle
-        self._left_running = False
-        self.run_view = event.view
-        self._follow_run(handle, event.view)
-        if event.started_here:
-            self.notify(f"{handle.name} started; the Train screen (5) shows it", title="Training")
-
-    @work(thread=True, exclusive=True, group="run-follow", exit_on_error=False)
-    def _follow_run(self, handle: Any, view: RunView) -> None:
-        """Fold the run's events into its view until it ends (the screen redraws on a timer);
-        alarms and the end are posted as they come."""
-        worker = get_current_worker()
-        was_live = not view.ended  # an ended run opened to look at is not news
-        while not worker.is_cancelled:
-            events = handle.events(timeout=0.2)
-            for alarm in view.fold(events, handle.status):
-                self.post_message(self.RunAlarm(view, alarm))
-            was_live = was_live or not view.ended
-            if handle.ended and not events:
-                view.fold([], handle.status)
-                if was_live:
-                    self.post_message(self.RunEnded(view))
-                return
-
-    @on(RunAlarm)
-    def _run_alarm(self, event: RunAlarm) -> None:
-        if event.view is self.run_view and not event.view.ended:
-            self.notify(f"{event.alarm.get('message', '')}", title=f"Alarm: {event.view.name}",
-                        severity="warning", timeout=10)
-
-    @on(RunEnded)
-    def _run_ended(self, event: RunEnded) -> None:
-        view = event.view
-        if view is not self.run_view:
-            return
-        snap = view.snapshot()
-        failed = view.status not in ("finished", "stopped")
-        note = snap.reason if failed else ""
-        self.notify(f"{view.name} {status_label(view.status)}" + (f": {note}" if note else ""),
-                    severity="error" if failed else "information", title="Training", timeout=15)
 
     # -- quitting -----------------------------------------------------------------------------
 

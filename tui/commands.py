@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from tunedeck.core.runs import FINISHED_STATUS
+
 from .exporting import export_refusal
 from .presets import PRESETS
 from .widgets.mode_tabs import SCREENS
@@ -66,7 +68,7 @@ class TunedeckCommands(ListedCommands):
             runs = _runs(app)
             found += [(f"Merge run: {run.name}", f"Merge its adapter into the base model: a standalone model "
                        f"folder in runs/{run.name}/merged", partial(app.merge_run, run.path))
-                      for run in runs if run.status == "finished" and run.adapter]
+                      for run in runs if run.status == FINISHED_STATUS and run.adapter]
             found += [(f"Export run: {run.name}", f"As GGUF for llama.cpp, Ollama, LM Studio: pick the quantization "
                        f"and the folder (runs/{run.name}/gguf; e on the Train screen's list)",
                        partial(app.export_dialog, run))

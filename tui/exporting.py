@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunedeck.core.runs import FINISHED_STATUS, STOPPED, RunInfo
+from tunedeck.core.runs import FAILED_ENDS, FINISHED_STATUS, LIVE, STOPPED, RunInfo
+from tunedeck.core.units import format_bytes
 
 from .session import display_path
 from .training import status_label
-from .widgets.summary import human_bytes
 
 EXPORT_QUANTS: tuple[tuple[str, str], ...] = (
     ("f16", "16-bit floats: as trained, 2 bytes a weight"),
@@ -60,9 +60,9 @@ def export_refusal(info: RunInfo) -> str | None:
     or stopped, with its adapter saved."""
     if info.status not in EXPORTABLE:
         state = status_label(info.status, info.host)
-        if info.status in ("starting", "running", "stopping"):
+        if info.status in LIVE:
             return f"{info.name} is {state}: export it once it has finished (r re-reads the list)"
-        verb = "" if info.status in ("failed", "died", "aborted") else "is "
+        verb = "" if info.status in FAILED_ENDS else "is "
         return f"{info.name} {verb}{state}: only a finished or stopped run's adapter is exported"
     if not info.adapter:
         return f"{info.name} has no adapter (adapter/adapter_config.json): there is nothing to export"
@@ -102,7 +102,7 @@ def done_text(name: str, result: dict[str, Any]) -> str:
     """The end of an export: the file, its size, the adapter's file, and the Ollama command."""
     gguf = Path(str(result.get("gguf", "")))
     size = result.get("size")
-    facts = ", ".join(part for part in (human_bytes(size) if isinstance(size, int) else "",
+    facts = ", ".join(part for part in (format_bytes(size) if isinstance(size, int) else "",
                                         str(result.get("quant") or "")) if part)
     lines = [f"{name} exported: {display_path(gguf)}" + (f" ({facts})" if facts else "")]
     if result.get("lora"):

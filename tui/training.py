@@ -20,16 +20,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunedeck.core.errors import UserError, os_reason
 from tunedeck.core.events import EVENTS_FILE, finite_number, read_events
 from tunedeck.core.memory import estimate_vs_peak
 from tunedeck.core.runs import (
-    ENDED, FINISHED_STATUS, LIVE, SNAPSHOT, UNKNOWN, RunInfo, RunState,
+    ENDED, FINISHED_STATUS, LIVE, SNAPSHOT, STARTING, STOPPED, UNKNOWN, RunInfo, RunState, final_status,
 )
+from tunedeck.core.units import format_bytes
 
 from .session import display_path
+
+if TYPE_CHECKING:
+    from tunedeck.core.engine import EngineCalls
 
 POINTS = 600  # per plotted series, before thinning
 LOG_LINES = 400
@@ -147,12 +151,12 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-STATUS_LABELS = {"stopped": "stopped early"}
+STATUS_LABELS = {STOPPED: "stopped early"}
 
 
 def status_label(status: str, host: str = "") -> str:
     """A status as the dashboard says it ("unknown (on HOST)" for a run on another host)."""
-    if status == "unknown":
+    if status == UNKNOWN:
         return f"unknown (on {host})" if host else "unknown (another host)"
     return STATUS_LABELS.get(status, status)
 
@@ -186,7 +190,8 @@ def duration(seconds: float | None) -> str:
 
 
 def gib(n: Any) -> str:
-    return "-" if not isinstance(n, (int, float)) else f"{n / 2**30:.1f} GiB"
+    """The machine panel's memory figures: "3.2 GiB", "-" when not measured."""
+    return format_bytes(n, smallest="GiB", missing="-")
 
 
 class RunView:
@@ -198,7 +203,7 @@ class RunView:
     trainer's liveness). The ETA is recomputed at each snapshot from the measured time per
     step, so it counts down between steps."""
 
-    def __init__(self, name: str, run_dir: Path, status: str = "starting") -> None:
+    def __init__(self, name: str, run_dir: Path, status: str = STARTING) -> None:
         self.name = name
         self.run_dir = Path(run_dir)
         self.status = status
@@ -346,8 +351,7 @@ class RunView:
             self.reason = str(ev.get("reason") or "")
             tb = ev.get("traceback")
             self.traceback = str(tb).rstrip().splitlines()[-TRACEBACK_LINES:] if tb else []
-            how = "died" if ev.get("died") else "aborted" if ev.get("aborted") else "failed"
-            self._note(ev, "failed", f"{how}: {self.reason}")
+            self._note(ev, "failed", f"{final_status(ev)}: {self.reason}")
         return None
 
     def _take_preference(self, step: int, ev: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -685,7 +689,7 @@ def resume_refusal(info: RunInfo) -> str | None:
     return None
 
 
-def launch(engine: Any, project_path: str, overrides: tuple[str, ...] = (), run_name: str | None = None,
+def launch(engine: EngineCalls, project_path: str, overrides: tuple[str, ...] = (), run_name: str | None = None,
            resume: bool = False) -> Any:
     """Start a run as ``tunedeck train`` does (``resume``: continue ``run_name`` from its
     latest checkpoint, in its folder): the pre-flight in the engine process (the target
@@ -693,9 +697,9 @@ def launch(engine: Any, project_path: str, overrides: tuple[str, ...] = (), run_
     creates nothing. Returns the launcher's RunHandle. Blocks: call it from a worker."""
     from tunedeck.core import launcher
 
-    found = engine.call("preflight", project_path=project_path, overrides=list(overrides))
+    found = engine.preflight(project_path, overrides)
     if found.get("device") == "cuda":
-        engine.call("release")  # the chat model's GPU memory goes to the run
+        engine.release()  # the chat model's GPU memory goes to the run
     try:
         options: dict[str, Any] = {"run_name": run_name} if run_name is not None else {}
         if resume:

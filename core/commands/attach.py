@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.wait:
         raise UserError("--wait goes with --stop, --save or --abort")
     if not args.text and args.control is None and sys.stdout.isatty() and sys.stdin.isatty():
-        from tunedeck.tui.app import run_app
+        from ..cli import open_app
 
         handle.detach()
-        return run_app(str(run_project(handle.run_dir)), attach=handle.run_dir)
+        return open_app(str(run_project(handle.run_dir)), attach=handle.run_dir)
     console.print(Text.assemble("run ", (handle.name, "bold"), f" in {handle.run_dir} (Ctrl-C leaves it running)"),
                   soft_wrap=True)
     progress = Progress(console, handle)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def collect(project_path: str, overrides: list[str], params: bool = False) -> dict[str, Any]:
     """Everything `check` reports, as a dict; raises UserError on the first problem."""
-    from ..launcher import preflight
+    from ..preflight import preflight
     from ..models import describe
     from ..project import Project
 

@@ -41,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo project: {project}")
     if args.no_open:
         return 0
-    from tunedeck.tui.app import run_app
+    from ..cli import open_app
 
-    return int(run_app(str(project)) or 0)
+    return open_app(str(project))

@@ -58,7 +58,8 @@ def parse_targets(text: str) -> str | list[str]:
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `inspect` reports, as a dict; raises UserError on bad input."""
-    from ..inspect import inspect_project, project_report, targets_for
+    from ..inspect import inspect_project, project_report
+    from ..targets import targets_for
     from ..project import Project
 
     path = Path(args.model)
@@ -106,13 +107,15 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import console as cli_console
 
-    from ..memory import MemoryEstimate, format_gib
+    from ..memory import MemoryEstimate
     from ..schema import toml_repr
+    from ..units import format_bytes, format_count, format_gib
 
     console = cli_console()
     m = report["model"]
     console.print(Text.assemble((str(m["source"]), "bold"), f"  {m['architecture']} ({m['model_type']}), "
-                                f"{_count(m['params'])} params, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+                                f"{format_count(m['params'], **_PARAMS)} params, {m['num_layers']} layers, "
+                                f"hidden {m['hidden_size']}, "
                                 f"vocab {m['vocab_size']}"))
     for note in m["notes"]:
         console.print(Text(f"note: {note}", style="dim"))
@@ -130,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             cells = [row["name"], str(row["count"])]
             picked = f"{row['picked']}/{row['count']}" if row["picked"] else ""
-        cells += [_opt(row["in_features"]), _opt(row["out_features"]), _count(row["params"]), row["type"],
-                  row["role"], Text(picked, style="green")]
+        cells += [_opt(row["in_features"]), _opt(row["out_features"]), format_count(row["params"], **_PARAMS),
+                  row["type"], row["role"], Text(picked, style="green")]
         table.add_row(*cells)
     console.print(table)
     lora = report["lora"]
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ", ".join(["r=" + str(lora["r"])] + [e for e in extras if e])
     console.print(f"trainable {report['trainable_params']:,} of {report['total_params']:,} params "
                   f"({report['percent']:.3f}%) in {report['target_layers']} layers, {settings}")
-    console.print(f"adapter   ~{_size(report['adapter_bytes'])} (adapter_model.safetensors)")
+    adapter = format_bytes(report["adapter_bytes"], smallest="KiB", specs={"GiB": ".2f"})
+    console.print(f"adapter   ~{adapter} (adapter_model.safetensors)")
     mem = report["memory"]
     console.print(Text(f"memory    {MemoryEstimate.from_dict(mem).describe()}"))
     other = "activations_full" if mem["gradient_checkpointing"] else "activations_checkpointed"
@@ -157,9 +161,6 @@ def _opt(n: int | None) -> str:
     return "mixed" if n is None else str(n)
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+_PARAMS: dict[str, Any] = {"spec": ".1f", "specs": {"B": ".2f"}, "smallest": "K"}  # format_count: 0.5K, 12.3M, 1.24B
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

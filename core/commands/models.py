@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from ..cli import console as cli_console
-    from ..memory import MemoryEstimate, format_gib
+    from ..memory import MemoryEstimate
+    from ..units import format_bytes, format_count, format_gib
 
     first = next((est for est in found.values() if est), None)
     lora_head, qlora_head = "LoRA bf16", "QLoRA 4bit"
@@ -68,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
         if i.error:
             table.add_row(i.source, Text(i.error, style="red"), "", "", "", "", "", "", "", "", "")
             continue
+        params = format_count(i.params, spec=".1f", specs={"B": ".2f"}, smallest="M") if i.params else "?"
         table.add_row(
-            i.source, i.architecture, _count(i.params), str(i.layers or "?"), str(i.hidden_size or "?"),
+            i.source, i.architecture, params, str(i.layers or "?"), str(i.hidden_size or "?"),
             str(i.context_length or "?"), i.dtype + (f" ({i.quantized})" if i.quantized else ""),
-            _size(i.size_bytes), "yes" if i.chat_template else "no",
+            format_bytes(i.size_bytes, largest="TiB"), "yes" if i.chat_template else "no",
             *(format_gib(memory[i.path][k]) if memory[i.path].get(k) else "?" for k in ("lora", "qlora")),
         )
     console = cli_console()
@@ -100,21 +102,6 @@ def _estimates(info: Any, project: Any, longest: int | None) -> dict[str, dict[s
     return {k: v.as_dict() for k, v in found.items()}
 
 
-def _count(n: int | None) -> str:
-    if not n:
-        return "?"
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _size(n: float) -> str:
-    """A file size on disk (not a memory estimate): 256.6 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "?"
-
-
 def _search(args: argparse.Namespace) -> int:
     from ..hub import search_models
 
@@ -127,6 +114,7 @@ def _search(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from ..cli import console as cli_console
+    from ..units import format_bytes
 
     console = cli_console()
     if not found:
@@ -137,7 +125,7 @@ def _search(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     for m in found:
         size = m["size"]
-        shown = "-" if not size else (f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.0f} MiB")
+        shown = "-" if not size else format_bytes(size, smallest="MiB", spec=",.0f", specs={"GiB": ",.2f"})
         table.add_row(Text(m["id"]), f"{m['downloads']:,}" if isinstance(m["downloads"], int) else "-", shown,
                       "yes" if m["gated"] else "no", Text(m["license"] or "-"))
     console.print(table)

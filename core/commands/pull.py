@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from ..units import format_bytes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pull", help="download a model (or --dataset) from the Hugging Face Hub into its cache",
@@ -32,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    """Pull's style: MiB below 1 GiB ("988.0 MiB"), then GiB with two decimals ("2.30 GiB")."""
+    return format_bytes(n, smallest="MiB", spec=",.1f", specs={"GiB": ",.2f"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,7 +44,9 @@ def runs_dir_of(where: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runs import list_runs
+    from ..runs import (
+        ABORTED, DIED, FAILED_STATUS, FINISHED_STATUS, RUNNING, STARTING, STOPPED, STOPPING, UNKNOWN, list_runs,
+    )
 
     folder = runs_dir_of(args.where)
     infos = list_runs(folder)
@@ -60,15 +62,15 @@ def run(args: argparse.Namespace) -> int:
     if not infos:
         console.print(Text(f"no runs in {folder}"))
         return 0
-    colours = {"starting": "cyan", "running": "cyan", "stopping": "yellow", "finished": "green", "stopped": "green",
-               "aborted": "yellow", "failed": "red", "died": "red", "unknown": "magenta"}
+    colours = {STARTING: "cyan", RUNNING: "cyan", STOPPING: "yellow", FINISHED_STATUS: "green", STOPPED: "green",
+               ABORTED: "yellow", FAILED_STATUS: "red", DIED: "red", UNKNOWN: "magenta"}
     table = Table(title=Text(f"runs in {folder}"), header_style="bold")
     for col in ("run", "status", "steps", "loss", "eval loss", "duration", "memory", "note"):
         table.add_column(col, overflow="fold")
     for i in infos:
         steps = f"{i.step}/{i.max_steps}" if i.max_steps else str(i.step)
         table.add_row(
-            Text(i.name + (f" ({i.method.upper()})" if i.method != "sft" else "")), Text(f"{i.status} ({i.note})" if i.status == "unknown" else i.status,
+            Text(i.name + (f" ({i.method.upper()})" if i.method != "sft" else "")), Text(f"{i.status} ({i.note})" if i.status == UNKNOWN else i.status,
                                style=colours.get(i.status, "white")), steps, _num(i.final_loss) + (f" acc {i.reward_accuracy:.2f}" if i.reward_accuracy is not None else ""),
             _num(i.eval_loss), _duration(i.duration_s), Text(i.memory or "-"), Text(i.note),
         )

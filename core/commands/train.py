@@ -18,7 +18,8 @@ from typing import Any
 
 from ..cli import add_set_option
 from ..errors import UserError
-from ..events import finite_number
+from ..events import FINAL, finite_number
+from ..runs import ABORTED, DIED, FAILED_STATUS, FINISHED_STATUS, STOPPED, final_status
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -167,10 +168,9 @@ class Progress:
         elif kind == "alarm":
             hint = "Ctrl-C stops the run" if ev.get("action") == "stop" else "the run goes on"
             self.console.print(Text.assemble(("alarm:", "bold red"), f" {ev.get('message', '')} ({hint})"))
-        elif kind == "finished":
-            self.bar.update(self.task, description="stopped" if ev.get("stopped") else "done")
-        elif kind == "failed":
-            self.bar.update(self.task, description="aborted" if ev.get("aborted") else "failed")
+        elif kind in FINAL:  # the bar's last word: done, stopped, aborted or failed
+            status = final_status(ev)
+            self.bar.update(self.task, description={FINISHED_STATUS: "done", DIED: FAILED_STATUS}.get(status, status))
 
     def result(self) -> int:
         """Print the end of the run; returns the exit code for it."""
@@ -178,12 +178,11 @@ class Progress:
 
         final = self.handle.final or {}
         status = self.handle.status
-        if status in ("finished", "stopped"):
-            how = "stopped" if status == "stopped" else "finished"
-            self.console.print(Text.assemble((how, "green"), f" at step {final.get('step')}: loss "
+        if status in (FINISHED_STATUS, STOPPED):
+            self.console.print(Text.assemble((status, "green"), f" at step {final.get('step')}: loss "
                                              f"{_num(final.get('final_loss'))}, {_duration(final.get('runtime_s'))}; "
                                              f"adapter in {final.get('adapter')}"), soft_wrap=True)
-            if status == "stopped":
+            if status == STOPPED:
                 self.console.print(Text(f"continue with: tunedeck train {project_of(self.handle)} --resume "
                                         f"--run-name {self.handle.name}"), soft_wrap=True)
             return 0
@@ -191,7 +190,7 @@ class Progress:
         print(f"tunedeck: error: {reason}", file=sys.stderr)
         if final.get("user_error"):
             return 2
-        if status == "aborted":
+        if status == ABORTED:
             return 130
         if final.get("traceback"):
             self.console.print(Text(f"(traceback in {self.handle.run_dir / 'events.jsonl'}; library output in "

@@ -76,13 +76,6 @@ class GenerationDialog(Dialog):
     or on the greedy switch) and ctrl+s apply them."""
 
     BINDINGS = [Binding("ctrl+s,enter", "apply", "Apply", id="chat.settings.apply")]
-    DEFAULT_CSS = """
-    GenerationDialog {
-        .gen-row { height: 1; margin-bottom: 1; }
-        .gen-label { width: 30; }
-        .gen-row Input { width: 1fr; }
-    }
-    """
 
     def __init__(self, settings: GenSettings) -> None:
         super().__init__()
@@ -117,12 +110,6 @@ class ChatScreen(ProjectScreen):
     """Chat with the base model and the fine-tuned ones, side by side."""
 
     MODE = "chat"
-    DEFAULT_CSS = """
-    ChatScreen {
-        #chat-switcher, #chat-view, #chat-panes { height: 1fr; }
-        #chat-prompt { margin: 0 0; }
-    }
-    """
     AUTO_FOCUS = "#pane-a .pane-turns"  # not the prompt: the number keys switch screens until "/"
     BINDINGS = [
         Binding("slash", "focus_prompt", "Prompt", id="chat.prompt"),
@@ -297,7 +284,7 @@ class ChatScreen(ProjectScreen):
         panes = [{"model": model, "messages": messages} for _, model, messages in turns]
         last = len(turns) - 1
         try:
-            result = self.app.engine.stream("chat_panes", panes=panes, on_partial=route,
+            result = self.app.engine.chat_panes(panes, on_text=route,
                                             cancel=worker.cancelled_event, **request)
         except EngineError as exc:
             for i, (pane, _, _) in enumerate(turns):
@@ -407,7 +394,7 @@ class ChatScreen(ProjectScreen):
             self.post_message(self.EvalAnswered(partial["item"], partial["total"]))
 
         try:
-            result = self.app.engine.stream("chat_eval", models=models, on_partial=item,
+            result = self.app.engine.chat_eval(models, on_item=item,
                                             cancel=worker.cancelled_event, **request)
         except EngineError as exc:
             self.post_message(self.EvalDone(exc.message))

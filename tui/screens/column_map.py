@@ -200,18 +200,6 @@ class ColumnMapScreen(Dialog):
     """Pick a format and the file's column for each of its fields; dismisses with the
     edits to apply ({key: value}), or None."""
 
-    DEFAULT_CSS = """
-    ColumnMapScreen .dialog.-colmap { width: 78; height: 28; max-height: 100%; }
-    ColumnMapScreen .colmap-line { height: auto; }
-    ColumnMapScreen .colmap-name { width: 20; padding: 0 1 0 0; }
-    ColumnMapScreen .colmap-line Select { width: 1fr; }
-    ColumnMapScreen #colmap-fields { height: auto; }
-    ColumnMapScreen #colmap-where { margin-top: 0; }
-    ColumnMapScreen #colmap-preview-box { height: 1fr; min-height: 3; margin-top: 1;
-                                           border-top: solid $panel; scrollbar-size-vertical: 1; }
-    ColumnMapScreen.-short #colmap-preview-box { margin-top: 0; }
-    """
-
     @dataclass
     class RowsRead(Message):
         """The source's first rows were read (or ``error`` says why not)."""
@@ -373,7 +361,7 @@ class ColumnMapScreen(Dialog):
         worker = get_current_worker()
         rows = []
         for number in numbers:
-            rows.append(self.app.engine.call("preview_row", project_text=text, project_path=path, row=number,
+            rows.append(self.app.engine.preview_row(project_text=text, project_path=path, row=number,
                                              source=source, cancel=worker.cancelled_event))
             if worker.is_cancelled:
                 return

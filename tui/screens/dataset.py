@@ -150,14 +150,6 @@ class DatasetScreen(ProjectScreen):
                 yield RowView(id="row-view")
             yield DatasetStats(id="dataset-stats")
 
-    DEFAULT_CSS = """
-    DatasetScreen #dataset-body { height: 1fr; }
-    DatasetScreen #dataset-row { width: 3fr; height: 1fr; }
-    DatasetScreen #dataset-stats { width: 2fr; border-left: solid $panel; }
-    DatasetScreen #dataset-status.-error { color: $error; }
-    DatasetScreen #dataset-legend { height: auto; padding: 0 1; color: $text-muted; }
-    """
-
     def on_mount(self) -> None:
         super().on_mount()
         self.watch(self.app, "revision", self._sync, init=False)
@@ -211,13 +203,13 @@ class DatasetScreen(ProjectScreen):
         """Read a row; ``fallback``: the first row when that one is gone (the data changed)."""
         worker = get_current_worker()
         try:
-            result = self.app.engine.call("preview_row", **request, index=index, row=row, source=source,
+            result = self.app.engine.preview_row(**request, index=index, row=row, source=source,
                                           cancel=worker.cancelled_event)
         except Exception:
             if worker.is_cancelled:
                 return
             if fallback and index:
-                result = self.app.engine.call("preview_row", **request, index=0, cancel=worker.cancelled_event)
+                result = self.app.engine.preview_row(**request, index=0, cancel=worker.cancelled_event)
             else:
                 raise
         if not worker.is_cancelled:
@@ -233,7 +225,7 @@ class DatasetScreen(ProjectScreen):
             if not worker.is_cancelled:
                 self.post_message(self.StatsCounting(key, partial))
 
-        result = self.app.engine.stream("preview_stats_stream", **request, on_partial=counting,
+        result = self.app.engine.preview_stats(**request, on_progress=counting,
                                         cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.StatsRead(key, result))
@@ -267,7 +259,7 @@ class DatasetScreen(ProjectScreen):
     @work(thread=True, exclusive=True, group="search", exit_on_error=False)
     def _find(self, key: PreviewKey, request: dict[str, Any], text: str, start: int, backward: bool) -> None:
         worker = get_current_worker()
-        result = self.app.engine.call("preview_search", **request, text=text, start=start, backward=backward,
+        result = self.app.engine.preview_search(**request, text=text, start=start, backward=backward,
                                       cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.Found(key, result["index"], text))

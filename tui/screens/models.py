@@ -39,16 +39,16 @@ from textual.message import Message
 from textual.widgets import ContentSwitcher, DataTable, Static
 from textual.worker import Worker, get_current_worker
 
-from tunedeck.core.errors import UserError
-from tunedeck.core.memory import estimate_for_model, format_gib, known_longest_row, memory_line, tokens_text
+from tunedeck.core.errors import UserError, first_line
+from tunedeck.core.memory import estimate_for_model, known_longest_row, memory_line, tokens_text
 from tunedeck.core.models import ModelInfo, list_models, resolve_source
 from tunedeck.core.project import Project
 from tunedeck.core.schema import toml_repr
+from tunedeck.core.units import format_bytes, format_count, format_gib
 
 from ..commands import Command, ListedCommands
 from ..session import display_path
 from ..widgets.hub_search import HubDownload, HubSearch, hub_size
-from ..widgets.summary import human_bytes, human_count
 from .base import ProjectScreen
 
 COLUMNS = ("", "model", "arch", "params", "LoRA", "QLoRA", "layers", "hidden", "context", "dtype", "size", "chat",
@@ -110,11 +110,11 @@ def _number(text: str, style: str = "") -> Text:
 
 def facts_line(info: ModelInfo) -> str:
     """Everything the listing read about a model, on one line."""
-    params = human_count(info.params) if info.params else "?"
+    params = format_count(info.params) if info.params else "?"
     quantized = f"quantized ({info.quantized})" if info.quantized else "not quantized"
     return (f"{info.architecture} ({info.model_type}) · {params} params · {_known(info.layers)} layers · hidden "
             f"{_known(info.hidden_size)} · context {_known(info.context_length)} · vocab {_known(info.vocab_size)} · "
-            f"{info.dtype} · {human_bytes(info.size_bytes)} on disk · "
+            f"{info.dtype} · {format_bytes(info.size_bytes)} on disk · "
             f"{'chat template' if info.chat_template else 'no chat template'} · {quantized}")
 
 
@@ -132,13 +132,6 @@ class ModelsScreen(ProjectScreen):
 
     MODE = "models"
     AUTO_FOCUS = "#models-table"
-    DEFAULT_CSS = """
-    ModelsScreen {
-        #models-switcher, #models-local { height: 1fr; }
-        #hub-pull { display: none; }
-        #hub-pull.-going { display: block; }
-    }
-    """
     BINDINGS = [
         Binding("a", "add", "Add path", id="models.add"),
         Binding("r", "rescan", "Rescan", id="models.rescan"),
@@ -335,10 +328,10 @@ class ModelsScreen(ProjectScreen):
             return [Text(""), name.append(" ✗", style="bold red"), Text("unreadable", style="red"),
                     *(Text("") for _ in COLUMNS[3:])]
         return [
-            Text(""), name, Text(info.model_type), _number(human_count(info.params) if info.params else "?"),
+            Text(""), name, Text(info.model_type), _number(format_count(info.params) if info.params else "?"),
             _number("…", "dim"), _number("…", "dim"), _number(_known(info.layers)),
             _number(_known(info.hidden_size)), _number(_known(info.context_length)), Text(info.dtype),
-            _number(human_bytes(info.size_bytes) if info.size_bytes else "?"),
+            _number(format_bytes(info.size_bytes) if info.size_bytes else "?"),
             Text("yes" if info.chat_template else "no"), Text(info.quantized or "no"),
         ]
 
@@ -388,7 +381,7 @@ class ModelsScreen(ProjectScreen):
             except UserError as exc:  # settings that cannot resolve here (fp16 on a CPU)
                 estimate = Estimate(error=f"no memory estimate: {exc.message}")
             except Exception as exc:  # a header without the sizes: one line in the row, never a crash
-                estimate = Estimate(error=f"no memory estimate: {exc.__class__.__name__}: {exc}".splitlines()[0])
+                estimate = Estimate(error=f"no memory estimate: {exc.__class__.__name__}: {first_line(exc)}")
             else:
                 estimate = Estimate(found["lora"].as_dict(), found["qlora"].as_dict())
             self.post_message(self.Estimated(key, info.path, estimate))
@@ -555,7 +548,7 @@ class ModelsScreen(ProjectScreen):
     @work(thread=True, exclusive=True, group="hub-search", exit_on_error=False)
     def _hub_search(self, text: str) -> None:
         try:
-            found = self.app.engine.call("hub_search", text=text, limit=30)
+            found = self.app.engine.hub_search(text, limit=30)
         except UserError as exc:  # EngineError: no network, a bad answer from the Hub...
             self.post_message(self.HubRefused(exc.message))
             return
@@ -587,7 +580,7 @@ class ModelsScreen(ProjectScreen):
     @work(thread=True, exclusive=True, group="hub-plan", exit_on_error=False)
     def _hub_plan(self, repo: str, allow_pickle: bool) -> None:
         try:
-            plan = self.app.engine.call("hub_plan", repo=repo, revision=None, dataset=False, allow_pickle=allow_pickle)
+            plan = self.app.engine.hub_plan(repo, allow_pickle=allow_pickle)
         except UserError as exc:  # gated without access, pickle-only weights, an unknown architecture...
             self.post_message(self.HubRefused(exc.message))
             return
@@ -626,9 +619,9 @@ class ModelsScreen(ProjectScreen):
     def _hub_pull(self, repo: str, revision: str | None, allow_pickle: bool, session: object) -> None:
         worker = get_current_worker()
         try:
-            result = self.app.engine.stream(
-                "hub_pull", repo=repo, revision=revision, dataset=False, allow_pickle=allow_pickle,
-                on_partial=lambda partial: self.post_message(self.PullProgress(partial)),
+            result = self.app.engine.hub_pull(
+                repo, revision, allow_pickle=allow_pickle,
+                on_progress=lambda partial: self.post_message(self.PullProgress(partial)),
                 cancel=worker.cancelled_event)
         except UserError as exc:  # cancelled (the partial file is kept), no space, the network gone...
             cancelled = worker.is_cancelled or "cancelled" in exc.message

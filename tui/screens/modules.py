@@ -141,9 +141,9 @@ class ModulesScreen(ProjectScreen):
         worker = get_current_worker()
         source, trust_remote_code, root = model
         engine = self.app.engine
-        info = engine.call("inspect", source=source, root=root, trust_remote_code=trust_remote_code,
+        info = engine.inspect(source, root, trust_remote_code,
                            cancel=worker.cancelled_event)
-        result = engine.call("lora_summary", **request, cancel=worker.cancelled_event)
+        result = engine.lora_summary(**request, cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.Inspected(model, info, key, result))
 
@@ -194,7 +194,7 @@ class ModulesScreen(ProjectScreen):
     def _count(self, key: SummaryKey, request: dict[str, Any]) -> None:
         """Count the project's own targets."""
         worker = get_current_worker()
-        result = self.app.engine.call("lora_summary", **request, cancel=worker.cancelled_event)
+        result = self.app.engine.lora_summary(**request, cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.Counted(key, None, result))
 
@@ -202,7 +202,7 @@ class ModulesScreen(ProjectScreen):
     def _count_pick(self, key: SummaryKey, layers: list[str], request: dict[str, Any]) -> None:
         """Count a pick, and find the targets that select it (a newer pick cancels this one)."""
         worker = get_current_worker()
-        result = self.app.engine.call("lora_summary", **request, layers=layers, cancel=worker.cancelled_event)
+        result = self.app.engine.lora_summary(**request, layers=layers, cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.Counted(key, frozenset(layers), result))
 

@@ -198,7 +198,7 @@ class SettingsScreen(ProjectScreen):
         from tunedeck.core.engine import hardware_arg
 
         worker = get_current_worker()
-        result = self.app.engine.call("lora_summary", project_text=text, project_path=path,
+        result = self.app.engine.lora_summary(project_text=text, project_path=path,
                                       hardware=hardware_arg(self.app.hardware), cancel=worker.cancelled_event)
         if not worker.is_cancelled:
             self.post_message(self.SummaryReady(key, result))

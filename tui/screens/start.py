@@ -12,7 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Header, Label, OptionList
 from textual.widgets.option_list import Option
 
-from tunedeck.core.paths import load_user_config
+from tunedeck.core.paths import user_config
 
 from ..session import display_path
 from .base import SteadyFooter
@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 
 def recent_projects() -> list[str]:
     """Recently opened project files, newest first (from the user config)."""
-    recent = load_user_config().get("recent_projects", [])
-    return [p for p in recent if isinstance(p, str)] if isinstance(recent, list) else []
+    return user_config().recent_projects
 
 
 class StartScreen(Screen[None]):

@@ -50,7 +50,9 @@ from textual.timer import Timer
 from textual.widgets import Button, Label, OptionList, RichLog, Static
 from textual.worker import Worker
 
-from tunedeck.core.runs import RunInfo, list_runs, run_info
+from tunedeck.core.runs import (
+    FAILED_ENDS, RESUMABLE, RUNNING, STARTING, STOPPING, RunInfo, list_runs, run_info,
+)
 
 from ..training import (
     LIVE, LOG_LINES, LogLine, RunCurve, RunView, Snapshot, fitted, launch, loss_summary, lr_grad_summary,
@@ -67,7 +69,6 @@ PLOT_EVERY_S = 1.0  # plots, while the run is live
 FIT_AFTER_S = 0.05  # plots are fitted to their room this long after a size changes
 LEGEND_ROWS = 10  # a plot with fewer canvas rows has its legend in the title (plotext's would cover it)
 DIFF_ROWS = 5  # settings that differ, shown in the comparison panel (then "… N more")
-RESUMABLE = ("stopped", "aborted", "failed", "died")
 
 LOG_STYLE = {"warning": "yellow", "alarm": "bold red", "failed": "bold red", "checkpoint": "cyan",
              "eval": "magenta", "finished": "green", "started": "green", "control": "blue"}
@@ -186,35 +187,6 @@ class TrainScreen(ProjectScreen):
         Binding("r", "reload_runs", "Runs", id="train.runs"),
     ]
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (32, "-tall")]  # a short terminal: no padding round the body
-    DEFAULT_CSS = """
-    TrainScreen #run-head { height: 1; padding: 0 1; background: $boost; }
-    TrainScreen #alarm-bar { height: 3; display: none; background: $error 20%; padding: 0 1; }
-    TrainScreen #alarm-bar.shown { display: block; }
-    TrainScreen #alarm-text { width: 1fr; height: 3; content-align: left middle; color: $text-error; }
-    TrainScreen #alarm-bar Button { margin: 0 0 0 1; min-width: 14; }
-    TrainScreen #train-main { height: 2fr; }
-    TrainScreen #train-side { width: 38%; max-width: 46; min-width: 38; height: 1fr; border-right: vkey $surface-lighten-2;
-                             scrollbar-size-vertical: 1; }
-    TrainScreen #train-plots { width: 1fr; height: 1fr; }
-    TrainScreen #loss-plot { height: 2fr; }
-    TrainScreen #small-plots { height: 1fr; }
-    TrainScreen #small-plots RunPlot { width: 1fr; }
-    TrainScreen #train-plots.preference #loss-plot { height: 1fr; }
-    TrainScreen .pref-row { height: 1fr; }
-    TrainScreen .pref-row RunPlot { width: 1fr; }
-    TrainScreen #compare { height: auto; padding: 0 1; display: none; text-wrap: nowrap; text-overflow: ellipsis; }
-    TrainScreen #compare.shown { display: block; }
-    TrainScreen #plot-summary { height: auto; padding: 0 1; color: $text-muted; display: none; text-wrap: nowrap;
-                                text-overflow: ellipsis; }
-    TrainScreen #plot-summary.shown { display: block; }
-    TrainScreen #failure { height: auto; max-height: 10; display: none; color: $text-error; padding: 0 1; }
-    TrainScreen #failure.shown { display: block; }
-    TrainScreen #train-bottom { height: 1fr; min-height: 5; max-height: 12; border-top: hkey $surface-lighten-2; }
-    TrainScreen #runs-box { width: 3fr; height: 1fr; }
-    TrainScreen #runs-title { width: 1fr; text-style: bold; color: $text-primary; }
-    TrainScreen #runs { height: 1fr; border: none; padding: 0; }
-    TrainScreen #event-log { width: 2fr; height: 1fr; border-left: vkey $surface-lighten-2; padding: 0 0 0 1; }
-    """
 
     @dataclass
     class Listed(Message):
@@ -333,8 +305,8 @@ class TrainScreen(ProjectScreen):
     def _draw_numbers(self, snap: Snapshot) -> None:
         style = STATUS_STYLE.get(snap.status, "")
         resumable = snap.status in RESUMABLE and bool(snap.last_checkpoint)
-        keys = {"starting": "x stop · A abort", "running": "x stop · c checkpoint · A abort",
-                "stopping": "saving, then ending · A abort"}.get(
+        keys = {STARTING: "x stop · A abort", RUNNING: "x stop · c checkpoint · A abort",
+                STOPPING: "saving, then ending · A abort"}.get(
             snap.status, "R resumes it · s starts a new run" if resumable else "s starts a new run")
         method = snap.method.upper() if snap.preference_run else ""
         head = (snap.name, snap.status, keys, method)
@@ -375,7 +347,7 @@ class TrainScreen(ProjectScreen):
 
     def _draw_failure(self, snap: Snapshot) -> None:
         failure = self.query_one("#failure", Static)
-        if snap.status in ("failed", "died", "aborted"):
+        if snap.status in FAILED_ENDS:
             lines = [f"{snap.status}: {snap.reason}"]
             if snap.traceback:
                 lines += ["last lines of the traceback (full in trainer.log and events.jsonl):",
@@ -710,7 +682,7 @@ class TrainScreen(ProjectScreen):
         runs_list.show_runs(runs, followed, self._runs_title())
         if runs and self.app.run_view is None and not self._opened_newest:  # show something: a live run first
             self._opened_newest = True
-            live = [info for info in runs if info.status == "running"]
+            live = [info for info in runs if info.status == RUNNING]
             self.app.open_run((live or runs)[0].path)
         if self._compared is not None:  # their curves may have grown
             self._compare(runs_list.picks)

@@ -18,6 +18,8 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 
+from tunedeck.core.units import format_bytes, format_count
+
 ID_WIDTH = 32
 LICENSE_WIDTH = 12
 HUB_COLUMNS = (("model", "id"), ("downloads", "downloads"), ("size", "size"), ("gated", "gated"),
@@ -26,22 +28,8 @@ SEARCH_HELP = "type part of a model's name, enter searches the Hub · enter on a
 
 
 def hub_size(size: int | None) -> str:
-    """Bytes as GiB from 1 GiB up, else MiB; "?" when the Hub does not say."""
-    if size is None:
-        return "?"
-    if size >= 2**30:
-        return f"{size / 2**30:.1f} GiB"
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
-
-
-def hub_count(count: int | None) -> str:
-    """A download count, short: 950, 12.3K, 4.5M."""
-    if count is None:
-        return "?"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= scale:
-            return f"{count / scale:.1f}{suffix}"
-    return str(count)
+    """The Hub's sizes: GiB from 1 GiB up, else MiB, else whole KiB; "?" when the Hub does not say."""
+    return format_bytes(size, smallest="KiB", specs={"KiB": ".0f"})
 
 
 def gated_text(gated: object) -> str:
@@ -122,7 +110,7 @@ class HubSearch(Vertical):
             gated = gated_text(model.get("gated"))
             table.add_row(
                 Text(_clip(str(model.get("id", "?")), ID_WIDTH)),
-                Text(hub_count(model.get("downloads")), justify="right"),
+                Text(format_count(model.get("downloads"), spec=".1f"), justify="right"),
                 Text(hub_size(model.get("size")), justify="right"),
                 Text(gated, style="" if gated == "no" else "yellow"),
                 Text(_clip(model.get("license") or "?", LICENSE_WIDTH)),
@@ -145,9 +133,9 @@ class HubSearch(Vertical):
             return
         model = self.results[row]
         likes = model.get("likes")
-        parts = [str(model.get("id", "?")), f"{hub_count(model.get('downloads'))} downloads"]
+        parts = [str(model.get("id", "?")), f"{format_count(model.get('downloads'), spec='.1f')} downloads"]
         if likes is not None:
-            parts.append(f"{hub_count(likes)} likes")
+            parts.append(f"{format_count(likes, spec='.1f')} likes")
         parts += [f"weights {hub_size(model.get('size'))}", f"license {model.get('license') or 'not given'}"]
         gated = gated_text(model.get("gated"))
         if gated != "no":

@@ -20,7 +20,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Tree
 from textual.widgets.tree import TreeNode
 
-from .summary import human_count
+from tunedeck.core.units import format_count
 
 
 @dataclass
@@ -65,7 +65,7 @@ class GroupTable(DataTable[Any]):
             self.add_row(self._mark(g, picked), Text(g["name"]), Text(str(g["count"]), justify="right"),
                          Text(_size(g["in_features"]), justify="right"),
                          Text(_size(g["out_features"]), justify="right"),
-                         Text(human_count(g["params"]), justify="right"), Text(g["type"]), Text(g["role"]),
+                         Text(format_count(g["params"]), justify="right"), Text(g["type"]), Text(g["role"]),
                          key=str(index))
 
     def mark(self, picked: Collection[str]) -> None:
@@ -179,7 +179,7 @@ class LayerTree(Tree[str]):
             label.append(f"  {picked}/{len(under)} layers", style="dim")
         elif layer is not None:
             label.append(prefix.rsplit(".", 1)[-1])
-            label.append(f"  {layer['in_features']} → {layer['out_features']}  {human_count(layer['params'])}"
+            label.append(f"  {layer['in_features']} → {layer['out_features']}  {format_count(layer['params'])}"
                          f"  {layer['type']}", style="dim")
         else:
             label.append(prefix.rsplit(".", 1)[-1])

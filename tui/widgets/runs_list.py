@@ -20,18 +20,20 @@ from textual.message import Message
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from tunedeck.core.runs import RunInfo
+from tunedeck.core.runs import (
+    ABORTED, DIED, FAILED_STATUS, FINISHED_STATUS, RUNNING, STARTING, STOPPED, STOPPING, UNKNOWN, RunInfo,
+)
 
 from ..training import duration, status_label
 
 # curve colours of the compared runs (RGB: plotext and Textual draw the same colour)
 PALETTE = ((0, 190, 220), (255, 150, 0), (225, 90, 225), (90, 200, 90), (235, 205, 0), (110, 140, 255))
 
-STATUS_STYLE = {"starting": "$text-warning", "running": "$text-success", "stopping": "$text-warning",
-                "finished": "$text-primary", "stopped": "$text-primary", "aborted": "$text-warning",
-                "failed": "$text-error", "died": "$text-error", "unknown": "$text-muted"}
-SHORT_STATUS = {"starting": "start", "running": "run", "stopping": "stop…", "finished": "done",
-                "stopped": "stop", "aborted": "abort", "failed": "fail", "died": "died", "unknown": "?"}
+STATUS_STYLE = {STARTING: "$text-warning", RUNNING: "$text-success", STOPPING: "$text-warning",
+                FINISHED_STATUS: "$text-primary", STOPPED: "$text-primary", ABORTED: "$text-warning",
+                FAILED_STATUS: "$text-error", DIED: "$text-error", UNKNOWN: "$text-muted"}
+SHORT_STATUS = {STARTING: "start", RUNNING: "run", STOPPING: "stop…", FINISHED_STATUS: "done",
+                STOPPED: "stop", ABORTED: "abort", FAILED_STATUS: "fail", DIED: "died", UNKNOWN: "?"}
 
 PREFIX = 3  # the followed mark, the picked swatch, a space
 LOSS = 7  # "12.3456" at most; each loss column is a space and this

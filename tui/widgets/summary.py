@@ -9,23 +9,7 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
-
-def human_count(n: int) -> str:
-    """1234567 -> "1.23M"."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
-
-
-def human_bytes(n: int) -> str:
-    """19537920 -> "18.6 MiB"."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+from tunedeck.core.units import format_bytes, format_count
 
 
 class SettingsSummary(Widget):
@@ -85,6 +69,6 @@ def counts(result: dict[str, Any]) -> Content:
     layers = result["adapted_layers"]
     return Content.assemble(
         (f"{result['trainable_params']:,}", "bold $text-success"),
-        f" trainable ({result['percent']:.2f}% of {human_count(result['total_params'])}) · adapter "
-        f"{human_bytes(result['adapter_bytes'])} · {layers} layer{'' if layers == 1 else 's'}",
+        f" trainable ({result['percent']:.2f}% of {format_count(result['total_params'])}) · adapter "
+        f"{format_bytes(result['adapter_bytes'])} · {layers} layer{'' if layers == 1 else 's'}",
     )
