@@ -56,10 +56,12 @@ from .results import (
 
 Emit = Callable[[dict[str, Any]], None]
 
+
 # -- the inspector, with one Inspection kept per model ----------------------------------
 
 INSPECTIONS_KEPT = 4
 """Inspections kept in the engine (least recently used goes first); a 70B one is ~1 MB."""
+
 
 def inspection(source: str, root: str | None = None, *, trust_remote_code: bool = False) -> Any:
     """The :class:`~tunedeck.core.inspect.Inspection` of ``source`` (relative to ``root``).
@@ -153,7 +155,7 @@ def _hardware(arg: dict[str, Any] | None) -> Any:
                     notes=tuple(arg.get("notes") or ()))
 
 
-# -- ops: what a request may ask ------------------------------------------------------
+# -- the engine, models and targets ----------------------------------------------------
 
 
 def op_ping() -> Ping:
@@ -191,7 +193,7 @@ def op_preflight(project_path: str, overrides: list[str] | None = None) -> Prefl
     return {"counts": found.counts, "processes": found.resolved.processes, "device": found.resolved.device}
 
 
-# -- streaming ops: chat, eval, merge ------------------------------------------------------
+# -- chat, eval, merge, export, the Hub -----------------------------------------------------
 
 _chat_state: Any = None
 
