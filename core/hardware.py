@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 from .precision import NO_NATIVE_BF16, cpu_auto
+from .units import format_in
 
 _UUID_PREFIX = re.compile(r"^(GPU|MIG)-", re.IGNORECASE)
 
@@ -77,8 +78,8 @@ class Hardware:
     def describe(self) -> str:
         """One line; a run decides its precision for the GPUs it uses (tunedeck.core.resolve)."""
         if not self.gpus:
-            return f"CPU ({self.cpu_count} cores, {self.ram_total / 2**30:.0f} GiB RAM)"
-        names = ", ".join(f"{g.name} ({g.memory_total / 2**30:.0f} GiB)" for g in self.gpus)
+            return f"CPU ({self.cpu_count} cores, {format_in(self.ram_total, 'GiB', '.0f')} RAM)"
+        names = ", ".join(f"{g.name} ({format_in(g.memory_total, 'GiB', '.0f')})" for g in self.gpus)
         return f"{len(self.gpus)} x GPU: {names}"
 
 
@@ -326,11 +327,12 @@ def placement(need: int | None, *, spread: bool = True, hardware: Hardware | Non
     room, index, gpu = max(free, key=lambda item: item[0])
     wanted = int((need or 0) * headroom)
     if not need or wanted <= room:
-        return Placement("cuda", {"": index}, None, gpu, f"on {gpu.label} ({room / 2**30:.0f} GiB free)")
+        return Placement("cuda", {"": index}, None, gpu, f"on {gpu.label} ({format_in(room, 'GiB', '.0f')} free)")
     total = sum(f for f, _, _ in free)
     if spread and len(free) > 1 and wanted <= total:
         budget = {i: int(f * 0.9) for f, i, _ in free}
-        return Placement("cuda", "auto", budget, gpu, f"spread over {len(free)} GPUs ({total / 2**30:.0f} GiB free)")
+        return Placement("cuda", "auto", budget, gpu,
+                         f"spread over {len(free)} GPUs ({format_in(total, 'GiB', '.0f')} free)")
     return Placement("cpu", {"": "cpu"}, None, None,
-                     f"on the CPU: it needs ~{wanted / 2**30:.1f} GiB and the GPU with the most free memory, "
-                     f"{gpu.label}, has {room / 2**30:.1f} GiB")
+                     f"on the CPU: it needs ~{format_in(wanted, 'GiB')} and the GPU with the most free memory, "
+                     f"{gpu.label}, has {format_in(room, 'GiB')}")

@@ -51,6 +51,7 @@ from .runs import (
     EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, PRIVATE_DIR, kill_if_alive, latest_checkpoint,
     process_alive, process_start, rank_processes, read_record, write_record,
 )
+from .units import format_in
 
 RESERVE_BYTES = 1 << 20  # kept free on the run's disk for the final event
 EXIT_TERMINATED = 143
@@ -254,7 +255,7 @@ def failure_of(exc: BaseException, spec: Any, step: int) -> tuple[str, str]:
         text = str(e)
         if disk_full(e) or "No space left on device" in text or (
                 "file write failed" in text and free is not None and free < 64 * 2**20):
-            shown = "" if free is None else f" ({free / 2**20:.1f} MiB free now)"
+            shown = "" if free is None else f" ({format_in(free, 'MiB')} free now)"
             return "disk_full", (f"the disk is full: writing to {run_dir} failed at step {step} (No space left on "
                                  f"device){shown}; free some space there, then {resume}")
         if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:

@@ -25,6 +25,12 @@ def format_gib(n: float) -> str:
     return f"{value:.2f} GiB" if round(value, 2) < 10 else f"{value:.1f} GiB"
 
 
+def format_in(n: float, unit: str, spec: str = ".1f") -> str:
+    """Bytes in one given unit, whatever their size: "80 GiB", "3.5 MiB" (a figure read beside
+    others of its kind, such as a GPU's memory or the space left on a disk)."""
+    return f"{n / 1024 ** BYTE_UNITS.index(unit):{spec}} {unit}"
+
+
 def format_bytes(
     n: object,
     *,

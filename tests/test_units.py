@@ -80,3 +80,12 @@ def test_parameter_counts_on_the_command_line():  # tunedeck inspect (from K) an
     assert format_count(1_240_000_000, spec=".1f", specs={"B": ".2f"}, smallest="K") == "1.24B"
     assert format_count(500_000, spec=".1f", specs={"B": ".2f"}, smallest="M") == "0.5M"
     assert format_count(12_300_000, spec=".1f", specs={"B": ".2f"}, smallest="M") == "12.3M"
+
+
+def test_format_in_one_unit_whatever_the_size():
+    from tunedeck.core.units import GIB, MIB, format_in
+
+    assert format_in(80 * GIB, "GiB", ".0f") == "80 GiB"
+    assert format_in(0.5 * GIB, "GiB") == "0.5 GiB"  # below a GiB, still in GiB
+    assert format_in(3.5 * MIB, "MiB", ",.1f") == "3.5 MiB"
+    assert format_in(5000 * MIB, "MiB", ",.1f") == "5,000.0 MiB"

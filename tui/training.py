@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunedeck.core.errors import UserError, os_reason
-from tunedeck.core.events import EVENTS_FILE, finite_number, read_events
+from tunedeck.core.events import (
+    ALARM, CHECKPOINT, CONTROL, EVAL, EVENTS_FILE, FAILED, FINISHED, RUN_STARTED, STEP, SYSTEM, WARNING, finite_number,
+    read_events,
+)
 from tunedeck.core.memory import estimate_vs_peak
 from tunedeck.core.runs import (
     ENDED, FINISHED_STATUS, LIVE, SNAPSHOT, STARTING, STOPPED, UNKNOWN, RunInfo, RunState, final_status,
 )
-from tunedeck.core.units import format_bytes
+from tunedeck.core.units import GIB, format_bytes, format_in
 
 from .session import display_path
 
@@ -279,7 +282,7 @@ class RunView:
         t = _float(ev.get("time"))
         if t is not None:
             self.last_time = t
-        if kind == "step":
+        if kind == STEP:
             if t is not None:
                 if self._pace is None:
                     self._pace = (t, step)
@@ -303,9 +306,9 @@ class RunView:
                 value = _float(ev.get(attr))
                 if value is not None:
                     setattr(self, attr, value)
-        elif kind == "system":
+        elif kind == SYSTEM:
             self.system = _clean_system(ev)
-        elif kind == "eval":
+        elif kind == EVAL:
             value = finite_number(ev.get("eval_loss"))
             if value is not None:
                 self.eval_loss.add(step, value)
@@ -314,19 +317,19 @@ class RunView:
                               if k.startswith("eval_") and isinstance(v, (int, float)) and k != "eval_runtime"
                               and not k.endswith("per_second") and k not in EVAL_PLOTTED)
             self._note(ev, "eval", f"eval: {shown}" if shown else "eval")
-        elif kind == "checkpoint":
+        elif kind == CHECKPOINT:
             self.last_checkpoint = f"step {step}"
             self._note(ev, "checkpoint", f"checkpoint saved: {display_path(Path(str(ev.get('path', ''))))}")
-        elif kind == "warning":
+        elif kind == WARNING:
             self._note(ev, "warning", str(ev.get("message", "")))
-        elif kind == "alarm":
+        elif kind == ALARM:
             self.alarm_count += 1
             self.last_alarm = dict(ev)
             self._note(ev, "alarm", str(ev.get("message", "")))
             return ev
-        elif kind == "control":
+        elif kind == CONTROL:
             self._note(ev, "control", str(ev.get("message", "")))
-        elif kind == "run_started":
+        elif kind == RUN_STARTED:
             self._pace = self._last_step = None
             if self.started is None or ev.get("resumed_from"):
                 self.started = t  # a resumed run's elapsed time counts from the resume
@@ -341,13 +344,13 @@ class RunView:
             self._note(ev, "started", f"started at step {step}" + (
                 f", resumed from {display_path(Path(str(resumed.get('checkpoint'))))}"
                 if isinstance(resumed, dict) else ""))
-        elif kind == "finished":
+        elif kind == FINISHED:
             self.stopped = bool(ev.get("stopped"))
             final = _float(ev.get("final_loss"))
             self._note(ev, "finished", "finished" + (" (stopped early)" if self.stopped else "")
                        + (f", final loss {final:.4f}" if final is not None else "")
                        + (f"; adapter in {display_path(Path(str(ev['adapter'])))}" if ev.get("adapter") else ""))
-        elif kind == "failed":
+        elif kind == FAILED:
             self.reason = str(ev.get("reason") or "")
             tb = ev.get("traceback")
             self.traceback = str(tb).rstrip().splitlines()[-TRACEBACK_LINES:] if tb else []
@@ -470,7 +473,7 @@ class RunView:
                                                                    (g.get("gpu_temperature"), "°C")) if v is not None)
                 index = g.get("index")
                 rows.append((g["label"] or f"GPU {int(index) if index is not None else '?'}",
-                             f"{used / 2**30:.1f}/{total / 2**30:.0f} GiB{extra}"))
+                             f"{used / GIB:.1f}/{format_in(total, 'GiB', '.0f')}{extra}"))
         if s.get("gpu_memory_total"):
             used, total = s.get("gpu_memory_used") or 0, s["gpu_memory_total"]
             rows.append(("GPU memory", f"{gib(used)} / {gib(total)} ({100 * used / total:.0f}%)"))

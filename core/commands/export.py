@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..units import format_in
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..export import QUANTS
@@ -82,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
         return 0
-    size = result["size"] / 2**20
-    print(f"{result['gguf']}: {run_dir.name} as {result['arch']} GGUF, {result['quant']}, {size:,.1f} MiB "
+    size = format_in(result["size"], "MiB", ",.1f")
+    print(f"{result['gguf']}: {run_dir.name} as {result['arch']} GGUF, {result['quant']}, {size} "
           f"(library output: {log})")
     if result["lora"]:
         print(f"{result['lora']}: the adapter alone, for llama.cpp's --lora")

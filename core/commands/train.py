@@ -18,7 +18,7 @@ from typing import Any
 
 from ..cli import add_set_option
 from ..errors import UserError
-from ..events import FINAL, finite_number
+from ..events import ALARM, CHECKPOINT, CONTROL, EVAL, FINAL, RUN_STARTED, STEP, WARNING, finite_number
 from ..runs import ABORTED, DIED, FAILED_STATUS, FINISHED_STATUS, STOPPED, final_status
 
 
@@ -131,7 +131,7 @@ class Progress:
         from rich.text import Text
 
         kind = ev["type"]
-        if kind == "run_started":
+        if kind == RUN_STARTED:
             resumed = ev.get("resumed_from")
             where = f", resumed at step {resumed.get('step')}" if isinstance(resumed, dict) else ""
             device = ev.get("device") if isinstance(ev.get("device"), dict) else {}
@@ -147,25 +147,25 @@ class Progress:
                 self.console.print(Text(how, style="dim"))
             self.bar.update(self.task, description="training", total=_int(ev.get("max_steps")),
                             completed=_int(ev.get("step")) or 0)
-        elif kind == "step":
+        elif kind == STEP:
             loss = _num(ev.get("loss"))
             if ev.get("reward_accuracy") is not None:  # a preference run: how well it tells the answers apart
                 loss += f" acc {_num(ev.get('reward_accuracy'), '{:.2f}')} margin {_num(ev.get('reward_margin'))}"
             fields = {"loss": loss, "rate": _num(ev.get("tokens_per_s"), "{:,.0f}"), "eta": _duration(ev.get("eta_s"))}
             self.bar.update(self.task, completed=_int(ev.get("step")) or 0, total=_int(ev.get("max_steps")), **fields)
-        elif kind == "eval":
+        elif kind == EVAL:
             extra = ""
             if ev.get("eval_reward_accuracy") is not None:
                 extra = (f", preference accuracy {_num(ev.get('eval_reward_accuracy'), '{:.2f}')}, margin "
                          f"{_num(ev.get('eval_reward_margin'))}")
             self.console.print(f"step {ev.get('step')}: eval loss {_num(ev.get('eval_loss'))}{extra}")
-        elif kind == "checkpoint":
+        elif kind == CHECKPOINT:
             self.console.print(Text(f"step {ev.get('step')}: checkpoint {ev.get('path', '')}"))
-        elif kind == "warning":
+        elif kind == WARNING:
             self.console.print(Text.assemble(("warning:", "yellow"), f" {ev.get('message', '')}"))
-        elif kind == "control":
+        elif kind == CONTROL:
             self.console.print(Text(f"step {ev.get('step')}: {ev.get('message', '')}", style="blue"))
-        elif kind == "alarm":
+        elif kind == ALARM:
             hint = "Ctrl-C stops the run" if ev.get("action") == "stop" else "the run goes on"
             self.console.print(Text.assemble(("alarm:", "bold red"), f" {ev.get('message', '')} ({hint})"))
         elif kind in FINAL:  # the bar's last word: done, stopped, aborted or failed
