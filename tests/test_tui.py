@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 from textual.binding import Binding
 from textual.command import CommandList
-from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, settle, write_project
+from tui_helpers import PROJECT_TOML, InProcessEngine, edit, make_app, settle, write_project
 
 from tunedeck.core import cli
 from tunedeck.core.paths import load_user_config, save_user_config
-from tunedeck.core.project import Project
 from tunedeck.tui import app as app_module
 from tunedeck.tui.app import TunedeckApp
 from tunedeck.tui.commands import TunedeckCommands
@@ -31,18 +30,6 @@ SIZE = (100, 30)
 def project_path(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return write_project(tmp_path)
-
-
-def make_app(path: Path | None, engine: Any = None) -> TunedeckApp:
-    return TunedeckApp(Project.load(path) if path else None, engine=engine or SilentEngine(), hardware=CPU)
-
-
-async def edit(pilot, key: str, *keys: str) -> None:
-    """Open ``key`` in the editor, replace its text with ``keys``."""
-    await pilot.app.screen.edit_field(key)
-    await pilot.pause()
-    await pilot.press(*keys)
-    await pilot.pause()
 
 
 async def test_number_keys_and_tabs_switch_screens(project_path):

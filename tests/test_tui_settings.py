@@ -10,10 +10,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from tui_helpers import CPU, PROJECT_TOML, InProcessEngine, SilentEngine, burst, drain, settle, write_project
+from tui_helpers import PROJECT_TOML, InProcessEngine, burst, drain, edit, make_app, settle, write_project
 
 from tunedeck.core.paths import load_user_config
 from tunedeck.core.project import Project
@@ -33,10 +32,6 @@ def project_path(tmp_path, monkeypatch) -> Path:
     return write_project(tmp_path)
 
 
-def make_app(path: Path, engine: Any = None) -> TunedeckApp:
-    return TunedeckApp(Project.load(path), engine=engine or SilentEngine(), hardware=CPU)
-
-
 def last_note(app: TunedeckApp) -> str:
     return list(app._notifications)[-1].message
 
@@ -47,14 +42,6 @@ def row(app: TunedeckApp, key: str):
 
 def saved_line(path: Path, name: str) -> str:
     return next(line for line in path.read_text().splitlines() if line.startswith(f"{name} ="))
-
-
-async def edit(pilot, key: str, *keys: str) -> None:
-    """Open ``key`` in the editor, replace its text with ``keys``."""
-    await pilot.app.screen.edit_field(key)
-    await pilot.pause()
-    await pilot.press(*keys)
-    await pilot.pause()
 
 
 async def test_opens_a_project_on_the_settings_screen(project_path):

@@ -145,6 +145,23 @@ class SilentEngine(EngineCalls):
         pass
 
 
+def make_app(path: Path | None, engine: Any = None) -> Any:
+    """The app on the project file at ``path`` (the start screen for None), with a stand-in
+    engine that never answers unless one is given, on a 2-core CPU."""
+    from tunedeck.core.project import Project
+    from tunedeck.tui.app import TunedeckApp
+
+    return TunedeckApp(Project.load(path) if path else None, engine=engine or SilentEngine(), hardware=CPU)
+
+
+async def edit(pilot: Any, key: str, *keys: str) -> None:
+    """Open setting ``key`` in the Settings screen's editor, replace its text with ``keys``."""
+    await pilot.app.screen.edit_field(key)
+    await pilot.pause()
+    await pilot.press(*keys)
+    await pilot.pause()
+
+
 async def settle(pilot: Any, timeout: float = 30.0) -> None:
     """Wait until no worker is running and the debounce timers have fired (requests to a
     SilentEngine, and dialogs waiting for an answer, are left running)."""
